@@ -1,0 +1,1 @@
+"""Compiled modules (private). Import them through the Python modules that re-export them."""

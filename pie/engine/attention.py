@@ -1,0 +1,121 @@
+"""Attention over the paged KV cache, PyTorch path (the reference for every other backend).
+
+Plan once per batch, run once per layer: `AttentionPlan` turns the ragged requests into index tensors
+(which cache slots each request reads, which query rows belong to it, its mask); `paged_attention`
+then costs a few tensor ops per layer, whatever the number of requests.
+
+Requests are grouped so that padding stays small:
+- all single-token requests with the default mask share one padded group (decode),
+- a request whose sequence is exactly its new tokens with the default mask runs dense and causal on
+  the fresh K/V, without touching the cache (plain prefill),
+- every other request forms a group of its own (prefill over cached context, custom masks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DenseCausalSpan:
+    start: int  # first row of the request in the flattened batch
+    stop: int  # one past its last row
+
+
+@dataclass
+class PaddedGroup:
+    q_index: torch.Tensor  # (G, T_max) int64 rows of the flattened batch (padding: row 0)
+    kv_index: torch.Tensor  # (G, L_max) int64 cache slots (padding: slot 0, never attended)
+    mask: torch.Tensor  # (G, 1, T_max, L_max) bool, True = may attend
+    valid: torch.Tensor  # (G * T_max,) bool, which padded query rows are real
+    rows: torch.Tensor  # (num_valid,) int64 rows of the flattened batch, in padded order
+
+
+@dataclass
+class AttentionPlan:
+    dense: list[DenseCausalSpan]
+    groups: list[PaddedGroup]
+
+
+@dataclass
+class RequestLayout:
+    """One request's place in the batch, after validation."""
+
+    start: int  # first row in the flattened batch
+    num_tokens: int  # T
+    slots: torch.Tensor  # (kv_len,) int64 cache slots of its sequence, in order
+    mask: torch.Tensor | None  # (T, kv_len) bool from its BRLE rows, or None for the default
+
+
+def default_mask(num_tokens: int, kv_len: int, sliding_window: int | None) -> torch.Tensor:
+    """(T, kv_len) bool: input token i sits at sequence index kv_len - T + i and sees j <= that
+    (and, with a sliding window w, only j > that - w)."""
+    query_pos = torch.arange(kv_len - num_tokens, kv_len)[:, None]
+    key_pos = torch.arange(kv_len)[None, :]
+    mask = key_pos <= query_pos
+    if sliding_window is not None:
+        mask &= key_pos > query_pos - sliding_window
+    return mask
+
+
+def build_plan(layouts: list[RequestLayout], sliding_window: int | None) -> AttentionPlan:
+    dense: list[DenseCausalSpan] = []
+    decode: list[RequestLayout] = []
+    singles: list[list[RequestLayout]] = []
+    for lay in layouts:
+        kv_len = lay.slots.numel()
+        if lay.mask is None and lay.num_tokens == 1:
+            decode.append(lay)
+        elif lay.mask is None and kv_len == lay.num_tokens and (sliding_window is None or kv_len <= sliding_window):
+            dense.append(DenseCausalSpan(lay.start, lay.start + lay.num_tokens))
+        else:
+            singles.append([lay])
+    groups = [_padded_group(g, sliding_window) for g in ([decode] if decode else []) + singles]
+    return AttentionPlan(dense=dense, groups=groups)
+
+
+def _padded_group(layouts: list[RequestLayout], sliding_window: int | None) -> PaddedGroup:
+    g = len(layouts)
+    t_max = max(lay.num_tokens for lay in layouts)
+    l_max = max(lay.slots.numel() for lay in layouts)
+    q_index = torch.zeros(g, t_max, dtype=torch.int64)
+    kv_index = torch.zeros(g, l_max, dtype=torch.int64)
+    mask = torch.zeros(g, 1, t_max, l_max, dtype=torch.bool)
+    mask[:, :, :, 0] = True  # padded query rows attend to one slot, so they stay finite
+    valid = torch.zeros(g, t_max, dtype=torch.bool)
+    for i, lay in enumerate(layouts):
+        t, kv_len = lay.num_tokens, lay.slots.numel()
+        q_index[i, :t] = torch.arange(lay.start, lay.start + t)
+        kv_index[i, :kv_len] = lay.slots
+        mask[i, 0, :t, :] = False
+        mask[i, 0, :t, :kv_len] = lay.mask if lay.mask is not None else default_mask(t, kv_len, sliding_window)
+        valid[i, :t] = True
+    valid = valid.flatten()
+    return PaddedGroup(q_index=q_index, kv_index=kv_index, mask=mask, valid=valid, rows=q_index.flatten()[valid])
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, plan: AttentionPlan, scale: float) -> torch.Tensor:
+    """
+    q: (N, Hq, D) queries of the flattened batch; k, v: (N, Hkv, D) their fresh keys/values
+    (already written to the cache); k_cache, v_cache: (slots, Hkv, D) one layer of the cache.
+    Returns (N, Hq, D).
+    """
+    out = torch.empty_like(q)
+    for span in plan.dense:
+        qs = q[span.start:span.stop].transpose(0, 1)  # (Hq, T, D)
+        ks = k[span.start:span.stop].transpose(0, 1)  # (Hkv, T, D)
+        vs = v[span.start:span.stop].transpose(0, 1)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        out[span.start:span.stop] = o.transpose(0, 1)
+    for grp in plan.groups:
+        qg = q[grp.q_index].transpose(1, 2)  # (G, Hq, T_max, D)
+        kg = k_cache[grp.kv_index].transpose(1, 2)  # (G, Hkv, L_max, D)
+        vg = v_cache[grp.kv_index].transpose(1, 2)
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=grp.mask, scale=scale, enable_gqa=True)
+        o = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])  # (G * T_max, Hq, D)
+        out[grp.rows] = o[grp.valid]
+    return out

@@ -1,0 +1,153 @@
+"""The model runner: owns the weights and the paged KV cache and executes one batch of forward
+requests as one ragged forward pass (see pie.engine.batch for the request semantics).
+
+>>> runner = ModelRunner.from_path(model_dir)                                  # doctest: +SKIP
+>>> [res] = runner.execute([ForwardRequest(token_ids=[1, 2, 3], positions=[0, 1, 2],
+...                                        kv_page_ids=[0], kv_last_page_len=3,
+...                                        outputs=[(2, Greedy())])])          # doctest: +SKIP
+>>> res.outputs                                                                # doctest: +SKIP
+[1234]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pie.engine.attention import RequestLayout, build_plan
+from pie.engine.batch import BatchError, ForwardRequest, ForwardResult, Sampler
+from pie.engine.config import EngineConfig, ModelConfig
+from pie.engine.kernels import MaskError, expand_brle
+from pie.engine.kv_cache import PagedKVCache
+from pie.engine.model import Transformer
+from pie.engine.sampling import Sampling, check_sampler
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, state_dict: dict[str, torch.Tensor],
+                 engine_config: EngineConfig = EngineConfig(), seed: int | None = None):
+        if engine_config.threads:
+            torch.set_num_threads(engine_config.threads)
+        self.model_config = model_config
+        self.engine_config = engine_config
+        self.model = Transformer(model_config, state_dict, engine_config.torch_dtype, engine_config.device)
+        self.page_size = engine_config.page_size
+        self.num_pages = engine_config.pages_for(model_config)
+        self.cache = PagedKVCache(model_config.num_layers, self.num_pages, self.page_size,
+                                  model_config.num_kv_heads, model_config.head_dim,
+                                  engine_config.torch_dtype, engine_config.device)
+        self.max_batch_tokens = engine_config.max_batch_tokens
+        self.max_batch_requests = engine_config.max_batch_requests
+        self.sampling = Sampling(seed)
+        self.num_forward_passes = 0
+        self.num_tokens_processed = 0
+
+    @classmethod
+    def from_path(cls, path, engine_config: EngineConfig = EngineConfig(), seed: int | None = None) -> "ModelRunner":
+        from pie.engine.weights import load_model_dir
+
+        config, state_dict = load_model_dir(path)
+        return cls(config, state_dict, engine_config, seed)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    # ---- validation -------------------------------------------------------------------------
+    def validate(self, request: ForwardRequest, index: int = 0) -> RequestLayout:
+        """Checks one request; returns its layout (start row 0). Raises BatchError naming the field."""
+        def fail(field_name: str, message: str) -> BatchError:
+            return BatchError(index, field_name, message)
+
+        t = len(request.token_ids)
+        if t == 0:
+            raise fail("token_ids", "empty request: at least one input token is needed")
+        if len(request.positions) != t:
+            raise fail("positions", f"{len(request.positions)} positions for {t} tokens")
+        vocab = self.model_config.vocab_size
+        for tok in request.token_ids:
+            if not 0 <= tok < vocab:
+                raise fail("token_ids", f"token id {tok} is outside the vocabulary [0, {vocab})")
+        for pos in request.positions:
+            if pos < 0:
+                raise fail("positions", f"position {pos} is negative")
+        pages = list(request.kv_page_ids)
+        if not pages:
+            raise fail("kv_page_ids", "no KV pages: the sequence must hold at least the input tokens")
+        for p in pages:
+            if not 0 <= p < self.num_pages:
+                raise fail("kv_page_ids", f"page id {p} is out of range [0, {self.num_pages})")
+        if not 1 <= request.kv_last_page_len <= self.page_size:
+            raise fail("kv_last_page_len", f"{request.kv_last_page_len} is not in [1, {self.page_size}]")
+        kv_len = (len(pages) - 1) * self.page_size + request.kv_last_page_len
+        if kv_len < t:
+            raise fail("kv_page_ids", f"the sequence holds {kv_len} tokens, fewer than the {t} input tokens")
+        page_tensor = torch.tensor(pages, dtype=torch.int64)
+        slots = (page_tensor[:, None] * self.page_size + torch.arange(self.page_size)).flatten()[:kv_len]
+        if request.write_slots is not None:
+            if len(request.write_slots) != t:
+                raise fail("write_slots", f"{len(request.write_slots)} slots for {t} tokens")
+            for s in request.write_slots:
+                if not 0 <= s < self.cache.num_slots:
+                    raise fail("write_slots", f"slot {s} is out of range [0, {self.cache.num_slots})")
+        mask = None
+        if request.mask is not None:
+            if len(request.mask) != t:
+                raise fail("mask", f"{len(request.mask)} rows for {t} tokens (one BRLE row per input token)")
+            try:
+                mask = torch.from_numpy(expand_brle(request.mask, kv_len))
+            except MaskError as e:
+                raise fail("mask", f"row {e.row}: runs must add up to the sequence length {kv_len}") from None
+        for out_index, (pos, sampler) in enumerate(request.outputs):
+            if not 0 <= pos < t:
+                raise fail("outputs", f"output {out_index}: input index {pos} is not in [0, {t})")
+            problem = check_sampler(sampler, vocab)
+            if problem:
+                raise fail("outputs", f"output {out_index}: {problem}")
+        return RequestLayout(start=0, num_tokens=t, slots=slots, mask=mask)
+
+    # ---- execution --------------------------------------------------------------------------
+    def execute(self, requests: list[ForwardRequest]) -> list[ForwardResult]:
+        """Runs all requests in one forward pass. Raises BatchError (and changes nothing) when a
+        request is malformed."""
+        if not requests:
+            return []
+        if len(requests) > self.max_batch_requests:
+            raise BatchError(self.max_batch_requests, "batch",
+                             f"{len(requests)} requests exceed max_batch_requests {self.max_batch_requests}")
+        layouts = [self.validate(r, i) for i, r in enumerate(requests)]
+        num_tokens = sum(l.num_tokens for l in layouts)
+        if num_tokens > self.max_batch_tokens:
+            raise BatchError(len(requests) - 1, "batch",
+                             f"{num_tokens} tokens exceed max_batch_tokens {self.max_batch_tokens}")
+        token_ids: list[int] = []
+        positions: list[int] = []
+        write_slots: list[torch.Tensor] = []
+        output_rows: list[int] = []
+        samplers: list[Sampler] = []
+        start = 0
+        for req, lay in zip(requests, layouts):
+            lay.start = start
+            token_ids.extend(req.token_ids)
+            positions.extend(req.positions)
+            if req.write_slots is None:
+                write_slots.append(lay.slots[-lay.num_tokens:])
+            else:
+                write_slots.append(torch.tensor(list(req.write_slots), dtype=torch.int64))
+            for pos, sampler in req.outputs:
+                output_rows.append(start + pos)
+                samplers.append(sampler)
+            start += lay.num_tokens
+        plan = build_plan(layouts, self.model_config.sliding_window)
+        logits = self.model.forward(
+            torch.tensor(token_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
+            torch.cat(write_slots), torch.tensor(output_rows, dtype=torch.int64), plan, self.cache)
+        self.num_forward_passes += 1
+        self.num_tokens_processed += num_tokens
+        outputs = self.sampling(logits, samplers) if samplers else []
+        results = []
+        k = 0
+        for req in requests:
+            n = len(req.outputs)
+            results.append(ForwardResult(outputs=outputs[k:k + n]))
+            k += n
+        return results

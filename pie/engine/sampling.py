@@ -1,0 +1,115 @@
+"""Turning logits rows into what each output asked for (pie.engine.batch samplers).
+
+Draws are inverse-CDF: a row's token is chosen by one uniform number u, drawn from a generator
+seeded with the sampler's seed when it has one, so a seeded draw depends on (seed, logits row) only,
+never on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pie.engine.batch import Greedy, Logprobs, RawLogits, Sample, Sampler, SamplerOutput, TopKDistribution
+
+
+class SamplingError(ValueError):
+    pass
+
+
+def check_sampler(sampler: Sampler, vocab_size: int) -> str | None:
+    """Returns what is wrong with the sampler's parameters, or None."""
+    if isinstance(sampler, Sample):
+        if not sampler.temperature >= 0:
+            return f"temperature must be >= 0, got {sampler.temperature}"
+        if sampler.top_k < 0:
+            return f"top_k must be >= 0, got {sampler.top_k}"
+        if not 0 < sampler.top_p <= 1:
+            return f"top_p must be in (0, 1], got {sampler.top_p}"
+        if not 0 <= sampler.min_p <= 1:
+            return f"min_p must be in [0, 1], got {sampler.min_p}"
+    elif isinstance(sampler, TopKDistribution):
+        if not 1 <= sampler.k <= vocab_size:
+            return f"k must be in [1, {vocab_size}], got {sampler.k}"
+        if not sampler.temperature > 0:
+            return f"temperature must be > 0, got {sampler.temperature}"
+    elif isinstance(sampler, Logprobs):
+        bad = [t for t in sampler.token_ids if not 0 <= t < vocab_size]
+        if bad:
+            return f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})"
+    elif not isinstance(sampler, (Greedy, RawLogits)):
+        return f"unknown sampler {sampler!r}"
+    return None
+
+
+def seeded_uniform(seed: int) -> float:
+    g = torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.rand((), generator=g, dtype=torch.float64).item()
+
+
+class Sampling:
+    """Applies samplers to logits. Holds the generator used for unseeded draws."""
+
+    def __init__(self, seed: int | None = None):
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    def uniform(self, seed: int | None) -> float:
+        if seed is not None:
+            return seeded_uniform(seed)
+        return torch.rand((), generator=self.generator, dtype=torch.float64).item()
+
+    def __call__(self, logits: torch.Tensor, samplers: list[Sampler]) -> list[SamplerOutput]:
+        """logits: (M, V) float32, one row per sampler."""
+        out: list[SamplerOutput | None] = [None] * len(samplers)
+        greedy = [i for i, s in enumerate(samplers)
+                  if isinstance(s, Greedy) or (isinstance(s, Sample) and s.temperature == 0)]
+        if greedy:
+            ids = logits[greedy].argmax(dim=-1).tolist()
+            for i, t in zip(greedy, ids):
+                out[i] = t
+        drawn = [i for i, s in enumerate(samplers) if isinstance(s, Sample) and s.temperature > 0]
+        if drawn:
+            for i, t in zip(drawn, self._draw(logits[drawn], [samplers[i] for i in drawn])):
+                out[i] = t
+        for i, s in enumerate(samplers):
+            if isinstance(s, TopKDistribution):
+                probs = torch.softmax(logits[i] / s.temperature, dim=-1)
+                p, ids = probs.topk(s.k)
+                out[i] = (ids.tolist(), p.tolist())
+            elif isinstance(s, Logprobs):
+                lp = torch.log_softmax(logits[i], dim=-1)
+                out[i] = lp[list(s.token_ids)].tolist()
+            elif isinstance(s, RawLogits):
+                out[i] = logits[i].clone()
+        return out  # type: ignore[return-value]
+
+    def _draw(self, logits: torch.Tensor, samplers: list[Sample]) -> list[int]:
+        """logits: (R, V); every sampler has temperature > 0."""
+        temps = torch.tensor([s.temperature for s in samplers], dtype=torch.float32)[:, None]
+        probs = torch.softmax(logits / temps, dim=-1)  # (R, V)
+        u = torch.tensor([self.uniform(s.seed) for s in samplers], dtype=torch.float64)
+        filtered = any(s.top_k > 0 or s.top_p < 1 or s.min_p > 0 for s in samplers)
+        if filtered:
+            probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (R, V) each
+            keep = torch.ones_like(probs, dtype=torch.bool)
+            rank = torch.arange(probs.shape[1])[None, :]
+            top_k = torch.tensor([s.top_k if s.top_k > 0 else probs.shape[1] for s in samplers])[:, None]
+            keep &= rank < top_k
+            top_p = torch.tensor([s.top_p for s in samplers], dtype=torch.float32)[:, None]
+            before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above
+            keep &= (before < top_p) | (rank == 0)
+            min_p = torch.tensor([s.min_p for s in samplers], dtype=torch.float32)[:, None]
+            keep &= probs >= min_p * probs[:, :1]
+            probs = probs * keep
+        cdf = torch.cumsum(probs.double(), dim=-1)  # (R, V)
+        target = (u * cdf[:, -1])[:, None]
+        idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+        # u < 1 keeps idx inside the support; rounding at the very top is clamped to the last kept token
+        last_kept = (probs > 0).cumsum(dim=-1).argmax(dim=-1)
+        idx = torch.minimum(idx, last_kept)
+        if filtered:
+            idx = order.gather(1, idx[:, None]).squeeze(1)
+        return idx.tolist()
