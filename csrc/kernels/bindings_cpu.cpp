@@ -6,6 +6,8 @@
 #include <utility>
 
 #include "cpu/brle.h"
+#include "cpu/linear.h"
+#include "cpu/thread_pool.h"
 
 namespace py = pybind11;
 
@@ -27,4 +29,25 @@ PYBIND11_MODULE(_kernels_cpu, m) {
       },
       py::arg("runs"), py::arg("run_offsets"), py::arg("num_rows"), py::arg("row_len"), py::arg("out"),
       "Expand BRLE mask rows into a (num_rows, row_len) uint8 buffer; returns (error_code, bad_row).");
+  m.attr("LINEAR_MAX_ROWS") = pie::kLinearMaxRows;
+  m.def("num_threads", [] { return pie::ThreadPool::instance().num_threads(); },
+        "Threads of the kernels' pool (PIE_KERNEL_THREADS or the hardware threads).");
+  m.def(
+      "linear_f32",
+      [](std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t y, int64_t m, int64_t n, int64_t k) {
+        py::gil_scoped_release release;
+        return pie::linear_f32(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(w),
+                               reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(y), m, n, k);
+      },
+      py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("m"), py::arg("n"), py::arg("k"),
+      "y (m, n) = x (m, k) @ w (n, k)^T + bias (n,) [bias 0 = none], fp32; returns an error code.");
+  m.def(
+      "linear_bf16",
+      [](std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t y, int64_t m, int64_t n, int64_t k) {
+        py::gil_scoped_release release;
+        return pie::linear_bf16(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<const uint16_t*>(w),
+                                reinterpret_cast<const uint16_t*>(bias), reinterpret_cast<uint16_t*>(y), m, n, k);
+      },
+      py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("m"), py::arg("n"), py::arg("k"),
+      "The same with bf16 tensors (fp32 accumulation); returns an error code.");
 }

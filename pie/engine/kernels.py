@@ -37,3 +37,52 @@ def expand_brle(rows: Sequence[Sequence[int]], row_len: int) -> np.ndarray:
     if err:
         raise MaskError(bad_row, f"{_ERRORS.get(err, f'error {err}')} ({row_len})")
     return out.view(np.bool_)
+
+
+def _cpu_has_avx2() -> bool:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+LINEAR_MAX_ROWS = _kernels_cpu.LINEAR_MAX_ROWS
+_LINEAR_KERNELS = {}
+if _cpu_has_avx2():
+    import torch as _torch
+
+    _LINEAR_KERNELS = {_torch.float32: _kernels_cpu.linear_f32, _torch.bfloat16: _kernels_cpu.linear_bf16}
+
+
+def skinny_linear_supported(x, w) -> bool:
+    """Whether `linear` runs x (M, K) @ w (N, K)^T in the streaming kernel (CPU, contiguous, few rows)."""
+    return (x.dim() == 2 and 1 <= x.shape[0] <= LINEAR_MAX_ROWS and x.dtype in _LINEAR_KERNELS
+            and w.dtype == x.dtype and x.device.type == "cpu" and w.is_contiguous())
+
+
+def linear(x, w, bias=None):
+    """y = x @ w.T + bias, like torch.nn.functional.linear; a decode-sized x (at most LINEAR_MAX_ROWS
+    rows) on the CPU goes to the bandwidth-bound kernel, anything else to torch.
+
+    x: (M, K); w: (N, K) contiguous; bias: (N,) or None. Returns (M, N) in x's dtype.
+
+    >>> import torch
+    >>> x, w = torch.randn(2, 40), torch.randn(24, 40)
+    >>> torch.allclose(linear(x, w), x @ w.T, atol=1e-5)
+    True
+    """
+    import torch
+
+    if not skinny_linear_supported(x, w):
+        return torch.nn.functional.linear(x, w, bias)
+    x = x.contiguous()
+    m, k = x.shape
+    n = w.shape[0]
+    if w.shape[1] != k or (bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype)):
+        raise ValueError(f"linear: x {tuple(x.shape)}, w {tuple(w.shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)} do not fit")
+    y = torch.empty((m, n), dtype=x.dtype)
+    bias_ptr = 0 if bias is None else bias.contiguous().data_ptr()
+    err = _LINEAR_KERNELS[x.dtype](x.data_ptr(), w.data_ptr(), bias_ptr, y.data_ptr(), m, n, k)
+    if err:
+        raise ValueError(f"linear: kernel error {err} for x {tuple(x.shape)}, w {tuple(w.shape)}")
+    return y

