@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "cpu/brle.h"
+#include "cpu/decode_attention.h"
 #include "cpu/linear.h"
 #include "cpu/thread_pool.h"
 
@@ -50,4 +51,24 @@ PYBIND11_MODULE(_kernels_cpu, m) {
       },
       py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("m"), py::arg("n"), py::arg("k"),
       "The same with bf16 tensors (fp32 accumulation); returns an error code.");
+  m.def(
+      "decode_attention",
+      [](bool bf16, std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t kv_indptr,
+         std::uintptr_t kv_slots, std::uintptr_t q_rows, int64_t num_requests, int64_t num_slots, int64_t num_q_heads,
+         int64_t num_kv_heads, int64_t head_dim, float scale, std::uintptr_t out) {
+        py::gil_scoped_release release;
+        auto i64 = [](std::uintptr_t p) { return reinterpret_cast<const int64_t*>(p); };
+        if (bf16) {
+          using T = uint16_t;
+          return pie::decode_attention<T>(reinterpret_cast<const T*>(q), reinterpret_cast<const T*>(k_cache),
+                                          reinterpret_cast<const T*>(v_cache), i64(kv_indptr), i64(kv_slots),
+                                          i64(q_rows), num_requests, num_slots, num_q_heads, num_kv_heads, head_dim,
+                                          scale, reinterpret_cast<T*>(out));
+        }
+        return pie::decode_attention<float>(reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k_cache),
+                                            reinterpret_cast<const float*>(v_cache), i64(kv_indptr), i64(kv_slots),
+                                            i64(q_rows), num_requests, num_slots, num_q_heads, num_kv_heads, head_dim,
+                                            scale, reinterpret_cast<float*>(out));
+      },
+      "Decode attention over cache slots in place (fp32 or bf16); returns an error code.");
 }

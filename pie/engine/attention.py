@@ -5,7 +5,8 @@ Plan once per batch, run once per layer: `AttentionPlan` turns the ragged reques
 then costs a few tensor ops per layer, whatever the number of requests.
 
 Requests are grouped so that padding stays small:
-- all single-token requests with the default mask share one padded group (decode),
+- all single-token requests with the default mask go to the in-place decode kernel when the
+  backend has one, or else share one padded group,
 - a request whose sequence is exactly its new tokens with the default mask runs dense and causal on
   the fresh K/V, without touching the cache (plain prefill),
 - every other request forms a group of its own (prefill over cached context, custom masks).
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from pie.engine.kernels import decode_attention
 
 
 @dataclass
@@ -35,9 +38,19 @@ class PaddedGroup:
 
 
 @dataclass
+class DecodeGroup:
+    """Single-token requests for the in-place decode kernel (pie.engine.kernels.decode_attention)."""
+
+    q_rows: torch.Tensor  # (R,) int64 rows of the flattened batch
+    kv_indptr: torch.Tensor  # (R + 1,) int64 offsets into kv_slots
+    kv_slots: torch.Tensor  # (kv_indptr[-1],) int64 cache slots each row attends to, in order
+
+
+@dataclass
 class AttentionPlan:
     dense: list[DenseCausalSpan]
     groups: list[PaddedGroup]
+    decode: DecodeGroup | None = None
 
 
 @dataclass
@@ -61,7 +74,8 @@ def default_mask(num_tokens: int, kv_len: int, sliding_window: int | None) -> to
     return mask
 
 
-def build_plan(layouts: list[RequestLayout], sliding_window: int | None) -> AttentionPlan:
+def build_plan(layouts: list[RequestLayout], sliding_window: int | None,
+               decode_kernel: bool = False) -> AttentionPlan:
     dense: list[DenseCausalSpan] = []
     decode: list[RequestLayout] = []
     singles: list[list[RequestLayout]] = []
@@ -73,8 +87,16 @@ def build_plan(layouts: list[RequestLayout], sliding_window: int | None) -> Atte
             dense.append(DenseCausalSpan(lay.start, lay.start + lay.num_tokens))
         else:
             singles.append([lay])
+    decode_group = None
+    if decode and decode_kernel:
+        slot_lists = [lay.slots if sliding_window is None else lay.slots[-sliding_window:] for lay in decode]
+        indptr = torch.zeros(len(decode) + 1, dtype=torch.int64)
+        indptr[1:] = torch.tensor([s.numel() for s in slot_lists]).cumsum(0)
+        decode_group = DecodeGroup(q_rows=torch.tensor([lay.start for lay in decode], dtype=torch.int64),
+                                   kv_indptr=indptr, kv_slots=torch.cat(slot_lists))
+        decode = []
     groups = [_padded_group(g, sliding_window) for g in ([decode] if decode else []) + singles]
-    return AttentionPlan(dense=dense, groups=groups)
+    return AttentionPlan(dense=dense, groups=groups, decode=decode_group)
 
 
 def _padded_group(layouts: list[RequestLayout], sliding_window: int | None) -> PaddedGroup:
@@ -105,6 +127,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     Returns (N, Hq, D).
     """
     out = torch.empty_like(q)
+    if plan.decode is not None:
+        d = plan.decode
+        decode_attention(q.contiguous(), k_cache, v_cache, d.kv_indptr, d.kv_slots, d.q_rows, scale, out)
     for span in plan.dense:
         qs = q[span.start:span.stop].transpose(0, 1)  # (Hq, T, D)
         ks = k[span.start:span.stop].transpose(0, 1)  # (Hkv, T, D)

@@ -86,3 +86,35 @@ def linear(x, w, bias=None):
     if err:
         raise ValueError(f"linear: kernel error {err} for x {tuple(x.shape)}, w {tuple(w.shape)}")
     return y
+
+
+def decode_attention_supported(dtype, device) -> bool:
+    import torch
+
+    return bool(_LINEAR_KERNELS) and dtype in (torch.float32, torch.bfloat16) and torch.device(device).type == "cpu"
+
+
+def decode_attention(q, k_cache, v_cache, kv_indptr, kv_slots, q_rows, scale: float, out) -> None:
+    """Attention of one query row per request over its cache slots, in place (no gather).
+
+    q, out: (N, Hq, D); k_cache, v_cache: (slots, Hkv, D), all contiguous, fp32 or bf16.
+    kv_indptr: (R + 1,) int64; kv_slots: (kv_indptr[-1],) int64; q_rows: (R,) int64.
+    Writes out[q_rows[r]] for every request r.
+    """
+    import torch
+
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
+        if t.dtype != q.dtype or not t.is_contiguous() or t.dim() != 3:
+            raise ValueError(f"decode_attention: {name} must be a contiguous 3-d {q.dtype} tensor")
+    for name, t in (("kv_indptr", kv_indptr), ("kv_slots", kv_slots), ("q_rows", q_rows)):
+        if t.dtype != torch.int64 or not t.is_contiguous():
+            raise ValueError(f"decode_attention: {name} must be a contiguous int64 tensor")
+    r = q_rows.numel()
+    if kv_indptr.numel() != r + 1 or k_cache.shape != v_cache.shape or q.shape != out.shape:
+        raise ValueError("decode_attention: shapes do not fit")
+    err = _kernels_cpu.decode_attention(q.dtype == torch.bfloat16, q.data_ptr(), k_cache.data_ptr(),
+                                        v_cache.data_ptr(), kv_indptr.data_ptr(), kv_slots.data_ptr(),
+                                        q_rows.data_ptr(), r, k_cache.shape[0], q.shape[1], k_cache.shape[1],
+                                        q.shape[2], float(scale), out.data_ptr())
+    if err:
+        raise ValueError(f"decode_attention: kernel error {err} (a slot out of range or a bad size)")

@@ -16,7 +16,7 @@ import torch
 from pie.engine.attention import RequestLayout, build_plan
 from pie.engine.batch import BatchError, ForwardRequest, ForwardResult, Sampler
 from pie.engine.config import EngineConfig, ModelConfig
-from pie.engine.kernels import MaskError, expand_brle
+from pie.engine.kernels import MaskError, decode_attention_supported, expand_brle
 from pie.engine.kv_cache import PagedKVCache
 from pie.engine.model import Transformer
 from pie.engine.sampling import Sampling, check_sampler
@@ -38,6 +38,7 @@ class ModelRunner:
         self.max_batch_tokens = engine_config.max_batch_tokens
         self.max_batch_requests = engine_config.max_batch_requests
         self.sampling = Sampling(seed)
+        self.use_decode_kernel = decode_attention_supported(engine_config.torch_dtype, engine_config.device)
         self.num_forward_passes = 0
         self.num_tokens_processed = 0
 
@@ -137,7 +138,7 @@ class ModelRunner:
                 output_rows.append(start + pos)
                 samplers.append(sampler)
             start += lay.num_tokens
-        plan = build_plan(layouts, self.model_config.sliding_window)
+        plan = build_plan(layouts, self.model_config.sliding_window, self.use_decode_kernel)
         logits = self.model.forward(
             torch.tensor(token_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
             torch.cat(write_slots), torch.tensor(output_rows, dtype=torch.int64), plan, self.cache)

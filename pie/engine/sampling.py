@@ -98,8 +98,10 @@ class Sampling:
             rank = torch.arange(probs.shape[1])[None, :]
             top_k = torch.tensor([s.top_k if s.top_k > 0 else probs.shape[1] for s in samplers])[:, None]
             keep &= rank < top_k
+            # top-p applies to what top-k kept, renormalised (as HF's warpers chain them)
             top_p = torch.tensor([s.top_p for s in samplers], dtype=torch.float32)[:, None]
-            before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above
+            kept = probs * keep
+            before = (torch.cumsum(kept, dim=-1) - kept) / kept.sum(dim=-1, keepdim=True)  # mass ranked above
             keep &= (before < top_p) | (rank == 0)
             min_p = torch.tensor([s.min_p for s in samplers], dtype=torch.float32)[:, None]
             keep &= probs >= min_p * probs[:, :1]

@@ -47,3 +47,52 @@ def test_non_contiguous_input_and_shape_errors():
     assert torch.allclose(linear(x, w), x @ w.T, atol=1e-5)
     with pytest.raises(ValueError, match="do not fit"):
         linear(torch.randn(1, 8), w, torch.randn(4))
+
+
+def reference_decode(q, k_cache, v_cache, slot_lists, q_rows, scale):
+    """Plain softmax attention per request, in float64."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    group = q.shape[1] // k_cache.shape[1]
+    for row, slots in zip(q_rows, slot_lists):
+        if len(slots) == 0:
+            continue
+        k = k_cache[slots].double().repeat_interleave(group, dim=1)  # (L, Hq, D)
+        v = v_cache[slots].double().repeat_interleave(group, dim=1)
+        s = torch.einsum("hd,lhd->hl", q[row].double(), k) * scale
+        out[row] = torch.einsum("hl,lhd->hd", torch.softmax(s, -1), v)
+    return out
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 128), (8, 1, 72), (2, 2, 5)])
+def test_decode_attention_matches_reference(dtype, tol, hq, hkv, d):
+    from pie.engine.kernels import decode_attention
+
+    g = torch.Generator().manual_seed(hq * 100 + d)
+    num_slots = 300
+    k_cache = torch.randn(num_slots, hkv, d, generator=g).to(dtype)
+    v_cache = torch.randn(num_slots, hkv, d, generator=g).to(dtype)
+    lengths = [1, 0, 17, 250, 3]
+    slot_lists = [torch.randperm(num_slots, generator=g)[:n] for n in lengths]
+    q = torch.randn(7, hq, d, generator=g).to(dtype)
+    q_rows = [6, 0, 2, 3, 5]
+    out = torch.full_like(q, 7.0)
+    indptr = torch.tensor([0] + lengths).cumsum(0)
+    decode_attention(q, k_cache, v_cache, indptr, torch.cat(slot_lists), torch.tensor(q_rows), d ** -0.5, out)
+    ref = reference_decode(q, k_cache, v_cache, slot_lists, q_rows, d ** -0.5)
+    assert (out[q_rows].double() - ref[q_rows]).abs().max().item() <= tol
+    assert (out[[1, 4]] == 7.0).all()  # rows of no request are untouched
+    assert (out[0] == 0).all()  # a request with no slots attends to nothing
+
+
+def test_decode_attention_rejects_bad_slots():
+    from pie.engine.kernels import decode_attention
+
+    q = torch.randn(1, 2, 8)
+    cache = torch.randn(10, 2, 8)
+    with pytest.raises(ValueError, match="slot out of range"):
+        decode_attention(q, cache, cache, torch.tensor([0, 2]), torch.tensor([3, 10]), torch.tensor([0]), 1.0,
+                         torch.empty_like(q))
+    with pytest.raises(ValueError, match="int64"):
+        decode_attention(q, cache, cache, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([3]),
+                         torch.tensor([0]), 1.0, torch.empty_like(q))

@@ -63,6 +63,11 @@ def test_top_k_top_p_min_p_exclude_and_renormalise():
     # combined: the intersection
     both = set(draw_many(Sample(top_k=4, min_p=0.3, temperature=0.9)).tolist())
     assert both <= keep & set(order[:4].tolist())
+    # top-p after top-k uses the mass of the kept tokens: top-4 renormalised, then 0.7 of it (3 tokens by the unnormalised mass, 2 by the kept mass)
+    top4 = probs[order[:4]] / probs[order[:4]].sum()
+    k = int((top4.cumsum(0) < 0.7).sum().item()) + 1
+    assert k == 2
+    assert set(draw_many(Sample(top_k=4, top_p=0.7)).tolist()) == set(order[:k].tolist())
 
 
 def test_seed_reproduces_and_is_independent_of_the_batch():
