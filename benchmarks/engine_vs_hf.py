@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pie.engine.batch import ForwardRequest, Greedy  # noqa: E402
 from pie.engine.config import EngineConfig  # noqa: E402
 from pie.engine.generate import Engine, GenerationParams  # noqa: E402
+from pie.engine.kernels import set_skinny_linear  # noqa: E402
 from pie.engine.model_store import KNOWN_MODELS  # noqa: E402
 
 PROMPT = "Write a long story about a dragon who learns to bake bread."
@@ -80,6 +81,21 @@ def main() -> None:
                 return lambda: hf.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                            pad_token_id=2)
 
+            # the same engine with its C++ kernels off (torch for every linear layer and attention)
+            def ours_torch_only(bs: int, new: int):
+                run = ours(bs, new)
+
+                def fn():
+                    set_skinny_linear(False)
+                    engine.runner.use_decode_kernel = False
+                    try:
+                        run()
+                    finally:
+                        set_skinny_linear(True)
+                        engine.runner.use_decode_kernel = decode_kernel
+                return fn
+
+            decode_kernel = engine.runner.use_decode_kernel
             long_ids = (engine.tokenizer.encode(PROMPT * 60))[: args.prefill]
             pages = engine.pages.allocate(-(-len(long_ids) // engine.runner.page_size))
 
@@ -94,14 +110,15 @@ def main() -> None:
 
             ours(1, 4)(), theirs(1, 4)()  # warm up both
             for bs in batches:
-                r = {"dtype": dtype, "batch": bs, "ours": [], "hf": []}
+                r = {"dtype": dtype, "batch": bs, "ours": [], "hf": [], "torch_only": []}
                 for _ in range(args.repeats):
-                    for name, make in (("ours", ours), ("hf", theirs)):
+                    for name, make in (("ours", ours), ("hf", theirs), ("torch_only", ours_torch_only)):
                         t_full = timed(make(bs, n))
                         t_one = timed(make(bs, 1))
                         r[name].append(bs * (n - 1) / max(t_full - t_one, 1e-9))
                 rows.append({"what": f"decode tok/s, batch {bs}", "dtype": dtype,
-                             "ours": statistics.median(r["ours"]), "hf": statistics.median(r["hf"])})
+                             "ours": statistics.median(r["ours"]), "hf": statistics.median(r["hf"]),
+                             "ours_torch_only": statistics.median(r["torch_only"])})
                 print(rows[-1], flush=True)
             po, ph = [], []
             for _ in range(args.repeats):
@@ -116,12 +133,15 @@ def main() -> None:
     hf1 = {r["dtype"]: r["hf"] for r in rows if r["what"] == "decode tok/s, batch 1"}
     print(f"\nSmolLM2-135M, {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"{n} new tokens, torch {torch.__version__}")
-    print(f"| {'what':28} | {'dtype':8} | {'pie':>9} | {'HF':>9} | {'pie/HF':>7} | {'pie / HF batch-1':>16} |")
-    print(f"|{'-' * 30}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 9}|{'-' * 18}|")
+    print(f"| {'what':28} | {'dtype':8} | {'pie':>9} | {'HF':>9} | {'pie/HF':>7} | {'pie / HF batch-1':>16} "
+          f"| {'pie, torch only':>15} |")
+    print(f"|{'-' * 30}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 9}|{'-' * 18}|{'-' * 17}|")
     for r in rows:
         ratio = r["ours"] / r["hf"] if "tok/s" in r["what"] else r["hf"] / r["ours"]
         vs1 = f"{r['ours'] / hf1[r['dtype']]:.1f}x" if "tok/s" in r["what"] else ""
-        print(f"| {r['what']:28} | {r['dtype']:8} | {r['ours']:9.2f} | {r['hf']:9.2f} | {ratio:6.2f}x | {vs1:>16} |")
+        torch_only = f"{r['ours_torch_only']:.2f}" if "ours_torch_only" in r else ""
+        print(f"| {r['what']:28} | {r['dtype']:8} | {r['ours']:9.2f} | {r['hf']:9.2f} | {ratio:6.2f}x | {vs1:>16} "
+              f"| {torch_only:>15} |")
     out = Path(__file__).parent / "results" / "engine_vs_hf.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"machine": platform.platform(), "cpu": _cpu_name(), "threads": args.threads,

@@ -53,9 +53,18 @@ if _cpu_has_avx2():
     _LINEAR_KERNELS = {_torch.float32: _kernels_cpu.linear_f32, _torch.bfloat16: _kernels_cpu.linear_bf16}
 
 
+_skinny_linear_enabled = True
+
+
+def set_skinny_linear(enabled: bool) -> None:
+    """Turns the streaming linear kernel on or off (off: torch for every shape; for comparisons)."""
+    global _skinny_linear_enabled
+    _skinny_linear_enabled = enabled
+
+
 def skinny_linear_supported(x, w) -> bool:
     """Whether `linear` runs x (M, K) @ w (N, K)^T in the streaming kernel (CPU, contiguous, few rows)."""
-    return (x.dim() == 2 and 1 <= x.shape[0] <= LINEAR_MAX_ROWS and x.dtype in _LINEAR_KERNELS
+    return (_skinny_linear_enabled and x.dim() == 2 and 1 <= x.shape[0] <= LINEAR_MAX_ROWS and x.dtype in _LINEAR_KERNELS
             and w.dtype == x.dtype and x.device.type == "cpu" and w.is_contiguous())
 
 
