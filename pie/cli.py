@@ -1,8 +1,9 @@
-"""The `pie` command: generate | model (add, list, remove)."""
+"""The `pie` command: generate | run | model (add, list, remove)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -27,9 +28,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop or ()))
+    if args.prompts_file is not None and not os.path.isfile(args.prompts_file):
+        raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
     engine = Engine(args.model, _engine_config(args), seed=args.seed)
+    if args.prompts_file is not None:
+        from pie.control.generate import run_prompts_file
+
+        return run_prompts_file(engine, args.prompts_file, params, sys.stdout, system=args.system, raw=args.raw)
     out = engine.generate(args.prompt, params, system=args.system, raw=args.raw)
     print(out.text)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pie.engine.generate import Engine
+    from pie.runtime import Runtime, RuntimeConfig, resolve_inferlet
+
+    path = resolve_inferlet(args.inferlet)  # fail fast, before loading the model
+    config = RuntimeConfig(deadline_s=args.deadline, memory_mb=args.memory_mb)
+    engine = Engine(args.model, _engine_config(args))
+
+    def out(message: str) -> None:
+        sys.stdout.write(message)
+        sys.stdout.flush()
+
+    def log(message: str) -> None:
+        sys.stderr.write(message)
+        sys.stderr.flush()
+
+    with Runtime(engine, config) as runtime:
+        result = runtime.run(path, args.inferlet_args, on_output=out, on_log=log)
+    if result.return_value is not None:
+        print(result.return_value)
+    if result.error is not None:
+        print(f"pie: error: {path.name}: {result.error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -66,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text with the built-in loop (no inferlet)")
-    g.add_argument("--prompt", required=True)
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt")
+    source.add_argument("--prompts-file", help="one prompt per line, run concurrently; prints one JSON object "
+                        'per line in input order: {"prompt", "text", "tokens"}')
     g.add_argument("--max-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -78,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     _engine_args(g)
     g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("run", help="run an inferlet in an embedded engine (no server)",
+                       usage="pie run NAME|PATH [--model M] [--deadline S] [--memory-mb N] -- ARGS...")
+    r.add_argument("inferlet", help="a bundled example (e.g. text_completion) or a .py / .wasm file")
+    r.add_argument("inferlet_args", nargs="*", metavar="ARGS", help="the inferlet's arguments, after --")
+    r.add_argument("--deadline", type=float, default=600.0, help="wall-clock limit in seconds (0 = none)")
+    r.add_argument("--memory-mb", type=int, default=256, help="linear-memory cap of the instance in MiB")
+    _engine_args(r)
+    r.set_defaults(func=cmd_run)
 
     m = sub.add_parser("model", help="manage the model cache ($PIE_HOME/models)")
     msub = m.add_subparsers(dest="model_command", required=True)
@@ -103,7 +148,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from pie.engine.tokenizer import TokenizerError
     from pie.engine.weights import ModelFilesError
 
-    return (BatchError, UnsupportedModelError, GGUFError, WeightsError, ModelStoreError, TokenizerError,
+    from pie.runtime import InferletNotFound, InvalidComponent
+
+    return (InferletNotFound, InvalidComponent, BatchError, UnsupportedModelError, GGUFError, WeightsError, ModelStoreError, TokenizerError,
             ModelFilesError, MemoryError, ValueError, OSError)
 
 

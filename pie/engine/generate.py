@@ -59,7 +59,7 @@ class Generation:
 
 
 @dataclass
-class _Sequence:
+class SequenceState:
     prompt_len: int
     tokens: list[int]  # prompt + generated
     pages: list[int] = field(default_factory=list)
@@ -96,7 +96,7 @@ class Engine:
     def generate_batch(self, prompts: Sequence[list[int]], params: GenerationParams = GenerationParams()) -> list[Generation]:
         """Generates for all prompts at once: one forward pass per step over every live sequence
         (prefill chunked to the runner's token budget)."""
-        seqs = [_Sequence(prompt_len=len(p), tokens=list(p)) for p in prompts]
+        seqs = [SequenceState(prompt_len=len(p), tokens=list(p)) for p in prompts]
         for i, s in enumerate(seqs):
             if s.prompt_len == 0:
                 raise ValueError(f"prompt {i} is empty")
@@ -115,7 +115,7 @@ class Engine:
         return [Generation(text=s.text or "", token_ids=s.tokens[s.prompt_len:], finish_reason=s.finish_reason or "length",
                            prompt_tokens=s.prompt_len) for s in seqs]
 
-    def _step(self, live: list[_Sequence], params: GenerationParams) -> None:
+    def _step(self, live: list[SequenceState], params: GenerationParams) -> None:
         page_size = self.runner.page_size
         budget = self.runner.max_batch_tokens
         requests, owners = [], []
@@ -140,9 +140,10 @@ class Engine:
         for (s, end), res in zip(owners, results):
             s.num_cached = end
             if res.outputs:
-                self._accept(s, int(res.outputs[0]), params)
+                self.accept_token(s, int(res.outputs[0]), params)
 
-    def _accept(self, s: _Sequence, token: int, params: GenerationParams) -> None:
+    def accept_token(self, s: SequenceState, token: int, params: GenerationParams) -> None:
+        """Appends a sampled token to a sequence, or finishes it (EOS, a stop string, max tokens)."""
         generated = len(s.tokens) - s.prompt_len
         if token in self.eos_ids and not params.ignore_eos:
             s.finish_reason = "stop"

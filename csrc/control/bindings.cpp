@@ -1,0 +1,650 @@
+// The one binding file of the control layer: it only lists exports and converts Python values.
+// Payloads and results are Python objects held by reference (None travels as "no payload").
+// Every blocking call (Scheduler.take, Future.wait/result, drive_native_producers) releases the GIL.
+#include <pybind11/functional.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <exception>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "control_api.h"
+#include "errors.h"
+#include "future.h"
+#include "native_load.h"
+#include "page_pool.h"
+#include "scheduler.h"
+
+namespace py = pybind11;
+using namespace pie::control;
+
+// The opaque handle types of control_api.h.
+struct PieControlQueue {
+  std::shared_ptr<CommandQueue> queue;
+};
+struct PieControlFuture {
+  std::shared_ptr<FutureState> future;
+};
+struct PagePoolHandle {
+  PagePool pool;
+  py::object on_terminate = py::none();
+
+  PagePoolHandle(uint32_t num_pages, uint32_t page_size, std::string resource, py::object callback)
+      : pool(num_pages, page_size, std::move(resource)), on_terminate(std::move(callback)) {}
+
+  void report(const std::vector<Termination>& terminations) {
+    if (on_terminate.is_none()) return;
+    for (const Termination& termination : terminations) {
+      try {
+        on_terminate(termination.instance_id, termination.message);
+      } catch (py::error_already_set& error) {
+        error.discard_as_unraisable("PagePool.on_terminate");
+      }
+    }
+  }
+
+  // Runs `call` (which may terminate instances) and reports terminations even when it throws.
+  template <typename Call>
+  auto with_terminations(Call&& call) {
+    std::vector<Termination> terminations;
+    try {
+      auto result = call(terminations);
+      report(terminations);
+      return result;
+    } catch (...) {
+      std::exception_ptr error = std::current_exception();
+      report(terminations);
+      std::rethrow_exception(error);
+    }
+  }
+};
+
+struct PieControlPool {
+  PyObject* owner;  // a strong reference to the Python PagePool
+  PagePoolHandle* pool;
+};
+
+namespace {
+
+void release_pyobject(void* object) {
+  if (!Py_IsInitialized()) return;  // the interpreter is gone: nothing left to release into
+  if (PyGILState_Check()) {
+    Py_DECREF(static_cast<PyObject*>(object));
+    return;
+  }
+  PyGILState_STATE state = PyGILState_Ensure();
+  Py_DECREF(static_cast<PyObject*>(object));
+  PyGILState_Release(state);
+}
+
+Payload to_payload(const py::handle& object) {
+  if (object.is_none()) return Payload();
+  return Payload(object.inc_ref().ptr(), &release_pyobject);
+}
+
+// A Python object, or (for a payload submitted through the C API) its address as an int.
+py::object from_payload(const Payload& payload) {
+  if (!payload) return py::none();
+  if (payload.release_function() != &release_pyobject) {
+    return py::int_(reinterpret_cast<uintptr_t>(payload.get()));
+  }
+  return py::reinterpret_borrow<py::object>(static_cast<PyObject*>(payload.get()));
+}
+
+// ---- the C API (control_api.h) ----
+
+void copy_error(const char* message, char* error, size_t error_size) {
+  if (error == nullptr || error_size == 0) return;
+  size_t length = std::min(std::strlen(message), error_size - 1);
+  std::memcpy(error, message, length);
+  error[length] = '\0';
+}
+
+PieControlQueue* api_queue_from_python(PyObject* object) {
+  try {
+    return new PieControlQueue{py::cast<std::shared_ptr<CommandQueue>>(py::handle(object))};
+  } catch (py::cast_error&) {
+    PyErr_SetString(PyExc_TypeError, "expected a pie.control.CommandQueue");
+    return nullptr;
+  }
+}
+
+void api_queue_release(PieControlQueue* queue) { delete queue; }
+
+PieControlFuture* api_submit(PieControlQueue* queue, int32_t kind, void* payload, PiePayloadRelease release,
+                             uint32_t num_tokens, int depends_on_previous, char* error, size_t error_size) {
+  Payload owned(payload, release);
+  try {
+    return new PieControlFuture{queue->queue->submit(kind, std::move(owned), num_tokens, depends_on_previous != 0)};
+  } catch (const std::exception& failure) {
+    copy_error(failure.what(), error, error_size);
+    return nullptr;
+  }
+}
+
+PieControlFuture* api_synchronize(PieControlQueue* queue, char* error, size_t error_size) {
+  try {
+    return new PieControlFuture{queue->queue->synchronize()};
+  } catch (const std::exception& failure) {
+    copy_error(failure.what(), error, error_size);
+    return nullptr;
+  }
+}
+
+int api_future_wait(PieControlFuture* future, double timeout_seconds) {
+  std::optional<Clock::time_point> deadline;
+  if (timeout_seconds >= 0) {
+    deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_seconds));
+  }
+  return static_cast<int>(future->future->wait(deadline));
+}
+
+int api_future_status(PieControlFuture* future) { return static_cast<int>(future->future->status()); }
+uint64_t api_future_command_id(PieControlFuture* future) { return future->future->command_id(); }
+void* api_future_result(PieControlFuture* future) {
+  return future->future->status() == FutureStatus::kReady ? future->future->result().get() : nullptr;
+}
+const char* api_future_error(PieControlFuture* future) {
+  FutureStatus status = future->future->status();
+  return status == FutureStatus::kFailed || status == FutureStatus::kCancelled ? future->future->error().c_str() : "";
+}
+void api_future_release(PieControlFuture* future) { delete future; }
+PyObject* api_future_to_python(PieControlFuture* future) {
+  try {
+    return py::cast(future->future).release().ptr();
+  } catch (py::error_already_set& error) {
+    error.restore();
+    return nullptr;
+  }
+}
+
+int api_status_of(const std::exception& failure) {
+  if (dynamic_cast<const InstanceTerminated*>(&failure)) return PIE_ERR_TERMINATED;
+  if (dynamic_cast<const QuotaExceeded*>(&failure)) return PIE_ERR_QUOTA;
+  if (dynamic_cast<const InvalidHandle*>(&failure)) return PIE_ERR_INVALID_HANDLE;
+  if (dynamic_cast<const std::invalid_argument*>(&failure) || dynamic_cast<const std::out_of_range*>(&failure)) {
+    return PIE_ERR_INVALID_ARGUMENT;
+  }
+  return PIE_ERR_OTHER;
+}
+
+// Runs `call` on the pool; reports terminations to Python (taking the GIL) and errors as codes.
+template <typename Call>
+int api_pool_call(PieControlPool* pool, char* error, size_t error_size, Call&& call) {
+  std::vector<Termination> terminations;
+  int status = PIE_OK;
+  try {
+    call(pool->pool->pool, terminations);
+  } catch (const std::exception& failure) {
+    copy_error(failure.what(), error, error_size);
+    status = api_status_of(failure);
+  }
+  if (!terminations.empty()) {
+    py::gil_scoped_acquire acquire;
+    pool->pool->report(terminations);
+  }
+  return status;
+}
+
+PieControlPool* api_pool_from_python(PyObject* object) {
+  try {
+    PagePoolHandle* pool = py::cast<PagePoolHandle*>(py::handle(object));
+    Py_INCREF(object);
+    return new PieControlPool{object, pool};
+  } catch (py::cast_error&) {
+    PyErr_SetString(PyExc_TypeError, "expected a pie.control.PagePool");
+    return nullptr;
+  }
+}
+
+void api_pool_release(PieControlPool* pool) {
+  Py_DECREF(pool->owner);
+  delete pool;
+}
+
+int api_pool_allocate(PieControlPool* pool, uint64_t instance_id, uint32_t count, uint32_t* out_handles, char* error,
+                      size_t error_size) {
+  return api_pool_call(pool, error, error_size, [&](PagePool& p, std::vector<Termination>& t) {
+    std::vector<uint32_t> handles = p.allocate(instance_id, count, t);
+    std::copy(handles.begin(), handles.end(), out_handles);
+  });
+}
+
+int api_pool_free(PieControlPool* pool, uint64_t instance_id, const uint32_t* handles, size_t count, char* error,
+                  size_t error_size) {
+  return api_pool_call(pool, error, error_size, [&](PagePool& p, std::vector<Termination>&) {
+    p.free(instance_id, std::vector<uint32_t>(handles, handles + count));
+  });
+}
+
+int api_pool_resolve(PieControlPool* pool, uint64_t instance_id, const uint32_t* handles, size_t count,
+                     uint32_t* out_pages, char* error, size_t error_size) {
+  return api_pool_call(pool, error, error_size, [&](PagePool& p, std::vector<Termination>&) {
+    std::vector<uint32_t> pages = p.resolve(instance_id, std::vector<uint32_t>(handles, handles + count));
+    std::copy(pages.begin(), pages.end(), out_pages);
+  });
+}
+
+int api_pool_fork(PieControlPool* pool, uint64_t instance_id, const uint32_t* handles, size_t count,
+                  uint32_t* out_handles, char* error, size_t error_size) {
+  return api_pool_call(pool, error, error_size, [&](PagePool& p, std::vector<Termination>&) {
+    std::vector<uint32_t> forked = p.fork(instance_id, std::vector<uint32_t>(handles, handles + count));
+    std::copy(forked.begin(), forked.end(), out_handles);
+  });
+}
+
+int api_pool_prepare_write(PieControlPool* pool, uint64_t instance_id, const uint32_t* handles, size_t count,
+                           uint32_t* out_src_pages, uint32_t* out_dst_pages, size_t* out_num_copies, char* error,
+                           size_t error_size) {
+  *out_num_copies = 0;
+  return api_pool_call(pool, error, error_size, [&](PagePool& p, std::vector<Termination>& t) {
+    std::vector<PageCopy> copies = p.prepare_write(instance_id, std::vector<uint32_t>(handles, handles + count), t);
+    for (size_t i = 0; i < copies.size(); ++i) {
+      out_src_pages[i] = copies[i].src_page;
+      out_dst_pages[i] = copies[i].dst_page;
+    }
+    *out_num_copies = copies.size();
+  });
+}
+
+const PieControlApi kControlApi = {
+    PIE_CONTROL_API_VERSION, &api_queue_from_python, &api_queue_release, &api_submit, &api_synchronize,
+    &api_future_wait, &api_future_status, &api_future_command_id, &api_future_result, &api_future_error,
+    &api_future_release, &api_future_to_python, &api_pool_from_python, &api_pool_release, &api_pool_allocate,
+    &api_pool_free, &api_pool_resolve, &api_pool_fork, &api_pool_prepare_write,
+};
+
+std::optional<Clock::duration> to_timeout(std::optional<double> seconds) {
+  if (!seconds) return std::nullopt;
+  if (*seconds < 0) throw std::invalid_argument("timeout must be >= 0 seconds");
+  return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(*seconds));
+}
+
+[[noreturn]] void raise_timeout(const std::string& message) {
+  PyErr_SetString(PyExc_TimeoutError, message.c_str());
+  throw py::error_already_set();
+}
+
+// Owns the scheduler for Python: stopping it when the Python object goes away breaks the
+// scheduler <-> queue reference cycle and wakes any thread blocked in take().
+struct SchedulerHandle {
+  std::shared_ptr<Scheduler> scheduler;
+  explicit SchedulerHandle(std::shared_ptr<Scheduler> created) : scheduler(std::move(created)) {}
+  SchedulerHandle(const SchedulerHandle&) = delete;
+  SchedulerHandle& operator=(const SchedulerHandle&) = delete;
+  ~SchedulerHandle() {
+    if (scheduler) scheduler->stop("the Scheduler object was destroyed");
+  }
+};
+
+py::dict pool_stats_dict(const PoolStats& stats) {
+  py::dict instances;
+  for (const InstanceUsage& usage : stats.instances) {
+    py::dict entry;
+    entry["num_handles"] = usage.num_handles;
+    entry["quota"] = usage.quota;
+    entry["num_exports"] = usage.num_exports;
+    entry["terminated"] = usage.terminated;
+    instances[py::int_(usage.instance_id)] = entry;
+  }
+  py::dict result;
+  result["num_pages"] = stats.num_pages;
+  result["page_size"] = stats.page_size;
+  result["num_used"] = stats.num_used;
+  result["num_free"] = stats.num_free;
+  result["num_exported"] = stats.num_exported;
+  result["num_shared"] = stats.num_shared;
+  result["num_exports"] = stats.num_exports;
+  result["num_terminations"] = stats.num_terminations;
+  result["instances"] = instances;
+  return result;
+}
+
+py::dict scheduler_stats_dict(const SchedulerStats& stats) {
+  py::dict result;
+  result["num_submitted"] = stats.num_submitted;
+  result["num_dispatched"] = stats.num_dispatched;
+  result["num_completed"] = stats.num_completed;
+  result["num_failed"] = stats.num_failed;
+  result["num_cancelled"] = stats.num_cancelled;
+  result["num_batches"] = stats.num_batches;
+  result["num_pending"] = stats.num_pending;
+  result["num_in_flight"] = stats.num_in_flight;
+  result["num_queues"] = stats.num_queues;
+  result["high_water"] = stats.high_water;
+  return result;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_control, m) {
+  m.doc() = "pie control layer: lock-free command queues, the batch scheduler and the KV page pool";
+  m.attr("_C_API") = py::capsule(static_cast<const void*>(&kControlApi), PIE_CONTROL_API_CAPSULE);
+  m.attr("C_API_VERSION") = PIE_CONTROL_API_VERSION;
+
+  auto& control_error = py::register_exception<ControlError>(m, "ControlError", PyExc_RuntimeError);
+  py::register_exception<CommandFailed>(m, "CommandFailed", control_error.ptr());
+  py::register_exception<CommandCancelled>(m, "CommandCancelled", control_error.ptr());
+  py::register_exception<QueueClosed>(m, "QueueClosed", control_error.ptr());
+  py::register_exception<InstanceTerminated>(m, "InstanceTerminated", control_error.ptr());
+  py::register_exception<QuotaExceeded>(m, "QuotaExceeded", control_error.ptr());
+  py::register_exception<InvalidHandle>(m, "InvalidHandle", control_error.ptr());
+
+  py::enum_<Priority>(m, "Priority", "Queue priority: higher queues fill batches first.")
+      .value("LOW", Priority::kLow)
+      .value("NORMAL", Priority::kNormal)
+      .value("HIGH", Priority::kHigh);
+
+  py::enum_<Policy>(m, "Policy", "Batch dispatch policy (see Scheduler).")
+      .value("ADAPTIVE", Policy::kAdaptive)
+      .value("EAGER", Policy::kEager)
+      .value("FIXED_K", Policy::kFixedK)
+      .value("FIXED_T", Policy::kFixedT)
+      .value("K_OR_T", Policy::kKOrT);
+
+  // ---- Future ----
+  py::class_<FutureState, std::shared_ptr<FutureState>>(m, "Future",
+                                                        "The completion of one command; wait on it without the GIL.")
+      .def_property_readonly("command_id", &FutureState::command_id)
+      .def("done", &FutureState::done, "True once resolved (result, failure or cancellation).")
+      .def("cancelled", [](const FutureState& f) { return f.status() == FutureStatus::kCancelled; })
+      .def("failed", [](const FutureState& f) { return f.status() == FutureStatus::kFailed; })
+      .def(
+          "wait",
+          [](FutureState& f, std::optional<double> timeout) {
+            std::optional<Clock::duration> duration = to_timeout(timeout);
+            py::gil_scoped_release release;
+            std::optional<Clock::time_point> deadline;
+            if (duration) deadline = Clock::now() + *duration;
+            return f.wait(deadline) != FutureStatus::kPending;
+          },
+          py::arg("timeout") = py::none(), "Block until resolved or the timeout passes; returns done().")
+      .def(
+          "result",
+          [](FutureState& f, std::optional<double> timeout) -> py::object {
+            std::optional<Clock::duration> duration = to_timeout(timeout);
+            FutureStatus status;
+            {
+              py::gil_scoped_release release;
+              std::optional<Clock::time_point> deadline;
+              if (duration) deadline = Clock::now() + *duration;
+              status = f.wait(deadline);
+            }
+            switch (status) {
+              case FutureStatus::kReady: return from_payload(f.result());
+              case FutureStatus::kFailed: throw CommandFailed("command " + std::to_string(f.command_id()) + ": " + f.error());
+              case FutureStatus::kCancelled: throw CommandCancelled("command " + std::to_string(f.command_id()) + ": " + f.error());
+              case FutureStatus::kPending: break;
+            }
+            raise_timeout("command " + std::to_string(f.command_id()) + " did not complete within " +
+                          std::to_string(*timeout) + " s");
+          },
+          py::arg("timeout") = py::none(),
+          "The command's result; raises CommandFailed, CommandCancelled, or TimeoutError.")
+      .def("__repr__", [](const FutureState& f) {
+        static const char* names[] = {"pending", "ready", "failed", "cancelled"};
+        return "<Future command " + std::to_string(f.command_id()) + " " + names[static_cast<int>(f.status())] + ">";
+      });
+
+  // ---- CommandQueue ----
+  py::class_<CommandQueue, std::shared_ptr<CommandQueue>>(m, "CommandQueue",
+                                                          "An in-order command queue of one instance (lock-free submit).")
+      .def_property_readonly("id", &CommandQueue::id)
+      .def_property_readonly("instance_id", &CommandQueue::instance_id)
+      .def_property_readonly("closed", &CommandQueue::closed)
+      .def_property("priority", &CommandQueue::priority, &CommandQueue::set_priority)
+      .def(
+          "submit",
+          [](CommandQueue& q, int32_t kind, py::object payload, uint32_t num_tokens, bool depends_on_previous) {
+            return q.submit(kind, to_payload(payload), num_tokens, depends_on_previous);
+          },
+          py::arg("kind"), py::arg("payload") = py::none(), py::arg("num_tokens") = 1,
+          py::arg("depends_on_previous") = false,
+          "Submit one command; returns its Future. `depends_on_previous` keeps it out of the batch of "
+          "the command before it.")
+      .def("synchronize", &CommandQueue::synchronize,
+           "A Future resolved (with None) once every command submitted before it has finished.")
+      .def("close", &CommandQueue::close, py::arg("reason") = "closed",
+           "Cancel what is pending or in flight; later submits raise QueueClosed. Returns the number cancelled.")
+      .def("__repr__", [](const CommandQueue& q) {
+        return "<CommandQueue " + std::to_string(q.id()) + " of instance " + std::to_string(q.instance_id()) +
+               (q.closed() ? " closed>" : ">");
+      });
+
+  // ---- Batch ----
+  py::class_<Batch, std::shared_ptr<Batch>>(m, "Batch", "Commands of one kind dispatched together.")
+      .def_property_readonly("kind", &Batch::kind)
+      .def_property_readonly("num_tokens", &Batch::num_tokens)
+      .def_property_readonly("finished", &Batch::finished)
+      .def("__len__", &Batch::size)
+      .def_property_readonly("payloads",
+                             [](const Batch& b) {
+                               py::list payloads(b.size());
+                               for (size_t i = 0; i < b.size(); ++i) payloads[i] = from_payload(b.command(i).payload);
+                               return payloads;
+                             })
+      .def_property_readonly("command_ids",
+                             [](const Batch& b) {
+                               std::vector<uint64_t> ids(b.size());
+                               for (size_t i = 0; i < b.size(); ++i) ids[i] = b.command(i).id;
+                               return ids;
+                             })
+      .def_property_readonly("queue_ids",
+                             [](const Batch& b) {
+                               std::vector<uint64_t> ids(b.size());
+                               for (size_t i = 0; i < b.size(); ++i) ids[i] = b.command(i).queue_id;
+                               return ids;
+                             })
+      .def_property_readonly("instance_ids",
+                             [](const Batch& b) {
+                               std::vector<uint64_t> ids(b.size());
+                               for (size_t i = 0; i < b.size(); ++i) ids[i] = b.command(i).instance_id;
+                               return ids;
+                             })
+      .def_property_readonly("token_counts",
+                             [](const Batch& b) {
+                               std::vector<uint32_t> counts(b.size());
+                               for (size_t i = 0; i < b.size(); ++i) counts[i] = b.command(i).num_tokens;
+                               return counts;
+                             })
+      .def("resolved", &Batch::resolved, py::arg("index"))
+      .def(
+          "set_result", [](Batch& b, size_t index, py::object result) { b.set_result(index, to_payload(result)); },
+          py::arg("index"), py::arg("result"))
+      .def("set_error", &Batch::set_error, py::arg("index"), py::arg("message"))
+      .def(
+          "complete",
+          [](Batch& b, py::sequence results, std::optional<std::vector<size_t>> indices) {
+            const size_t num_results = py::len(results);
+            if (indices) {
+              if (indices->size() != num_results) {
+                throw std::invalid_argument("complete: " + std::to_string(num_results) + " results for " +
+                                            std::to_string(indices->size()) + " indices");
+              }
+            } else if (num_results != b.size()) {
+              throw std::invalid_argument("complete: " + std::to_string(num_results) +
+                                          " results for a batch of " + std::to_string(b.size()));
+            }
+            std::vector<size_t> targets(num_results);
+            std::vector<Payload> payloads;
+            payloads.reserve(num_results);
+            for (size_t i = 0; i < num_results; ++i) {
+              targets[i] = indices ? (*indices)[i] : i;
+              payloads.push_back(to_payload(results[i]));
+            }
+            b.set_results(targets, payloads);
+          },
+          py::arg("results"), py::arg("indices") = py::none(),
+          "Resolve commands with results, in batch order (or at `indices`).")
+      .def("fail_unresolved", &Batch::fail_unresolved, py::arg("message"),
+           "Fail every command not resolved yet and finish the batch.")
+      .def("finish", &Batch::finish, "Finish the batch; unresolved commands fail.")
+      .def("__repr__", [](const Batch& b) {
+        return "<Batch kind " + std::to_string(b.kind()) + ", " + std::to_string(b.size()) + " commands, " +
+               std::to_string(b.num_tokens()) + " tokens>";
+      });
+
+  // ---- Scheduler ----
+  py::class_<SchedulerHandle>(m, "Scheduler",
+                              "Batches commands across queues by kind (horizontal) and within a queue (vertical).")
+      .def(py::init([](uint32_t max_batch_requests, uint32_t max_batch_tokens, Policy policy, uint32_t k, double t,
+                       double deadline, uint32_t high_water_window) {
+             SchedulerConfig config;
+             config.max_batch_requests = max_batch_requests;
+             config.max_batch_tokens = max_batch_tokens;
+             config.policy = policy;
+             config.k = k;
+             config.t_seconds = t;
+             config.deadline_seconds = deadline;
+             config.high_water_window = high_water_window;
+             return std::make_unique<SchedulerHandle>(Scheduler::create(config));
+           }),
+           py::arg("max_batch_requests"), py::arg("max_batch_tokens"), py::arg("policy") = Policy::kAdaptive,
+           py::arg("k") = 0, py::arg("t") = 0.0, py::arg("deadline") = 0.002, py::arg("high_water_window") = 8)
+      .def_property_readonly("max_batch_requests",
+                             [](const SchedulerHandle& s) { return s.scheduler->config().max_batch_requests; })
+      .def_property_readonly("max_batch_tokens",
+                             [](const SchedulerHandle& s) { return s.scheduler->config().max_batch_tokens; })
+      .def_property_readonly("policy", [](const SchedulerHandle& s) { return s.scheduler->config().policy; })
+      .def_property_readonly("k", [](const SchedulerHandle& s) { return s.scheduler->config().k; })
+      .def_property_readonly("t", [](const SchedulerHandle& s) { return s.scheduler->config().t_seconds; })
+      .def_property_readonly("deadline", [](const SchedulerHandle& s) { return s.scheduler->config().deadline_seconds; })
+      .def_property_readonly("high_water_window",
+                             [](const SchedulerHandle& s) { return s.scheduler->config().high_water_window; })
+      .def_property_readonly("stopped", [](const SchedulerHandle& s) { return s.scheduler->stopped(); })
+      .def(
+          "create_queue",
+          [](SchedulerHandle& s, uint64_t instance_id, Priority priority) {
+            return s.scheduler->create_queue(instance_id, priority);
+          },
+          py::arg("instance_id"), py::arg("priority") = Priority::kNormal)
+      .def(
+          "take",
+          [](SchedulerHandle& s, std::optional<double> timeout) {
+            std::optional<Clock::duration> duration = to_timeout(timeout);
+            py::gil_scoped_release release;
+            return s.scheduler->take(duration);
+          },
+          py::arg("timeout") = py::none(),
+          "Block (without the GIL) until the policy dispatches a batch; None on timeout or stop.")
+      .def(
+          "end_instance",
+          [](SchedulerHandle& s, uint64_t instance_id, const std::string& reason) {
+            return s.scheduler->end_instance(instance_id, reason);
+          },
+          py::arg("instance_id"), py::arg("reason") = "ended",
+          "Close the instance's queues and cancel its futures; returns the number cancelled.")
+      .def(
+          "stop", [](SchedulerHandle& s, const std::string& reason) { s.scheduler->stop(reason); },
+          py::arg("reason") = "stopped")
+      .def("stats", [](SchedulerHandle& s) { return scheduler_stats_dict(s.scheduler->stats()); });
+
+  // ---- PagePool ----
+  py::class_<PagePoolHandle>(m, "PagePool", "Ref-counted accounting of pages 0..num_pages-1 (see page_pool.h).")
+      .def(py::init<uint32_t, uint32_t, std::string, py::object>(), py::arg("num_pages"), py::arg("page_size"),
+           py::arg("resource") = "KV page", py::arg("on_terminate") = py::none())
+      .def_property_readonly("num_pages", [](const PagePoolHandle& p) { return p.pool.num_pages(); })
+      .def_property_readonly("page_size", [](const PagePoolHandle& p) { return p.pool.page_size(); })
+      .def_property_readonly("resource", [](const PagePoolHandle& p) { return p.pool.resource_name(); })
+      .def_readwrite("on_terminate", &PagePoolHandle::on_terminate,
+                     "Called as on_terminate(instance_id, message) after the pool terminates an instance.")
+      .def(
+          "add_instance", [](PagePoolHandle& p, uint64_t id, uint32_t quota) { p.pool.add_instance(id, quota); },
+          py::arg("instance_id"), py::arg("quota") = 0)
+      .def(
+          "has_instance", [](const PagePoolHandle& p, uint64_t id) { return p.pool.has_instance(id); },
+          py::arg("instance_id"))
+      .def(
+          "end_instance", [](PagePoolHandle& p, uint64_t id) { return p.pool.end_instance(id); },
+          py::arg("instance_id"))
+      .def(
+          "terminate",
+          [](PagePoolHandle& p, uint64_t id, const std::string& reason) { p.pool.terminate(id, reason); },
+          py::arg("instance_id"), py::arg("reason"))
+      .def(
+          "allocate",
+          [](PagePoolHandle& p, uint64_t id, uint32_t count) {
+            return p.with_terminations([&](std::vector<Termination>& t) { return p.pool.allocate(id, count, t); });
+          },
+          py::arg("instance_id"), py::arg("count"))
+      .def(
+          "free", [](PagePoolHandle& p, uint64_t id, const std::vector<uint32_t>& handles) { p.pool.free(id, handles); },
+          py::arg("instance_id"), py::arg("handles"))
+      .def(
+          "resolve",
+          [](const PagePoolHandle& p, uint64_t id, const std::vector<uint32_t>& handles) {
+            return p.pool.resolve(id, handles);
+          },
+          py::arg("instance_id"), py::arg("handles"))
+      .def(
+          "prepare_write",
+          [](PagePoolHandle& p, uint64_t id, const std::vector<uint32_t>& handles) {
+            std::vector<PageCopy> copies =
+                p.with_terminations([&](std::vector<Termination>& t) { return p.pool.prepare_write(id, handles, t); });
+            std::vector<std::pair<uint32_t, uint32_t>> pairs;
+            pairs.reserve(copies.size());
+            for (const PageCopy& copy : copies) pairs.emplace_back(copy.src_page, copy.dst_page);
+            return pairs;
+          },
+          py::arg("instance_id"), py::arg("handles"))
+      .def(
+          "fork",
+          [](PagePoolHandle& p, uint64_t id, const std::vector<uint32_t>& handles) { return p.pool.fork(id, handles); },
+          py::arg("instance_id"), py::arg("handles"))
+      .def(
+          "export_pages",
+          [](PagePoolHandle& p, uint64_t id, const std::string& name, const std::vector<uint32_t>& handles,
+             bool persistent) { p.pool.export_pages(id, name, handles, persistent); },
+          py::arg("instance_id"), py::arg("name"), py::arg("handles"), py::arg("persistent") = false)
+      .def(
+          "import_pages",
+          [](PagePoolHandle& p, uint64_t id, const std::string& name) { return p.pool.import_pages(id, name); },
+          py::arg("instance_id"), py::arg("name"))
+      .def(
+          "unexport",
+          [](PagePoolHandle& p, const std::string& name, std::optional<uint64_t> id) { p.pool.unexport(name, id); },
+          py::arg("name"), py::arg("instance_id") = py::none())
+      .def("export_names", [](const PagePoolHandle& p) { return p.pool.export_names(); })
+      .def(
+          "refcount", [](const PagePoolHandle& p, uint32_t page) { return p.pool.refcount(page); }, py::arg("page"))
+      .def(
+          "handles", [](const PagePoolHandle& p, uint64_t id) { return p.pool.handles(id); }, py::arg("instance_id"))
+      .def("stats", [](const PagePoolHandle& p) { return pool_stats_dict(p.pool.stats()); })
+      .def("check_invariants", [](const PagePoolHandle& p) { p.pool.check_invariants(); });
+
+  // ---- load generator ----
+  m.def(
+      "drive_native_producers",
+      [](SchedulerHandle& s, uint32_t num_producers, uint32_t commands_per_producer, uint32_t window, int32_t kind,
+         uint64_t first_instance_id) {
+        NativeLoadResult result;
+        {
+          py::gil_scoped_release release;
+          result = drive_native_producers(s.scheduler, num_producers, commands_per_producer, window, kind,
+                                          first_instance_id);
+        }
+        py::dict out;
+        out["seconds"] = result.seconds;
+        out["num_ready"] = result.num_ready;
+        out["num_failed"] = result.num_failed;
+        out["num_cancelled"] = result.num_cancelled;
+        out["mean_latency_ns"] = result.mean_latency_ns;
+        return out;
+      },
+      py::arg("scheduler"), py::arg("num_producers"), py::arg("commands_per_producer"), py::arg("window") = 1,
+      py::arg("kind") = 0, py::arg("first_instance_id") = uint64_t{1} << 40,
+      "Run native producer threads (no GIL) against the scheduler; an engine loop must be taking batches.");
+  m.def(
+      "wakeup_round_trip_ns",
+      [](uint32_t iterations) {
+        py::gil_scoped_release release;
+        return wakeup_round_trip_ns(iterations);
+      },
+      py::arg("iterations") = 20000,
+      "The OS floor of a blocking hand-off: mean ns of a condition-variable round trip between two threads.");
+}

@@ -1,0 +1,443 @@
+#include "page_pool.h"
+
+#include <algorithm>
+#include <unordered_map>
+#include <stdexcept>
+#include <unordered_set>
+
+#include "errors.h"
+
+namespace pie::control {
+
+PagePool::PagePool(uint32_t num_pages, uint32_t page_size, std::string resource_name)
+    : num_pages_(num_pages), page_size_(page_size), resource_name_(std::move(resource_name)) {
+  if (num_pages == 0) throw std::invalid_argument("a page pool needs num_pages >= 1");
+  if (page_size == 0) throw std::invalid_argument("a page pool needs page_size >= 1");
+  refcounts_.assign(num_pages, 0);
+  free_pages_.reserve(num_pages);
+  for (uint32_t page = num_pages; page-- > 0;) free_pages_.push_back(page);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Instances
+
+PagePool::Instance& PagePool::live_instance_locked(uint64_t instance_id) {
+  return const_cast<Instance&>(static_cast<const PagePool*>(this)->live_instance_locked(instance_id));
+}
+
+const PagePool::Instance& PagePool::live_instance_locked(uint64_t instance_id) const {
+  auto found = instances_.find(instance_id);
+  if (found == instances_.end()) {
+    throw InvalidHandle(prefix(instance_id) + "not registered with the " + resource_name_ + " pool");
+  }
+  if (found->second.terminated) throw InstanceTerminated(found->second.termination_message);
+  return found->second;
+}
+
+void PagePool::add_instance(uint64_t instance_id, uint32_t quota) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (instances_.count(instance_id) != 0) {
+    throw std::invalid_argument(prefix(instance_id) + "already registered with the " + resource_name_ + " pool");
+  }
+  Instance& instance = instances_[instance_id];
+  instance.id = instance_id;
+  instance.age = next_age_++;
+  instance.quota = quota;
+  live_by_age_.emplace(instance.age, instance_id);
+}
+
+bool PagePool::has_instance(uint64_t instance_id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return instances_.count(instance_id) != 0;
+}
+
+void PagePool::unref_locked(uint32_t page) {
+  if (--refcounts_[page] == 0) free_pages_.push_back(page);
+}
+
+uint32_t PagePool::take_free_page_locked() {
+  const uint32_t page = free_pages_.back();
+  free_pages_.pop_back();
+  refcounts_[page] = 1;
+  return page;
+}
+
+void PagePool::release_all_locked(Instance& instance) {
+  for (const auto& entry : instance.page_of_handle) unref_locked(entry.second);
+  instance.page_of_handle.clear();
+  for (const std::string& name : instance.owned_exports) {
+    auto found = exports_.find(name);
+    if (found == exports_.end()) continue;
+    if (found->second.persistent) {
+      found->second.owner_alive = false;
+      continue;
+    }
+    for (uint32_t page : found->second.pages) unref_locked(page);
+    exports_.erase(found);
+  }
+  instance.owned_exports.clear();
+}
+
+uint32_t PagePool::end_instance(uint64_t instance_id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto found = instances_.find(instance_id);
+  if (found == instances_.end()) {
+    throw InvalidHandle(prefix(instance_id) + "not registered with the " + resource_name_ + " pool");
+  }
+  Instance& instance = found->second;
+  const uint32_t num_released = static_cast<uint32_t>(instance.page_of_handle.size());
+  release_all_locked(instance);
+  if (!instance.terminated) live_by_age_.erase(instance.age);
+  instances_.erase(found);
+  return num_released;
+}
+
+void PagePool::terminate_locked(Instance& instance, const std::string& message,
+                                std::vector<Termination>& terminations) {
+  release_all_locked(instance);
+  instance.terminated = true;
+  instance.termination_message = message;
+  live_by_age_.erase(instance.age);
+  ++num_terminations_;
+  terminations.push_back({instance.id, message});
+}
+
+void PagePool::terminate(uint64_t instance_id, const std::string& reason) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Instance& instance = live_instance_locked(instance_id);
+  std::vector<Termination> ignored;
+  terminate_locked(instance, "instance " + std::to_string(instance_id) + " terminated: " + reason, ignored);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handles
+
+std::vector<uint32_t> PagePool::pages_of_locked(const Instance& instance, const std::vector<uint32_t>& handles) const {
+  std::vector<uint32_t> pages;
+  pages.reserve(handles.size());
+  for (uint32_t handle : handles) {
+    auto found = instance.page_of_handle.find(handle);
+    if (found == instance.page_of_handle.end()) {
+      throw InvalidHandle(prefix(instance.id) + resource_name_ + " handle " + std::to_string(handle) +
+                          " is not held by this instance");
+    }
+    pages.push_back(found->second);
+  }
+  return pages;
+}
+
+void PagePool::check_quota_locked(const Instance& instance, size_t more) const {
+  if (instance.quota == 0) return;
+  const size_t held = instance.page_of_handle.size();
+  if (held + more > instance.quota) {
+    throw QuotaExceeded(prefix(instance.id) + "quota of " + std::to_string(instance.quota) + " " + plural() +
+                        " exceeded (holds " + std::to_string(held) + ", asked for " + std::to_string(more) +
+                        " more)");
+  }
+}
+
+void PagePool::reserve_pages_locked(Instance& requester, uint32_t count, std::vector<Termination>& terminations) {
+  if (free_pages_.size() >= count) return;
+  const uint32_t needed = count - static_cast<uint32_t>(free_pages_.size());
+  const std::string shortage = "the " + resource_name_ + " pool is exhausted (instance " +
+                               std::to_string(requester.id) + " needed " + std::to_string(count) + " " + plural() +
+                               ", " + std::to_string(free_pages_.size()) + " free of " + std::to_string(num_pages_) +
+                               ")";
+  // Simulate terminating newer instances, newest first, until enough pages would come free.
+  std::unordered_map<uint32_t, uint32_t> num_dropped;  // page -> references the victims hold
+  uint32_t num_freed = 0;
+  auto drop = [&](uint32_t page) {
+    if (++num_dropped[page] == refcounts_[page]) ++num_freed;
+  };
+  std::vector<Instance*> victims;
+  for (auto it = live_by_age_.rbegin(); it != live_by_age_.rend() && it->first > requester.age; ++it) {
+    Instance& victim = instances_.at(it->second);
+    victims.push_back(&victim);
+    for (const auto& entry : victim.page_of_handle) drop(entry.second);
+    for (const std::string& name : victim.owned_exports) {
+      const Export& exported = exports_.at(name);
+      if (!exported.persistent) {
+        for (uint32_t page : exported.pages) drop(page);
+      }
+    }
+    if (num_freed >= needed) break;
+  }
+  if (num_freed < needed) {
+    const std::string message = "instance " + std::to_string(requester.id) + " terminated: " + shortage +
+                                "; no newer instance holds enough to free";
+    terminate_locked(requester, message, terminations);
+    throw InstanceTerminated(message);
+  }
+  for (Instance* victim : victims) {
+    terminate_locked(*victim,
+                     "instance " + std::to_string(victim->id) + " terminated: " + shortage +
+                         "; the newest instance is terminated first",
+                     terminations);
+  }
+}
+
+std::vector<uint32_t> PagePool::allocate(uint64_t instance_id, uint32_t count, std::vector<Termination>& terminations) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Instance& instance = live_instance_locked(instance_id);
+  if (count > num_pages_) {
+    throw std::invalid_argument(prefix(instance_id) + "asked for " + std::to_string(count) + " " + plural() +
+                                ", more than the pool's " + std::to_string(num_pages_));
+  }
+  check_quota_locked(instance, count);
+  reserve_pages_locked(instance, count, terminations);
+  std::vector<uint32_t> handles;
+  handles.reserve(count);
+  for (uint32_t i = 0; i < count; ++i) {
+    const uint32_t handle = instance.next_handle++;
+    instance.page_of_handle.emplace(handle, take_free_page_locked());
+    handles.push_back(handle);
+  }
+  return handles;
+}
+
+namespace {
+
+void check_distinct(uint64_t instance_id, const std::string& resource_name, const std::vector<uint32_t>& handles) {
+  std::unordered_set<uint32_t> seen;
+  seen.reserve(handles.size());
+  for (uint32_t handle : handles) {
+    if (!seen.insert(handle).second) {
+      throw std::invalid_argument("instance " + std::to_string(instance_id) + ": " + resource_name + " handle " +
+                                  std::to_string(handle) + " is listed twice");
+    }
+  }
+}
+
+}  // namespace
+
+void PagePool::free(uint64_t instance_id, const std::vector<uint32_t>& handles) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Instance& instance = live_instance_locked(instance_id);
+  check_distinct(instance_id, resource_name_, handles);
+  pages_of_locked(instance, handles);  // validates all before changing anything
+  for (uint32_t handle : handles) {
+    auto found = instance.page_of_handle.find(handle);
+    unref_locked(found->second);
+    instance.page_of_handle.erase(found);
+  }
+}
+
+std::vector<uint32_t> PagePool::resolve(uint64_t instance_id, const std::vector<uint32_t>& handles) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return pages_of_locked(live_instance_locked(instance_id), handles);
+}
+
+std::vector<PageCopy> PagePool::prepare_write(uint64_t instance_id, const std::vector<uint32_t>& handles,
+                                              std::vector<Termination>& terminations) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Instance& instance = live_instance_locked(instance_id);
+  check_distinct(instance_id, resource_name_, handles);
+  const std::vector<uint32_t> pages = pages_of_locked(instance, handles);
+  // A page held k times in `handles` and r times in all needs min(k, r - 1) copies: each copy
+  // drops its refcount by one, and the last holder writes in place.
+  std::unordered_map<uint32_t, uint32_t> times_listed;
+  for (uint32_t page : pages) ++times_listed[page];
+  uint32_t num_copies = 0;
+  for (const auto& entry : times_listed) num_copies += std::min(entry.second, refcounts_[entry.first] - 1);
+  if (num_copies == 0) return {};
+  reserve_pages_locked(instance, num_copies, terminations);
+  std::vector<PageCopy> copies;
+  copies.reserve(num_copies);
+  for (size_t i = 0; i < handles.size(); ++i) {
+    const uint32_t page = pages[i];
+    if (refcounts_[page] <= 1) continue;
+    const uint32_t copy = take_free_page_locked();
+    --refcounts_[page];  // stays >= 1: another holder keeps it
+    instance.page_of_handle[handles[i]] = copy;
+    copies.push_back({page, copy});
+  }
+  return copies;
+}
+
+std::vector<uint32_t> PagePool::fork(uint64_t instance_id, const std::vector<uint32_t>& handles) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Instance& instance = live_instance_locked(instance_id);
+  const std::vector<uint32_t> pages = pages_of_locked(instance, handles);
+  check_quota_locked(instance, pages.size());
+  std::vector<uint32_t> forked;
+  forked.reserve(pages.size());
+  for (uint32_t page : pages) {
+    const uint32_t handle = instance.next_handle++;
+    instance.page_of_handle.emplace(handle, page);
+    ++refcounts_[page];
+    forked.push_back(handle);
+  }
+  return forked;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exports
+
+void PagePool::export_pages(uint64_t instance_id, const std::string& name, const std::vector<uint32_t>& handles,
+                            bool persistent) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Instance& instance = live_instance_locked(instance_id);
+  if (name.empty()) throw std::invalid_argument(prefix(instance_id) + "an export needs a non-empty name");
+  if (exports_.count(name) != 0) {
+    throw std::invalid_argument(prefix(instance_id) + "an export named '" + name + "' already exists");
+  }
+  Export exported;
+  exported.owner = instance_id;
+  exported.persistent = persistent;
+  exported.pages = pages_of_locked(instance, handles);
+  for (uint32_t page : exported.pages) ++refcounts_[page];
+  exports_.emplace(name, std::move(exported));
+  instance.owned_exports.push_back(name);
+}
+
+std::vector<uint32_t> PagePool::import_pages(uint64_t instance_id, const std::string& name) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Instance& instance = live_instance_locked(instance_id);
+  auto found = exports_.find(name);
+  if (found == exports_.end()) throw InvalidHandle(prefix(instance_id) + "no export named '" + name + "'");
+  const std::vector<uint32_t>& pages = found->second.pages;
+  check_quota_locked(instance, pages.size());
+  std::vector<uint32_t> handles;
+  handles.reserve(pages.size());
+  for (uint32_t page : pages) {
+    const uint32_t handle = instance.next_handle++;
+    instance.page_of_handle.emplace(handle, page);
+    ++refcounts_[page];
+    handles.push_back(handle);
+  }
+  return handles;
+}
+
+void PagePool::unexport(const std::string& name, std::optional<uint64_t> instance_id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (instance_id) live_instance_locked(*instance_id);
+  auto found = exports_.find(name);
+  if (found == exports_.end()) {
+    throw InvalidHandle((instance_id ? prefix(*instance_id) : std::string()) + "no export named '" + name + "'");
+  }
+  Export& exported = found->second;
+  if (instance_id && exported.owner_alive && exported.owner != *instance_id) {
+    throw InvalidHandle(prefix(*instance_id) + "export '" + name + "' belongs to instance " +
+                        std::to_string(exported.owner));
+  }
+  if (exported.owner_alive) {
+    auto& owned = instances_.at(exported.owner).owned_exports;
+    owned.erase(std::remove(owned.begin(), owned.end(), name), owned.end());
+  }
+  for (uint32_t page : exported.pages) unref_locked(page);
+  exports_.erase(found);
+}
+
+std::vector<std::string> PagePool::export_names() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::string> names;
+  names.reserve(exports_.size());
+  for (const auto& entry : exports_) names.push_back(entry.first);
+  return names;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counters and invariants
+
+uint32_t PagePool::refcount(uint32_t page) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (page >= num_pages_) {
+    throw std::out_of_range(resource_name_ + " " + std::to_string(page) + " is out of range (the pool has " +
+                            std::to_string(num_pages_) + ")");
+  }
+  return refcounts_[page];
+}
+
+std::vector<uint32_t> PagePool::handles(uint64_t instance_id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const Instance& instance = live_instance_locked(instance_id);
+  std::vector<uint32_t> handles;
+  handles.reserve(instance.page_of_handle.size());
+  for (const auto& entry : instance.page_of_handle) handles.push_back(entry.first);
+  std::sort(handles.begin(), handles.end());
+  return handles;
+}
+
+PoolStats PagePool::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  PoolStats stats;
+  stats.num_pages = num_pages_;
+  stats.page_size = page_size_;
+  stats.num_free = static_cast<uint32_t>(free_pages_.size());
+  stats.num_used = num_pages_ - stats.num_free;
+  for (uint32_t count : refcounts_) stats.num_shared += count > 1 ? 1 : 0;
+  std::unordered_set<uint32_t> exported;
+  for (const auto& entry : exports_) exported.insert(entry.second.pages.begin(), entry.second.pages.end());
+  stats.num_exported = static_cast<uint32_t>(exported.size());
+  stats.num_exports = static_cast<uint32_t>(exports_.size());
+  stats.num_terminations = num_terminations_;
+  for (const auto& entry : instances_) {
+    const Instance& instance = entry.second;
+    stats.instances.push_back({instance.id, static_cast<uint32_t>(instance.page_of_handle.size()), instance.quota,
+                               static_cast<uint32_t>(instance.owned_exports.size()), instance.terminated});
+  }
+  std::sort(stats.instances.begin(), stats.instances.end(),
+            [](const InstanceUsage& a, const InstanceUsage& b) { return a.instance_id < b.instance_id; });
+  return stats;
+}
+
+void PagePool::check_invariants() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto fail = [](const std::string& what) { throw std::logic_error("page pool invariant violated: " + what); };
+  std::vector<uint32_t> expected(num_pages_, 0);
+  size_t num_live = 0;
+  for (const auto& entry : instances_) {
+    const Instance& instance = entry.second;
+    if (instance.terminated) {
+      if (!instance.page_of_handle.empty() || !instance.owned_exports.empty()) {
+        fail("terminated instance " + std::to_string(instance.id) + " still holds pages or exports");
+      }
+      continue;
+    }
+    ++num_live;
+    auto aged = live_by_age_.find(instance.age);
+    if (aged == live_by_age_.end() || aged->second != instance.id) {
+      fail("instance " + std::to_string(instance.id) + " is missing from the age index");
+    }
+    for (const auto& handle : instance.page_of_handle) {
+      if (handle.second >= num_pages_) fail("instance " + std::to_string(instance.id) + " maps to a page out of range");
+      if (handle.first >= instance.next_handle) fail("handle beyond next_handle");
+      ++expected[handle.second];
+    }
+    for (const std::string& name : instance.owned_exports) {
+      auto found = exports_.find(name);
+      if (found == exports_.end() || found->second.owner != instance.id || !found->second.owner_alive) {
+        fail("instance " + std::to_string(instance.id) + " lists export '" + name + "' it does not own");
+      }
+    }
+  }
+  if (num_live != live_by_age_.size()) fail("the age index lists instances that are not live");
+  for (const auto& entry : exports_) {
+    if (entry.second.owner_alive) {
+      auto owner = instances_.find(entry.second.owner);
+      if (owner == instances_.end() || owner->second.terminated) {
+        fail("export '" + entry.first + "' claims a live owner that is gone");
+      }
+    } else if (!entry.second.persistent) {
+      fail("non-persistent export '" + entry.first + "' outlived its owner");
+    }
+    for (uint32_t page : entry.second.pages) ++expected[page];
+  }
+  std::vector<uint8_t> on_free_list(num_pages_, 0);
+  for (uint32_t page : free_pages_) {
+    if (page >= num_pages_ || on_free_list[page]) fail("page " + std::to_string(page) + " is on the free list twice");
+    on_free_list[page] = 1;
+  }
+  for (uint32_t page = 0; page < num_pages_; ++page) {
+    if (expected[page] != refcounts_[page]) {
+      fail("page " + std::to_string(page) + " has refcount " + std::to_string(refcounts_[page]) + " but " +
+           std::to_string(expected[page]) + " holders");
+    }
+    if ((refcounts_[page] == 0) != (on_free_list[page] != 0)) {
+      fail("page " + std::to_string(page) + " with refcount " + std::to_string(refcounts_[page]) +
+           (on_free_list[page] ? " is" : " is not") + " on the free list");
+    }
+  }
+}
+
+}  // namespace pie::control

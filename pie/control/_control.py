@@ -1,0 +1,41 @@
+"""The compiled control layer (`pie._ext._control`), re-exported; `_control.pyi` beside it types it."""
+
+from pie._ext._control import (  # noqa: F401
+    C_API_VERSION,
+    Batch,
+    CommandCancelled,
+    CommandFailed,
+    CommandQueue,
+    ControlError,
+    Future,
+    InstanceTerminated,
+    InvalidHandle,
+    PagePool,
+    Policy,
+    Priority,
+    QueueClosed,
+    QuotaExceeded,
+    Scheduler,
+    drive_native_producers,
+    wakeup_round_trip_ns,
+)
+
+__all__ = [
+    "C_API_VERSION",
+    "Batch",
+    "CommandCancelled",
+    "CommandFailed",
+    "CommandQueue",
+    "ControlError",
+    "Future",
+    "InstanceTerminated",
+    "InvalidHandle",
+    "PagePool",
+    "Policy",
+    "Priority",
+    "QueueClosed",
+    "QuotaExceeded",
+    "Scheduler",
+    "drive_native_producers",
+    "wakeup_round_trip_ns",
+]

@@ -1,0 +1,134 @@
+"""The engine loop: one thread that takes batches from the scheduler and runs them.
+
+It waits in `Scheduler.take` with the GIL released, hands the batch's payloads to the handler of the
+batch's kind (for forward passes, the model runner), and resolves every command's future with its
+result or its own error. Python sees batches, never single calls.
+
+>>> loop = EngineLoop(scheduler, {CommandKind.FORWARD: runner})       # doctest: +SKIP
+>>> with loop:                                                         # doctest: +SKIP
+...     result = queue.submit(CommandKind.FORWARD, request, num_tokens=3).result()
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable, Mapping, Protocol, Sequence, Union
+
+from pie.control._control import Batch, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class BatchHandler(Protocol):
+    """What runs one kind of command: the model runner fits as the FORWARD handler.
+
+    `execute` returns one result per payload, in order. It may raise an exception with a
+    `request_index` attribute (like pie.engine.batch.BatchError) to reject one payload; that command
+    fails with the message and the others are run again without it.
+    """
+
+    def execute(self, payloads: list[Any]) -> Sequence[Any]: ...
+
+
+Handler = Union[BatchHandler, Callable[[list[Any]], Sequence[Any]]]
+
+
+class EngineLoop:
+    """Runs batches from `scheduler` on `handlers[batch.kind]` on one thread (or step by step)."""
+
+    def __init__(self, scheduler: Scheduler, handlers: Mapping[int, Handler], *, name: str = "pie-engine-loop",
+                 poll_interval: float = 0.05):
+        self.scheduler = scheduler
+        self._execute: dict[int, Callable[[list[Any]], Sequence[Any]]] = {
+            int(kind): (handler.execute if hasattr(handler, "execute") else handler)
+            for kind, handler in handlers.items()
+        }
+        self._name = name
+        self._poll_interval = poll_interval
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.num_batches = 0
+        self.num_commands = 0
+        self.batch_sizes: list[int] = []  # size of every batch run, in order (for tests and benchmarks)
+        self.record_batch_sizes = False
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def start(self) -> "EngineLoop":
+        if self._thread is not None:
+            raise RuntimeError("the engine loop is already running")
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stops the thread after the batch it is running; the scheduler stays usable."""
+        if self._thread is None:
+            return
+        self._stopping.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise RuntimeError(f"the engine loop did not stop within {timeout} s")
+        self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __enter__(self) -> "EngineLoop":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set() and not self.scheduler.stopped:
+            self.run_once(self._poll_interval)
+
+    # ---- one batch --------------------------------------------------------------------------
+    def run_once(self, timeout: float | None = None) -> Batch | None:
+        """Takes one batch (waiting up to `timeout`), runs it and resolves its futures."""
+        batch = self.scheduler.take(timeout)
+        if batch is None:
+            return None
+        self.run_batch(batch)
+        return batch
+
+    def run_batch(self, batch: Batch) -> None:
+        self.num_batches += 1
+        self.num_commands += len(batch)
+        if self.record_batch_sizes:
+            self.batch_sizes.append(len(batch))
+        try:
+            execute = self._execute.get(batch.kind)
+            if execute is None:
+                batch.fail_unresolved(f"no handler for command kind {batch.kind}")
+                return
+            self._run_on(execute, batch)
+        except BaseException as error:  # the loop survives; every future learns what happened
+            log.exception("engine loop: batch of kind %d failed", batch.kind)
+            batch.fail_unresolved(f"engine error: {type(error).__name__}: {error}")
+            if not isinstance(error, Exception):
+                raise
+        finally:
+            batch.finish()
+
+    @staticmethod
+    def _run_on(execute: Callable[[list[Any]], Sequence[Any]], batch: Batch) -> None:
+        payloads = batch.payloads
+        indices = list(range(len(payloads)))
+        while indices:
+            try:
+                results = execute([payloads[i] for i in indices])
+            except Exception as error:
+                bad = getattr(error, "request_index", None)
+                if isinstance(bad, int) and 0 <= bad < len(indices):
+                    batch.set_error(indices[bad], f"{type(error).__name__}: {error}")
+                    del indices[bad]
+                    continue
+                raise
+            if len(results) != len(indices):
+                raise RuntimeError(f"the handler returned {len(results)} results for {len(indices)} commands")
+            batch.complete(results, indices)
+            return

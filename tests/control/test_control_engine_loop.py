@@ -1,0 +1,96 @@
+"""The engine loop over a fake runner: results reach their futures, a bad request fails alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from pie.control import CommandFailed, CommandKind, EngineLoop, Policy
+
+from control_fakes import EchoRequest
+
+
+def test_engine_loop_runs_batches_on_the_runner_and_resolves_futures(make_scheduler, fake_runner):
+    scheduler = make_scheduler(policy=Policy.EAGER)
+    queues = [scheduler.create_queue(instance_id=i) for i in range(4)]
+    futures = {(i, n): q.submit(CommandKind.FORWARD, EchoRequest((i, n))) for i, q in enumerate(queues) for n in range(5)}
+    loop = EngineLoop(scheduler, {CommandKind.FORWARD: fake_runner})
+    while loop.run_once(timeout=0.05) is not None:
+        pass
+    assert {key: f.result(1) for key, f in futures.items()} == {key: ("done", key) for key in futures}
+    assert sorted(fake_runner.tags_run) == sorted(futures)
+    assert loop.num_commands == 20
+
+
+def test_a_rejected_request_fails_alone_and_the_rest_of_its_batch_runs(make_scheduler, fake_runner):
+    scheduler = make_scheduler(policy=Policy.EAGER)
+    q = scheduler.create_queue(instance_id=1)
+    good0 = q.submit(CommandKind.FORWARD, EchoRequest("good0"))
+    bad = q.submit(CommandKind.FORWARD, EchoRequest("bad", bad=True))
+    good1 = q.submit(CommandKind.FORWARD, EchoRequest("good1"))
+    EngineLoop(scheduler, {CommandKind.FORWARD: fake_runner}).run_once(timeout=1)
+    assert good0.result(1) == ("done", "good0") and good1.result(1) == ("done", "good1")
+    with pytest.raises(CommandFailed, match="tag 'bad' is bad"):
+        bad.result(1)
+    assert fake_runner.batches == [["good0", "good1"]]
+
+
+def test_handler_errors_fail_the_batch_and_the_loop_goes_on(make_scheduler, caplog):
+    scheduler = make_scheduler(policy=Policy.EAGER)
+    q = scheduler.create_queue(instance_id=1)
+    calls = []
+
+    def flaky(payloads):
+        calls.append(list(payloads))
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        if len(calls) == 2:
+            return [1]  # wrong number of results
+        return [p * 10 for p in payloads]
+
+    loop = EngineLoop(scheduler, {0: flaky})
+    first = [q.submit(0, 1), q.submit(0, 2)]
+    loop.run_once(timeout=1)
+    for future in first:
+        with pytest.raises(CommandFailed, match="engine error: RuntimeError: device lost"):
+            future.result(1)
+    second = [q.submit(0, 3), q.submit(0, 4)]
+    loop.run_once(timeout=1)
+    for future in second:
+        with pytest.raises(CommandFailed, match="returned 1 results for 2 commands"):
+            future.result(1)
+    third = q.submit(0, 5)
+    unknown_kind = q.submit(9, 6)
+    loop.run_once(timeout=1)
+    loop.run_once(timeout=1)
+    assert third.result(1) == 50
+    with pytest.raises(CommandFailed, match="no handler for command kind 9"):
+        unknown_kind.result(1)
+
+
+def test_engine_loop_thread_serves_blocking_producers_and_stops(make_scheduler, fake_runner):
+    scheduler = make_scheduler(policy=Policy.ADAPTIVE, deadline=0.001)
+    results = {}
+
+    def inferlet(i: int) -> None:
+        q = scheduler.create_queue(instance_id=i)
+        # Decode-like: each step depends on the one before.
+        results[i] = [q.submit(CommandKind.FORWARD, EchoRequest((i, step)), depends_on_previous=True).result(10)
+                      for step in range(20)]
+        q.close("finished")
+
+    loop = EngineLoop(scheduler, {CommandKind.FORWARD: fake_runner})
+    loop.record_batch_sizes = True
+    with loop:
+        threads = [threading.Thread(target=inferlet, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert loop.running
+    assert not loop.running
+    assert results == {i: [("done", (i, step)) for step in range(20)] for i in range(8)}
+    assert sum(loop.batch_sizes) == 160
+    # Concurrent inferlets were batched horizontally, not run one call at a time.
+    assert max(loop.batch_sizes) > 1
