@@ -7,40 +7,26 @@
 #include <vector>
 
 #include "cpu/brle.h"
+#include "cpu/simd.h"
 #include "cpu/thread_pool.h"
 
 namespace pie {
 
 namespace {
 
-inline float to_f32(float x) { return x; }
-inline float to_f32(uint16_t b) {
-  uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float f;
-  __builtin_memcpy(&f, &bits, 4);
-  return f;
-}
 inline void from_f32(float f, float* dst) { *dst = f; }
-inline void from_f32(float f, uint16_t* dst) {
-  uint32_t bits;
-  __builtin_memcpy(&bits, &f, 4);
-  if ((bits & 0x7f800000u) != 0x7f800000u) bits += 0x7fffu + ((bits >> 16) & 1u);
-  *dst = static_cast<uint16_t>(bits >> 16);
-}
+inline void from_f32(float f, uint16_t* dst) { *dst = f32_to_bf16(f); }
 
 inline void load_f32(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
 inline void load_f32(const uint16_t* src, int64_t n, float* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-  float s = _mm_cvtss_f32(lo);
+  float s = hsum(acc);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cpu/brle.h"
+#include "cpu/simd.h"
 #include "cpu/thread_pool.h"
 
 namespace pie {
@@ -12,30 +13,6 @@ namespace pie {
 namespace {
 
 constexpr int kRowsPerStep = 4;  // rows of w in flight per inner loop
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-  return _mm_cvtss_f32(lo);
-}
-
-inline float bf16_to_f32(uint16_t b) {
-  uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float f;
-  __builtin_memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t bits;
-  __builtin_memcpy(&bits, &f, 4);
-  if ((bits & 0x7f800000u) == 0x7f800000u) return static_cast<uint16_t>(bits >> 16);  // inf / nan
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
 
 struct F32Rows {
   static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
