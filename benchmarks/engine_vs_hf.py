@@ -88,17 +88,17 @@ def main() -> None:
                 def fn():
                     set_skinny_linear(False)
                     engine.runner.use_decode_kernel = False
-                    engine.runner.single_torch_thread_below = 0
+                    engine.runner.single_torch_thread = False
                     try:
                         run()
                     finally:
                         set_skinny_linear(True)
                         engine.runner.use_decode_kernel = decode_kernel
-                        engine.runner.single_torch_thread_below = single_below
+                        engine.runner.single_torch_thread = single
                 return fn
 
             decode_kernel = engine.runner.use_decode_kernel
-            single_below = engine.runner.single_torch_thread_below
+            single = engine.runner.single_torch_thread
             long_ids = (engine.tokenizer.encode(PROMPT * 60))[: args.prefill]
             pages = engine.pages.allocate(-(-len(long_ids) // engine.runner.page_size))
 

@@ -30,7 +30,6 @@ PYBIND11_MODULE(_kernels_cpu, m) {
       },
       py::arg("runs"), py::arg("run_offsets"), py::arg("num_rows"), py::arg("row_len"), py::arg("out"),
       "Expand BRLE mask rows into a (num_rows, row_len) uint8 buffer; returns (error_code, bad_row).");
-  m.attr("LINEAR_MAX_ROWS") = pie::kLinearMaxRows;
   m.def("num_threads", [] { return pie::ThreadPool::instance().num_threads(); },
         "Threads of the kernels' pool (PIE_KERNEL_THREADS or the hardware threads).");
   m.def(

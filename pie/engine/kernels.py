@@ -42,16 +42,20 @@ def expand_brle(rows: Sequence[Sequence[int]], row_len: int) -> np.ndarray:
 def _cpu_has_avx2() -> bool:
     import torch
 
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability == "AVX2" or capability.startswith("AVX512")
 
 
-LINEAR_MAX_ROWS = _kernels_cpu.LINEAR_MAX_ROWS
 _LINEAR_KERNELS = {}
+_LINEAR_MAX_ROWS = {}
 if _cpu_has_avx2():
     import torch as _torch
 
     _LINEAR_KERNELS = {_torch.float32: _kernels_cpu.linear_f32, _torch.bfloat16: _kernels_cpu.linear_bf16}
-
+    # Up to how many rows the streaming kernel beats torch: fp32 BLAS wins beyond decode sizes; bf16
+    # matmul without native bf16 arithmetic (AVX2) is slower than the kernel at every size.
+    _LINEAR_MAX_ROWS = {_torch.float32: 8, _torch.bfloat16: 1 << 62}
+LINEAR_MAX_ROWS = 8  # decode-sized batches: every dtype's linear layers run in the kernel up to here
 
 _skinny_linear_enabled = True
 
@@ -62,15 +66,20 @@ def set_skinny_linear(enabled: bool) -> None:
     _skinny_linear_enabled = enabled
 
 
+def linear_kernel_max_rows(dtype) -> int:
+    """Batches of at most this many rows run their linear layers in the streaming kernel (0: never)."""
+    return _LINEAR_MAX_ROWS.get(dtype, 0) if _skinny_linear_enabled and _LINEAR_KERNELS else 0
+
+
 def skinny_linear_supported(x, w) -> bool:
     """Whether `linear` runs x (M, K) @ w (N, K)^T in the streaming kernel (CPU, contiguous, few rows)."""
-    return (_skinny_linear_enabled and x.dim() == 2 and 1 <= x.shape[0] <= LINEAR_MAX_ROWS and x.dtype in _LINEAR_KERNELS
+    return (x.dim() == 2 and 1 <= x.shape[0] <= linear_kernel_max_rows(x.dtype)
             and w.dtype == x.dtype and x.device.type == "cpu" and w.is_contiguous())
 
 
 def linear(x, w, bias=None):
-    """y = x @ w.T + bias, like torch.nn.functional.linear; a decode-sized x (at most LINEAR_MAX_ROWS
-    rows) on the CPU goes to the bandwidth-bound kernel, anything else to torch.
+    """y = x @ w.T + bias, like torch.nn.functional.linear; on the CPU, x of at most
+    `linear_kernel_max_rows(x.dtype)` rows goes to the streaming kernel, anything else to torch.
 
     x: (M, K); w: (N, K) contiguous; bias: (N,) or None. Returns (M, N) in x's dtype.
 

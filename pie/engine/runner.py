@@ -16,7 +16,7 @@ import torch
 from pie.engine.attention import RequestLayout, build_plan
 from pie.engine.batch import BatchError, ForwardRequest, ForwardResult, Sampler
 from pie.engine.config import EngineConfig, ModelConfig
-from pie.engine.kernels import LINEAR_MAX_ROWS, MaskError, decode_attention_supported, expand_brle
+from pie.engine.kernels import MaskError, decode_attention_supported, expand_brle, linear_kernel_max_rows
 from pie.engine.kv_cache import PagedKVCache
 from pie.engine.model import Transformer
 from pie.engine.sampling import Sampling, check_sampler
@@ -27,10 +27,10 @@ class ModelRunner:
                  engine_config: EngineConfig = EngineConfig(), seed: int | None = None):
         if engine_config.threads:
             torch.set_num_threads(engine_config.threads)
-        # Decode-sized batches run their heavy work (linear layers, attention) in our kernels' own
-        # thread pool; torch then gets one thread, so its idle OpenMP workers do not spin on the
-        # cores our pool needs. Larger batches give torch all its threads back.
-        self.single_torch_thread_below = LINEAR_MAX_ROWS + 1 if engine_config.device == "cpu" else 0
+        # Batches whose linear layers run in our kernels' own thread pool give torch one thread, so its
+        # idle OpenMP workers do not spin on the cores the pool needs; larger batches give torch all
+        # its threads back.
+        self.single_torch_thread = torch.device(engine_config.device).type == "cpu"
         self.model_config = model_config
         self.engine_config = engine_config
         self.model = Transformer(model_config, state_dict, engine_config.torch_dtype, engine_config.device)
@@ -144,7 +144,8 @@ class ModelRunner:
             start += lay.num_tokens
         plan = build_plan(layouts, self.model_config.sliding_window, self.use_decode_kernel)
         threads = torch.get_num_threads()
-        single = num_tokens < self.single_torch_thread_below and threads > 1
+        single = (self.single_torch_thread and threads > 1
+                  and num_tokens <= linear_kernel_max_rows(self.engine_config.torch_dtype))
         if single:
             torch.set_num_threads(1)
         try:

@@ -35,10 +35,19 @@ def test_linear_bf16_matches_torch(m, n, k):
     assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-3).all()
 
 
-def test_larger_batches_fall_back_to_torch():
+def test_larger_fp32_batches_fall_back_to_torch():
     x, w = torch.randn(LINEAR_MAX_ROWS + 1, 16), torch.randn(8, 16)
     assert not skinny_linear_supported(x, w)
     assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.parametrize("m", [9, 37, 130])
+def test_bf16_kernel_serves_large_batches(m):
+    g = torch.Generator().manual_seed(m)
+    x, w = torch.randn(m, 576, generator=g).bfloat16(), torch.randn(1537, 576, generator=g).bfloat16()
+    assert skinny_linear_supported(x, w)
+    exact = F.linear(x.double(), w.double())
+    assert ((linear(x, w).double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-3).all()
 
 
 def test_non_contiguous_input_and_shape_errors():

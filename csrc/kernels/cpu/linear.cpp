@@ -52,34 +52,31 @@ inline void dot_rows(const float* x, const T* w, int64_t row0, int rows, int64_t
 }
 
 template <int M, typename W, typename T, typename Store>
-void linear_rows(const float* x, const T* w, int64_t begin, int64_t end, int64_t k, Store store) {
+inline void tile(const float* x, const T* w, int64_t row, int rows, int64_t i0, int64_t k, Store& store) {
   float out[kRowsPerStep * M];
-  for (int64_t row = begin; row < end; row += kRowsPerStep) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRowsPerStep, end - row));
-    dot_rows<M, W>(x, w, row, rows, k, out);
-    for (int r = 0; r < rows; ++r)
-      for (int i = 0; i < M; ++i) store(i, row + r, out[r * M + i]);
-  }
+  dot_rows<M, W>(x + i0 * k, w, row, rows, k, out);
+  for (int r = 0; r < rows; ++r)
+    for (int i = 0; i < M; ++i) store(i0 + i, row + r, out[r * M + i]);
 }
 
 template <typename W, typename T, typename Store>
 void linear_dispatch(const float* x, const T* w, int64_t m, int64_t n, int64_t k, Store store) {
-  // Split rows of w across the pool in multiples of kRowsPerStep; each share handles all of x's rows.
+  // Rows of w are split across the pool in multiples of kRowsPerStep. Each tile of kRowsPerStep rows
+  // of w is read from memory once and stays in L1 while every block of 4 rows of x passes over it.
   const int64_t min_rows_per_share = 64;
   const int max_shares = static_cast<int>(std::max<int64_t>(1, n / min_rows_per_share));
   ThreadPool::instance().run(max_shares, [&](int share, int shares) {
     const int64_t per = ((n + shares - 1) / shares + kRowsPerStep - 1) / kRowsPerStep * kRowsPerStep;
     const int64_t begin = std::min<int64_t>(n, share * per), end = std::min<int64_t>(n, begin + per);
-    // x rows in blocks of 4 (register budget: 4 rows of w x 4 rows of x accumulators)
-    for (int64_t i0 = 0; i0 < m; i0 += 4) {
-      const int64_t mb = std::min<int64_t>(4, m - i0);
-      auto shifted = [&](int64_t i, int64_t col, float v) { store(i0 + i, col, v); };
-      const float* xb = x + i0 * k;
-      switch (mb) {
-        case 1: linear_rows<1, W>(xb, w, begin, end, k, shifted); break;
-        case 2: linear_rows<2, W>(xb, w, begin, end, k, shifted); break;
-        case 3: linear_rows<3, W>(xb, w, begin, end, k, shifted); break;
-        default: linear_rows<4, W>(xb, w, begin, end, k, shifted); break;
+    for (int64_t row = begin; row < end; row += kRowsPerStep) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRowsPerStep, end - row));
+      for (int64_t i0 = 0; i0 < m; i0 += 4) {
+        switch (std::min<int64_t>(4, m - i0)) {
+          case 1: tile<1, W>(x, w, row, rows, i0, k, store); break;
+          case 2: tile<2, W>(x, w, row, rows, i0, k, store); break;
+          case 3: tile<3, W>(x, w, row, rows, i0, k, store); break;
+          default: tile<4, W>(x, w, row, rows, i0, k, store); break;
+        }
       }
     }
   });
@@ -88,7 +85,7 @@ void linear_dispatch(const float* x, const T* w, int64_t m, int64_t n, int64_t k
 }  // namespace
 
 int32_t linear_f32(const float* x, const float* w, const float* bias, float* y, int64_t m, int64_t n, int64_t k) {
-  if (m < 1 || m > kLinearMaxRows || n < 1 || k < 1 || !x || !w || !y) return kBadArgument;
+  if (m < 1 || n < 1 || k < 1 || !x || !w || !y) return kBadArgument;
   linear_dispatch<F32Rows>(x, w, m, n, k, [&](int64_t i, int64_t col, float v) {
     y[i * n + col] = bias ? v + bias[col] : v;
   });
@@ -97,7 +94,7 @@ int32_t linear_f32(const float* x, const float* w, const float* bias, float* y, 
 
 int32_t linear_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t m, int64_t n,
                     int64_t k) {
-  if (m < 1 || m > kLinearMaxRows || n < 1 || k < 1 || !x || !w || !y) return kBadArgument;
+  if (m < 1 || n < 1 || k < 1 || !x || !w || !y) return kBadArgument;
   std::vector<float> xf(static_cast<size_t>(m * k));  // (M, K) x in fp32
   for (int64_t i = 0; i < m * k; ++i) xf[i] = bf16_to_f32(x[i]);
   linear_dispatch<BF16Rows>(xf.data(), w, m, n, k, [&](int64_t i, int64_t col, float v) {
