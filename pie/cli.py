@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -57,7 +58,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
 
     with Runtime(engine, config) as runtime:
-        result = runtime.run(path, args.inferlet_args, on_output=out, on_log=log)
+        instance = runtime.launch(path, args.inferlet_args, on_output=out, on_log=log)
+
+        def forward_stdin() -> None:  # each line is a client message; "" marks the end of input
+            for line in sys.stdin:
+                instance.send(line)
+            instance.send("")
+
+        threading.Thread(target=forward_stdin, name="pie-run-stdin", daemon=True).start()
+        result = instance.wait()
     if result.return_value is not None:
         print(result.return_value)
     if result.error is not None:

@@ -1,0 +1,385 @@
+#include "host_calls.h"
+
+#include <dlfcn.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "host.h"
+#include "wasmtime_c.h"
+
+namespace pie_wt {
+
+namespace {
+Api g_api{};
+bool g_loaded = false;
+}  // namespace
+
+const Api& api() { return g_api; }
+
+const char* load_api(const char* path) {
+  if (g_loaded) return "";
+  void* lib = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+  if (!lib) lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (!lib) return "cannot open the wasmtime library";
+#define PIE_SYM(field, symbol)                                            \
+  g_api.field = reinterpret_cast<decltype(g_api.field)>(dlsym(lib, symbol)); \
+  if (!g_api.field) return "missing symbol " symbol " in the wasmtime library";
+  PIE_SYM(byte_vec_new, "wasm_byte_vec_new")
+  PIE_SYM(vallist_new_uninit, "wasmtime_component_vallist_new_uninit")
+  PIE_SYM(valrecord_new_uninit, "wasmtime_component_valrecord_new_uninit")
+  PIE_SYM(val_new, "wasmtime_component_val_new")
+  PIE_SYM(error_new, "wasmtime_error_new")
+  PIE_SYM(linker_instance_add_func, "wasmtime_component_linker_instance_add_func")
+  PIE_SYM(error_message, "wasmtime_error_message")
+  PIE_SYM(byte_vec_delete, "wasm_byte_vec_delete")
+  PIE_SYM(error_delete, "wasmtime_error_delete")
+#undef PIE_SYM
+  g_loaded = true;
+  return "";
+}
+
+}  // namespace pie_wt
+
+namespace pie_rt {
+
+using namespace pie_wt;
+
+namespace {
+
+void* trap(const std::string& message) { return api().error_new(message.c_str()); }
+
+// The calling thread's instance, or a trap naming the call.
+#define PIE_INSTANCE(call)                                                          \
+  Instance* inst = current_instance();                                              \
+  if (!inst) return trap(call ": no inferlet instance is bound to this thread");    \
+  if (inst->terminated()) return trap(call ": " + inst->terminate_reason());
+
+void set_u32(val_t* v, uint32_t x) {
+  v->kind = K_U32;
+  v->of.u32 = x;
+}
+
+void set_u64(val_t* v, uint64_t x) {
+  v->kind = K_U64;
+  v->of.u64 = x;
+}
+
+void set_u32_list(val_t* v, const std::vector<uint32_t>& xs) {
+  v->kind = K_LIST;
+  api().vallist_new_uninit(&v->of.list, xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) set_u32(&v->of.list.data[i], xs[i]);
+}
+
+void set_f32_list(val_t* v, const std::vector<float>& xs) {
+  v->kind = K_LIST;
+  api().vallist_new_uninit(&v->of.list, xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) {
+    v->of.list.data[i].kind = K_F32;
+    v->of.list.data[i].of.f32 = xs[i];
+  }
+}
+
+void set_name(wasm_byte_vec_t* out, const char* name) {
+  api().byte_vec_new(out, std::strlen(name), reinterpret_cast<const uint8_t*>(name));
+}
+
+// list<u32> argument -> vector; false if the value is not a list of u32.
+bool get_u32_list(const val_t& v, std::vector<uint32_t>& out) {
+  if (v.kind != K_LIST) return false;
+  out.resize(v.of.list.size);
+  for (size_t i = 0; i < v.of.list.size; ++i) {
+    const val_t& e = v.of.list.data[i];
+    if (e.kind != K_U32) return false;
+    out[i] = e.of.u32;
+  }
+  return true;
+}
+
+bool name_is(const wasm_byte_vec_t& name, const char* s) {
+  size_t n = std::strlen(s);
+  return name.size == n && std::memcmp(name.data, s, n) == 0;
+}
+
+// ---- runtime ----------------------------------------------------------------------------------
+
+void* runtime_instance_id(void*, void*, const void*, val_t*, size_t, val_t* results, size_t) {
+  PIE_INSTANCE("runtime.instance-id")
+  set_u64(&results[0], inst->id());
+  return nullptr;
+}
+
+// ---- kv ---------------------------------------------------------------------------------------
+
+void* kv_page_size(void*, void*, const void*, val_t*, size_t, val_t* results, size_t) {
+  PIE_INSTANCE("kv.page-size")
+  set_u32(&results[0], inst->host().page_size());
+  return nullptr;
+}
+
+void* kv_allocate(void*, void*, const void*, val_t* args, size_t, val_t* results, size_t) {
+  PIE_INSTANCE("kv.allocate")
+  std::vector<uint32_t> handles;
+  std::string error;
+  if (!inst->allocate(args[0].of.u32, handles, error)) return trap("kv.allocate: " + error);
+  set_u32_list(&results[0], handles);
+  return nullptr;
+}
+
+void* kv_free(void*, void*, const void*, val_t* args, size_t, val_t*, size_t) {
+  PIE_INSTANCE("kv.free")
+  std::vector<uint32_t> handles;
+  std::string error;
+  if (!get_u32_list(args[0], handles)) return trap("kv.free: pages: expected list<u32>");
+  if (!inst->free(handles, error)) return trap("kv.free: " + error);
+  return nullptr;
+}
+
+// ---- forward ----------------------------------------------------------------------------------
+
+// forward-pass record fields, in WIT order
+enum PassField { F_TOKENS, F_EMBEDS, F_POSITIONS, F_PAGES, F_LAST_LEN, F_MASK, F_OUT_IDX, F_SAMPLERS, F_COUNT };
+
+bool parse_sampler(const val_t& v, OutputSpec& spec, std::string& error) {
+  if (v.kind != K_VARIANT) {
+    error = "expected a sampler variant";
+    return false;
+  }
+  const wasm_byte_vec_t& d = v.of.variant.discriminant;
+  const val_t* payload = v.of.variant.val;
+  if (name_is(d, "greedy")) {
+    spec.kind = S_GREEDY;
+  } else if (name_is(d, "sample")) {
+    spec.kind = S_SAMPLE;
+    const valrecord_t& r = payload->of.record;
+    if (payload->kind != K_RECORD || r.size != 5) {
+      error = "sample: expected sample-params";
+      return false;
+    }
+    spec.temperature = r.data[0].val.of.f32;
+    spec.top_k = r.data[1].val.of.u32;
+    spec.top_p = r.data[2].val.of.f32;
+    spec.min_p = r.data[3].val.of.f32;
+    const val_t* seed = r.data[4].val.of.option;
+    spec.has_seed = seed != nullptr;
+    if (seed) spec.seed = seed->of.u64;
+    if (!(spec.temperature > 0) || !std::isfinite(spec.temperature)) {
+      error = "sample: temperature " + std::to_string(spec.temperature) + " must be > 0 (use greedy for 0)";
+      return false;
+    }
+    if (!(spec.top_p > 0 && spec.top_p <= 1)) {
+      error = "sample: top-p " + std::to_string(spec.top_p) + " is not in (0, 1]";
+      return false;
+    }
+    if (!(spec.min_p >= 0 && spec.min_p <= 1)) {
+      error = "sample: min-p " + std::to_string(spec.min_p) + " is not in [0, 1]";
+      return false;
+    }
+  } else if (name_is(d, "top-k-distribution")) {
+    spec.kind = S_TOPK;
+    const vallist_t& t = payload->of.tuple;
+    spec.top_k = t.data[0].of.u32;
+    spec.temperature = t.data[1].of.f32;
+    if (spec.top_k == 0) {
+      error = "top-k-distribution: k must be >= 1";
+      return false;
+    }
+    if (!(spec.temperature > 0)) {
+      error = "top-k-distribution: temperature must be > 0";
+      return false;
+    }
+  } else if (name_is(d, "logprobs")) {
+    spec.kind = S_LOGPROBS;
+    if (!get_u32_list(*payload, spec.token_ids)) {
+      error = "logprobs: expected list<u32>";
+      return false;
+    }
+  } else if (name_is(d, "raw-logits")) {
+    spec.kind = S_RAW;
+  } else {
+    error = "unknown sampler case";
+    return false;
+  }
+  return true;
+}
+
+void* forward_submit(void*, void*, const void*, val_t* args, size_t, val_t* results, size_t) {
+  PIE_INSTANCE("forward.submit")
+  Host& host = inst->host();
+  auto fail = [](const std::string& m) { return trap("forward.submit: " + m); };
+  const val_t& pass = args[1];
+  if (pass.kind != K_RECORD || pass.of.record.size != F_COUNT) return fail("fwd: expected a forward-pass record");
+  const record_entry_t* f = pass.of.record.data;
+  auto cmd = std::make_shared<Command>();
+  std::vector<uint32_t> handles, embeds, out_idx;
+  if (!get_u32_list(f[F_TOKENS].val, cmd->tokens) || !get_u32_list(f[F_EMBEDS].val, embeds) ||
+      !get_u32_list(f[F_POSITIONS].val, cmd->positions) || !get_u32_list(f[F_PAGES].val, handles) ||
+      !get_u32_list(f[F_OUT_IDX].val, out_idx))
+    return fail("fwd: malformed forward-pass");
+  if (!embeds.empty()) return trap("not implemented yet: forward.submit with fwd.input-embeddings");
+  const size_t t = cmd->tokens.size();
+  if (t == 0) return fail("fwd.tokens: empty: a pass needs at least one input token");
+  if (t > host.max_batch_tokens())
+    return fail("fwd.tokens: " + std::to_string(t) + " tokens exceed max-batch-tokens " +
+                std::to_string(host.max_batch_tokens()) + " (split the pass)");
+  for (size_t i = 0; i < t; ++i)
+    if (cmd->tokens[i] >= host.vocab_size())
+      return fail("fwd.tokens[" + std::to_string(i) + "]: token id " + std::to_string(cmd->tokens[i]) +
+                  " is outside the vocabulary [0, " + std::to_string(host.vocab_size()) + ")");
+  if (cmd->positions.size() != t)
+    return fail("fwd.positions: " + std::to_string(cmd->positions.size()) + " positions for " + std::to_string(t) +
+                " tokens");
+  if (handles.empty()) return fail("fwd.pages: empty: the sequence must hold at least the input tokens");
+  std::string error;
+  if (!inst->resolve(handles, cmd->pages, error)) return fail(error);
+  cmd->last_page_len = f[F_LAST_LEN].val.of.u32;
+  if (cmd->last_page_len < 1 || cmd->last_page_len > host.page_size())
+    return fail("fwd.last-page-len: " + std::to_string(cmd->last_page_len) + " is not in [1, " +
+                std::to_string(host.page_size()) + "]");
+  const size_t kv_len = (handles.size() - 1) * host.page_size() + cmd->last_page_len;
+  if (kv_len < t)
+    return fail("fwd.pages: the sequence holds " + std::to_string(kv_len) + " tokens, fewer than the " +
+                std::to_string(t) + " input tokens");
+  const val_t& mask = f[F_MASK].val;
+  if (mask.kind != K_LIST) return fail("fwd.mask: expected list<list<u32>>");
+  if (mask.of.list.size != 0) {
+    if (mask.of.list.size != t)
+      return fail("fwd.mask: " + std::to_string(mask.of.list.size) + " rows for " + std::to_string(t) +
+                  " tokens (one BRLE row per input token, or none for causal)");
+    cmd->mask.resize(t);
+    for (size_t i = 0; i < t; ++i) {
+      if (!get_u32_list(mask.of.list.data[i], cmd->mask[i])) return fail("fwd.mask: expected list<list<u32>>");
+      uint64_t sum = 0;
+      for (uint32_t run : cmd->mask[i]) sum += run;
+      if (sum != kv_len)
+        return fail("fwd.mask[" + std::to_string(i) + "]: runs add up to " + std::to_string(sum) +
+                    ", not the sequence length " + std::to_string(kv_len));
+    }
+  }
+  const val_t& samplers = f[F_SAMPLERS].val;
+  if (samplers.kind != K_LIST) return fail("fwd.samplers: expected list<sampler>");
+  if (samplers.of.list.size != out_idx.size())
+    return fail("fwd.samplers: " + std::to_string(samplers.of.list.size) + " samplers for " +
+                std::to_string(out_idx.size()) + " output indices");
+  cmd->outputs.resize(out_idx.size());
+  for (size_t i = 0; i < out_idx.size(); ++i) {
+    if (out_idx[i] >= t)
+      return fail("fwd.output-indices[" + std::to_string(i) + "]: " + std::to_string(out_idx[i]) + " is not in [0, " +
+                  std::to_string(t) + ")");
+    cmd->outputs[i].index = out_idx[i];
+    if (!parse_sampler(samplers.of.list.data[i], cmd->outputs[i], error))
+      return fail("fwd.samplers[" + std::to_string(i) + "]: " + error);
+    for (uint32_t tok : cmd->outputs[i].token_ids)
+      if (tok >= host.vocab_size())
+        return fail("fwd.samplers[" + std::to_string(i) + "]: logprobs: token id " + std::to_string(tok) +
+                    " is outside the vocabulary");
+    if (cmd->outputs[i].kind == S_TOPK && cmd->outputs[i].top_k > host.vocab_size())
+      return fail("fwd.samplers[" + std::to_string(i) + "]: top-k-distribution: k exceeds the vocabulary");
+  }
+  uint64_t future = inst->submit(args[0].of.u32, std::move(cmd), error);
+  if (future == 0) return fail(error);
+  set_u64(&results[0], future);
+  return nullptr;
+}
+
+void* forward_wait(void*, void*, const void*, val_t* args, size_t, val_t* results, size_t) {
+  PIE_INSTANCE("forward.wait")
+  std::vector<Output> outputs;
+  std::string error;
+  uint64_t f = args[0].of.u64;
+  switch (inst->wait(f, outputs, error)) {
+    case 0:
+      break;
+    case 1:
+      return trap("forward.wait: the pass failed: " + error);
+    case 2:
+      return trap("forward.wait: f: " + std::to_string(f) + " is not a pending future of this instance");
+    case 3:
+      return trap("forward.wait: the instance's deadline passed while waiting");
+    default:
+      return trap("forward.wait: " + error);
+  }
+  val_t& list = results[0];
+  list.kind = K_LIST;
+  api().vallist_new_uninit(&list.of.list, outputs.size());
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    val_t& rec = list.of.list.data[i];
+    rec.kind = K_RECORD;
+    api().valrecord_new_uninit(&rec.of.record, 2);
+    set_name(&rec.of.record.data[0].name, "ids");
+    set_u32_list(&rec.of.record.data[0].val, outputs[i].ids);
+    set_name(&rec.of.record.data[1].name, "values");
+    set_f32_list(&rec.of.record.data[1].val, outputs[i].values);
+  }
+  return nullptr;
+}
+
+void* forward_ready(void*, void*, const void*, val_t* args, size_t, val_t* results, size_t) {
+  PIE_INSTANCE("forward.ready")
+  uint64_t f = args[0].of.u64;
+  int r = inst->ready(f);
+  if (r < 0) return trap("forward.ready: f: " + std::to_string(f) + " is not a pending future of this instance");
+  results[0].kind = K_BOOL;
+  results[0].of.boolean = r == 1;
+  return nullptr;
+}
+
+void* unimplemented(void* env, void*, const void*, val_t*, size_t, val_t*, size_t) {
+  return trap(std::string("not implemented yet: ") + static_cast<const char*>(env));
+}
+
+void free_env(void* env) { std::free(env); }
+
+struct HotEntry {
+  const char* iface;
+  const char* name;
+  func_callback_t fn;
+};
+
+const HotEntry kHot[] = {
+    {"runtime", "instance-id", runtime_instance_id},
+    {"kv", "page-size", kv_page_size},
+    {"kv", "allocate", kv_allocate},
+    {"kv", "free", kv_free},
+    {"forward", "submit", forward_submit},
+    {"forward", "wait", forward_wait},
+    {"forward", "ready", forward_ready},
+};
+
+const HotEntry* find_hot(const char* iface, const char* name) {
+  for (const auto& e : kHot)
+    if (std::strcmp(e.iface, iface) == 0 && std::strcmp(e.name, name) == 0) return &e;
+  return nullptr;
+}
+
+thread_local std::string g_error;
+
+const char* take_error(void* err) {
+  if (!err) return "";
+  wasm_byte_vec_t msg{0, nullptr};
+  api().error_message(err, &msg);
+  g_error.assign(reinterpret_cast<const char*>(msg.data), msg.size);
+  api().byte_vec_delete(&msg);
+  api().error_delete(err);
+  return g_error.c_str();
+}
+
+}  // namespace
+
+bool is_hot(const char* iface, const char* name) { return find_hot(iface, name) != nullptr; }
+
+const char* register_hot(void* linker_instance, const char* iface, const char* name) {
+  const HotEntry* e = find_hot(iface, name);
+  if (!e) return "no such hot function";
+  return take_error(api().linker_instance_add_func(linker_instance, name, std::strlen(name), e->fn, nullptr, nullptr));
+}
+
+const char* register_unimplemented(void* linker_instance, const char* name, const char* call) {
+  char* env = strdup(call);
+  return take_error(api().linker_instance_add_func(linker_instance, name, std::strlen(name), unimplemented, env, free_env));
+}
+
+}  // namespace pie_rt

@@ -1,0 +1,585 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+# distutils: language = c++
+"""Cython shim of the application layer (csrc/runtime): host functions registered on wasmtime component
+linker instances through the wasmtime C API, the C++ page/command/future core, and the Python
+conversion of cold calls. Private: used through pie.runtime."""
+
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, int32_t, int8_t, int16_t, uint16_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport strlen
+from libcpp cimport bool as cbool
+from libcpp.memory cimport shared_ptr, make_shared
+from libcpp.string cimport string
+from libcpp.utility cimport move
+from libcpp.vector cimport vector
+
+
+cdef extern from "wasmtime_c.h" namespace "pie_wt":
+    cdef struct wasm_byte_vec_t:
+        size_t size
+        uint8_t* data
+    cdef struct val_t
+    cdef struct record_entry_t
+    cdef struct vallist_t:
+        size_t size
+        val_t* data
+    cdef struct valrecord_t:
+        size_t size
+        record_entry_t* data
+    cdef struct valvariant_t:
+        wasm_byte_vec_t discriminant
+        val_t* val
+    cdef struct valresult_t:
+        cbool is_ok
+        val_t* val
+    cdef union valunion_t:
+        cbool boolean
+        int8_t s8
+        uint8_t u8
+        int16_t s16
+        uint16_t u16
+        int32_t s32
+        uint32_t u32
+        int64_t s64
+        uint64_t u64
+        float f32
+        double f64
+        uint32_t character
+        wasm_byte_vec_t string
+        vallist_t list
+        valrecord_t record
+        vallist_t tuple
+        valvariant_t variant
+        wasm_byte_vec_t enumeration
+        val_t* option
+        valresult_t result
+    cdef struct val_t:
+        uint8_t kind
+        valunion_t of
+    cdef struct record_entry_t:
+        wasm_byte_vec_t name
+        val_t val
+    ctypedef void* (*func_callback_t)(void*, void*, const void*, val_t*, size_t, val_t*, size_t)
+    ctypedef void (*finalizer_t)(void*)
+    cdef struct Api:
+        void (*byte_vec_new)(wasm_byte_vec_t*, size_t, const uint8_t*)
+        void (*vallist_new_uninit)(vallist_t*, size_t)
+        void (*valrecord_new_uninit)(valrecord_t*, size_t)
+        val_t* (*val_new)(val_t*)
+        void* (*error_new)(const char*)
+        void* (*linker_instance_add_func)(void*, const char*, size_t, func_callback_t, void*, finalizer_t)
+        void (*error_message)(const void*, wasm_byte_vec_t*)
+        void (*byte_vec_delete)(wasm_byte_vec_t*)
+        void (*error_delete)(void*)
+    const char* load_api(const char* path)
+    const Api& api()
+
+
+cdef extern from "Python.h":
+    void* PyCapsule_Import(const char* name, int no_block) except? NULL
+
+
+cdef extern from "control_api.h":
+    ctypedef struct PieControlQueue:
+        pass
+    ctypedef struct PieControlPool:
+        pass
+    ctypedef struct PieControlApi:
+        uint32_t version
+        PieControlQueue* (*queue_from_python)(PyObject*)
+        void (*queue_release)(PieControlQueue*)
+        PieControlPool* (*pool_from_python)(PyObject*)
+        void (*pool_release)(PieControlPool*)
+    int PIE_CONTROL_API_VERSION
+
+
+cdef extern from "host.h" namespace "pie_rt":
+    cdef cppclass ControlLink:
+        const PieControlApi* api
+        PieControlQueue* queue
+        PieControlPool* pool
+        int32_t forward_kind
+    cdef cppclass OutputSpec:
+        uint32_t index
+        uint8_t kind
+        float temperature
+        uint32_t top_k
+        float top_p
+        float min_p
+        cbool has_seed
+        uint64_t seed
+        vector[uint32_t] token_ids
+    cdef cppclass Output:
+        vector[uint32_t] ids
+        vector[float] values
+    cdef cppclass Command:
+        uint64_t id
+        uint64_t instance_id
+        vector[uint32_t] tokens
+        vector[uint32_t] positions
+        vector[uint32_t] pages
+        uint32_t last_page_len
+        vector[vector[uint32_t]] mask
+        vector[OutputSpec] outputs
+    cdef cppclass CHost "pie_rt::Host":
+        CHost(uint32_t, uint32_t, uint32_t, uint32_t)
+        uint32_t num_pages()
+        uint32_t page_size()
+        uint32_t num_free_pages() nogil
+        vector[shared_ptr[Command]] take(size_t, size_t, double) nogil
+        void complete(const shared_ptr[Command]&, vector[Output]) nogil
+        @staticmethod
+        void set_outputs(const shared_ptr[Command]&, vector[Output]) nogil
+        void fail(const shared_ptr[Command]&, const string&) nogil
+        void stop() nogil
+        uint64_t num_pending() nogil
+    cdef cppclass CInstance "pie_rt::Instance":
+        CInstance(shared_ptr[CHost], uint64_t, double, ControlLink)
+        uint64_t id()
+        size_t num_pages_held() nogil
+        void release(const string&) nogil
+        void terminate(const string&) nogil
+        cbool terminated() nogil
+        string terminate_reason()
+        double seconds_left() nogil
+        cbool add_queue(uint32_t, PieControlQueue*)
+        PieControlQueue* take_queue(uint32_t)
+        void* py_owner
+    CInstance* current_instance() nogil
+    void set_current_instance(CInstance*) nogil
+
+
+cdef extern from "host_calls.h" namespace "pie_rt":
+    const char* c_register_hot "pie_rt::register_hot"(void*, const char*, const char*)
+    const char* c_register_unimplemented "pie_rt::register_unimplemented"(void*, const char*, const char*)
+    cbool c_is_hot "pie_rt::is_hot"(const char*, const char*)
+
+
+# ---- wasmtime library ---------------------------------------------------------------------------
+
+def load(str library_path):
+    """Resolves the C API functions from wasmtime-py's already-loaded `_libwasmtime.so`."""
+    cdef bytes p = library_path.encode()
+    cdef const char* err = load_api(p)
+    if err[0] != 0:
+        raise RuntimeError(f"wasmtime C API: {err.decode()} ({library_path})")
+
+
+cdef inline str _check(const char* err, str what):
+    if err[0] != 0:
+        raise RuntimeError(f"{what}: {err.decode()}")
+
+
+def is_hot(str iface, str name):
+    return c_is_hot(iface.encode(), name.encode())
+
+
+def register_hot(size_t linker_instance, str iface, str name):
+    """Registers the C++ implementation of `iface.name` (no GIL, no Python on the call path)."""
+    _check(c_register_hot(<void*>linker_instance, iface.encode(), name.encode()), f"register {iface}.{name}")
+
+
+def register_unimplemented(size_t linker_instance, str name, str call):
+    _check(c_register_unimplemented(<void*>linker_instance, name.encode(), call.encode()), f"register {call}")
+
+
+# ---- cold calls: Python callables ---------------------------------------------------------------
+
+cdef struct ColdEnv:
+    PyObject* func     # callable(instance, *args) -> value
+    PyObject* result   # result descriptor (see _encode), or None for no result
+    PyObject* call     # "iface.name" for error messages
+
+
+cdef object _decode(val_t* v):
+    """A component value as a Python object: record -> tuple of fields in order, variant ->
+    (case, payload or None), enum -> str, option -> None or the value, result -> ("ok"|"err", payload)."""
+    cdef size_t i
+    cdef uint8_t k = v.kind
+    if k == 0: return v.of.boolean
+    if k == 1: return v.of.s8
+    if k == 2: return v.of.u8
+    if k == 3: return v.of.s16
+    if k == 4: return v.of.u16
+    if k == 5: return v.of.s32
+    if k == 6: return v.of.u32
+    if k == 7: return v.of.s64
+    if k == 8: return v.of.u64
+    if k == 9: return v.of.f32
+    if k == 10: return v.of.f64
+    if k == 11: return chr(v.of.character)
+    if k == 12: return (<char*>v.of.string.data)[:v.of.string.size].decode("utf-8")
+    if k == 13: return [_decode(&v.of.list.data[i]) for i in range(v.of.list.size)]
+    if k == 14: return tuple([_decode(&v.of.record.data[i].val) for i in range(v.of.record.size)])
+    if k == 15: return tuple([_decode(&v.of.tuple.data[i]) for i in range(v.of.tuple.size)])
+    if k == 16:
+        return ((<char*>v.of.variant.discriminant.data)[:v.of.variant.discriminant.size].decode(),
+                None if v.of.variant.val == NULL else _decode(v.of.variant.val))
+    if k == 17: return (<char*>v.of.enumeration.data)[:v.of.enumeration.size].decode()
+    if k == 18: return None if v.of.option == NULL else _decode(v.of.option)
+    if k == 19:
+        return ("ok" if v.of.result.is_ok else "err", None if v.of.result.val == NULL else _decode(v.of.result.val))
+    raise TypeError(f"component value kind {k} is not supported by the runtime")
+
+
+cdef void _set_bytes(wasm_byte_vec_t* out, bytes b):
+    api().byte_vec_new(out, len(b), <const uint8_t*><char*>b)
+
+
+cdef void _encode(object desc, object value, val_t* out) except *:
+    """Writes `value` of type `desc` into `out`. desc: "bool" | "u8" | "u16" | "u32" | "u64" | "s32" |
+    "s64" | "f32" | "f64" | "string" | ("list", elem) | ("option", inner) | ("tuple", (d, ...)) |
+    ("record", (("field-name", d), ...)) | ("result", ok_desc | None, err_desc | None) (value ("ok"|"err", x))."""
+    cdef size_t i, n
+    cdef val_t tmp
+    if isinstance(desc, str):
+        if desc == "u32":
+            out.kind = 6; out.of.u32 = value
+        elif desc == "string":
+            out.kind = 12; _set_bytes(&out.of.string, value.encode("utf-8"))
+        elif desc == "bool":
+            out.kind = 0; out.of.boolean = bool(value)
+        elif desc == "u64":
+            out.kind = 8; out.of.u64 = value
+        elif desc == "f32":
+            out.kind = 9; out.of.f32 = value
+        elif desc == "u8":
+            out.kind = 2; out.of.u8 = value
+        elif desc == "u16":
+            out.kind = 4; out.of.u16 = value
+        elif desc == "s32":
+            out.kind = 5; out.of.s32 = value
+        elif desc == "s64":
+            out.kind = 7; out.of.s64 = value
+        elif desc == "f64":
+            out.kind = 10; out.of.f64 = value
+        else:
+            raise TypeError(f"unknown result type {desc!r}")
+        return
+    tag = desc[0]
+    if tag == "list":
+        n = len(value)
+        out.kind = 13
+        api().vallist_new_uninit(&out.of.list, n)
+        for i in range(n):  # on an error midway, fill the rest so the list stays well-formed
+            try:
+                _encode(desc[1], value[i], &out.of.list.data[i])
+            except BaseException:
+                for j in range(i, n):
+                    out.of.list.data[j].kind = 0
+                    out.of.list.data[j].of.boolean = False
+                raise
+    elif tag == "option":
+        out.kind = 18
+        if value is None:
+            out.of.option = NULL
+        else:
+            _encode(desc[1], value, &tmp)
+            out.of.option = api().val_new(&tmp)
+    elif tag == "tuple":
+        n = len(desc[1])
+        out.kind = 15
+        api().vallist_new_uninit(&out.of.tuple, n)
+        for i in range(n):
+            _encode(desc[1][i], value[i], &out.of.tuple.data[i])
+    elif tag == "record":
+        n = len(desc[1])
+        out.kind = 14
+        api().valrecord_new_uninit(&out.of.record, n)
+        for i in range(n):
+            name, d = desc[1][i]
+            _set_bytes(&out.of.record.data[i].name, name.encode())
+            _encode(d, value[i], &out.of.record.data[i].val)
+    elif tag == "result":
+        ok = value[0] == "ok"
+        out.kind = 19
+        out.of.result.is_ok = ok
+        d = desc[1] if ok else desc[2]
+        if d is None:
+            out.of.result.val = NULL
+        else:
+            _encode(d, value[1], &tmp)
+            out.of.result.val = api().val_new(&tmp)
+    else:
+        raise TypeError(f"unknown result type {desc!r}")
+
+
+cdef void* _cold_cb(void* env, void* context, const void* func_type, val_t* args, size_t nargs,
+                    val_t* results, size_t nresults) noexcept with gil:
+    cdef ColdEnv* e = <ColdEnv*>env
+    cdef CInstance* inst = current_instance()
+    cdef bytes msg
+    call = <object>e.call
+    try:
+        if inst == NULL or inst.py_owner == NULL:
+            raise RuntimeError("no inferlet instance is bound to this thread")
+        if inst.terminated():
+            raise RuntimeError(inst.terminate_reason().decode("utf-8", "replace"))
+        py_args = [_decode(&args[i]) for i in range(nargs)]
+        value = (<object>e.func)(<object>inst.py_owner, *py_args)
+        if nresults:
+            _encode(<object>e.result, value, &results[0])
+        return NULL
+    except BaseException as exc:
+        text = str(exc) or type(exc).__name__
+        msg = f"{call}: {text}".encode("utf-8", "replace")
+        return api().error_new(msg)
+
+
+cdef void _cold_finalize(void* env) noexcept with gil:
+    cdef ColdEnv* e = <ColdEnv*>env
+    Py_DECREF(<object>e.func)
+    Py_DECREF(<object>e.result)
+    Py_DECREF(<object>e.call)
+    free(e)
+
+
+def register_cold(size_t linker_instance, str name, str call, object func, object result_desc):
+    """Registers `func(instance, *args)` as the host function `name`; its return value is encoded with
+    `result_desc` (None: no result). Exceptions trap with "<call>: <message>"."""
+    cdef ColdEnv* e = <ColdEnv*>malloc(sizeof(ColdEnv))
+    Py_INCREF(func); Py_INCREF(result_desc); Py_INCREF(call)
+    e.func = <PyObject*>func
+    e.result = <PyObject*>result_desc
+    e.call = <PyObject*>call
+    cdef bytes n = name.encode()
+    cdef void* err = api().linker_instance_add_func(<void*>linker_instance, n, len(n), _cold_cb, e, _cold_finalize)
+    cdef wasm_byte_vec_t m
+    if err != NULL:
+        api().error_message(err, &m)
+        text = (<char*>m.data)[:m.size].decode()
+        api().byte_vec_delete(&m)
+        api().error_delete(err)
+        raise RuntimeError(f"register {call}: {text}")
+
+
+# ---- the C++ core ---------------------------------------------------------------------------------
+
+cdef class Host:
+    """Pages, commands and futures shared by the instances of one model."""
+    cdef shared_ptr[CHost] ptr
+
+    def __cinit__(self, uint32_t num_pages, uint32_t page_size, uint32_t vocab_size, uint32_t max_batch_tokens):
+        self.ptr = make_shared[CHost](num_pages, page_size, vocab_size, max_batch_tokens)
+
+    @property
+    def num_pages(self):
+        return self.ptr.get().num_pages()
+
+    @property
+    def num_free_pages(self):
+        return self.ptr.get().num_free_pages()
+
+    @property
+    def num_pending(self):
+        return self.ptr.get().num_pending()
+
+    def take(self, size_t max_requests, size_t max_tokens, double timeout):
+        """Up to max_requests queued commands fitting max_tokens; waits up to `timeout` s without the GIL."""
+        cdef vector[shared_ptr[Command]] batch
+        with nogil:
+            batch = self.ptr.get().take(max_requests, max_tokens, timeout)
+        out = []
+        for i in range(batch.size()):
+            c = PendingCommand.__new__(PendingCommand)
+            (<PendingCommand>c).host = self.ptr
+            (<PendingCommand>c).cmd = batch[i]
+            out.append(c)
+        return out
+
+    def stop(self):
+        with nogil:
+            self.ptr.get().stop()
+
+
+cdef class PendingCommand:
+    """A forward command taken by the engine service; resolve it exactly once (complete or fail)."""
+    cdef shared_ptr[CHost] host
+    cdef shared_ptr[Command] cmd
+
+    @property
+    def instance_id(self):
+        return self.cmd.get().instance_id
+
+    @property
+    def tokens(self):
+        return list(self.cmd.get().tokens)
+
+    @property
+    def positions(self):
+        return list(self.cmd.get().positions)
+
+    @property
+    def pages(self):
+        return list(self.cmd.get().pages)
+
+    @property
+    def last_page_len(self):
+        return self.cmd.get().last_page_len
+
+    @property
+    def mask(self):
+        """T BRLE rows, or None (causal)."""
+        m = self.cmd.get().mask
+        return None if m.size() == 0 else [list(row) for row in m]
+
+    @property
+    def outputs(self):
+        """[(input index, kind, temperature, top_k, top_p, min_p, seed | None, token_ids)];
+        kind: 0 greedy, 1 sample, 2 top-k distribution (k = top_k), 3 logprobs, 4 raw logits."""
+        cdef OutputSpec* s
+        out = []
+        for i in range(self.cmd.get().outputs.size()):
+            s = &self.cmd.get().outputs[i]
+            out.append((s.index, s.kind, s.temperature, s.top_k, s.top_p, s.min_p,
+                        s.seed if s.has_seed else None, list(s.token_ids)))
+        return out
+
+    def complete(self, list outputs):
+        """outputs: one (ids, values) pair per output spec, in order. Resolves the future (fallback queue)."""
+        cdef vector[Output] outs = _outputs(outputs)
+        with nogil:
+            self.host.get().complete(self.cmd, move(outs))
+
+    def set_outputs(self, list outputs):
+        """Control-layer backend: stores the outputs; the control future resolves when the handler returns."""
+        cdef vector[Output] outs = _outputs(outputs)
+        CHost.set_outputs(self.cmd, move(outs))
+
+    def fail(self, str message):
+        cdef string m = message.encode("utf-8", "replace")
+        with nogil:
+            self.host.get().fail(self.cmd, m)
+
+
+cdef vector[Output] _outputs(list outputs):
+    cdef vector[Output] outs
+    cdef Output o
+    for ids, values in outputs:
+        o.ids = ids
+        o.values = values
+        outs.push_back(o)
+    return outs
+
+
+def commands_from_payloads(list payloads):
+    """Control-layer backend: the payloads of a FORWARD batch submitted by the hot calls (addresses of
+    heap shared_ptr<Command>, owned by the control layer until it releases them) as PendingCommands."""
+    out = []
+    cdef size_t address
+    for p in payloads:
+        address = p
+        c = PendingCommand.__new__(PendingCommand)
+        (<PendingCommand>c).cmd = (<shared_ptr[Command]*>address)[0]
+        out.append(c)
+    return out
+
+
+cdef const PieControlApi* _control_api = NULL
+
+
+cdef const PieControlApi* control_api() except NULL:
+    global _control_api
+    if _control_api == NULL:
+        api = <const PieControlApi*>PyCapsule_Import(b"pie._ext._control._C_API", 0)
+        if api.version != PIE_CONTROL_API_VERSION:
+            raise RuntimeError(f"the control layer's C API is version {api.version}; the runtime was built "
+                               f"for version {PIE_CONTROL_API_VERSION}")
+        _control_api = api
+    return _control_api
+
+
+cdef class InstanceState:
+    """The C++ state of one running instance: its page handles and futures. `bind()` makes it the
+    instance of the calling thread (the thread that runs its guest)."""
+    cdef shared_ptr[CInstance] ptr
+    cdef object owner
+    cdef ControlLink link
+    cdef public object default_queue  # the pie.control CommandQueue behind queue 0 (None: fallback)
+
+    def __cinit__(self, Host host, uint64_t instance_id, double deadline_s, object owner, object queue=None,
+                  object pool=None, int forward_kind=0):
+        """With `queue` (a pie.control CommandQueue of this instance) and `pool` (the plane's KV PagePool)
+        the hot calls go through the control layer's C API; without them, through `host`'s fallback."""
+        if queue is not None:
+            self.link.api = control_api()
+            self.link.queue = self.link.api.queue_from_python(<PyObject*>queue)
+            if self.link.queue == NULL:
+                raise TypeError("queue: not a pie.control CommandQueue")
+            self.link.pool = self.link.api.pool_from_python(<PyObject*>pool)
+            if self.link.pool == NULL:
+                self.link.api.queue_release(self.link.queue)
+                raise TypeError("pool: not a pie.control PagePool")
+            self.link.forward_kind = forward_kind
+        self.default_queue = queue
+        self.ptr = make_shared[CInstance](host.ptr, instance_id, deadline_s, self.link)
+        self.owner = owner
+        self.ptr.get().py_owner = <void*>owner   # borrowed: `owner` is kept alive by this object
+
+    @property
+    def id(self):
+        return self.ptr.get().id()
+
+    @property
+    def num_pages_held(self):
+        return self.ptr.get().num_pages_held()
+
+    @property
+    def terminated(self):
+        return self.ptr.get().terminated()
+
+    @property
+    def seconds_left(self):
+        return self.ptr.get().seconds_left()
+
+    def add_queue(self, uint32_t handle, object queue):
+        """Makes the pie.control CommandQueue `queue` this instance's queue `handle` for forward.submit."""
+        if self.link.api == NULL:
+            raise RuntimeError("command queues need the control layer")
+        cdef PieControlQueue* q = self.link.api.queue_from_python(<PyObject*>queue)
+        if q == NULL:
+            raise TypeError("queue: not a pie.control CommandQueue")
+        if not self.ptr.get().add_queue(handle, q):
+            self.link.api.queue_release(q)
+            raise ValueError(f"queue handle {handle} is taken or the instance has ended")
+
+    def remove_queue(self, uint32_t handle):
+        """False if `handle` is not an extra queue of this instance."""
+        cdef PieControlQueue* q = self.ptr.get().take_queue(handle) if self.link.api != NULL else NULL
+        if q == NULL:
+            return False
+        self.link.api.queue_release(q)
+        return True
+
+    def bind(self):
+        set_current_instance(self.ptr.get())
+
+    def unbind(self):
+        set_current_instance(NULL)
+
+    def terminate(self, str reason):
+        cdef string r = reason.encode()
+        with nogil:
+            self.ptr.get().terminate(r)
+
+    def release(self, str reason="ended"):
+        """Frees everything the instance holds (waits for its commands in flight, without the GIL)."""
+        cdef string r = reason.encode()
+        with nogil:
+            self.ptr.get().release(r)
+        self.ptr.get().py_owner = NULL
+        self.owner = None
+        self._release_link()
+
+    cdef void _release_link(self):
+        if self.link.api != NULL:
+            if self.link.queue != NULL:
+                self.link.api.queue_release(self.link.queue)
+            if self.link.pool != NULL:
+                self.link.api.pool_release(self.link.pool)
+            self.link.queue = NULL
+            self.link.pool = NULL
+
+    def __dealloc__(self):
+        self._release_link()

@@ -1,0 +1,271 @@
+"""The host side of the WIT package `pie:inferlet`: which function is implemented where.
+
+Every function of every interface in `inferlets/wit/inferlet.wit` is defined on the linker:
+- hot calls (forward, kv allocate / free, page size, instance id) are C++ (csrc/runtime/host_calls.cpp): no GIL, no Python;
+- cold calls are the Python functions below, registered through the same C API shim (`register_cold`);
+- the rest trap with "not implemented yet: <interface>.<function>".
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Callable
+
+from pie._ext import _runtime
+from pie.runtime.paths import wit_dir
+
+if TYPE_CHECKING:
+    from pie.runtime.instance import Instance
+
+PACKAGE = "pie:inferlet"
+VERSION = "0.1.0"
+
+
+@lru_cache(maxsize=None)
+def wit_functions() -> dict[str, tuple[str, ...]]:
+    """interface -> its function names, parsed from the WIT (the contract is the file)."""
+    text = (wit_dir() / "inferlet.wit").read_text()
+    out: dict[str, tuple[str, ...]] = {}
+    for m in re.finditer(r"^interface ([a-z0-9-]+) \{(.*?)^\}", text, re.S | re.M):
+        names = re.findall(r"^\s+([a-z0-9-]+): func\(", m.group(2), re.M)
+        if names:
+            out[m.group(1)] = tuple(names)
+    return out
+
+
+# ---- cold calls: f(instance, *args) -> value ----------------------------------------------------------
+
+def _check_token_ids(inst: "Instance", ids: list[int], arg: str) -> None:
+    vocab = inst.runtime.vocab_size
+    for i, t in enumerate(ids):
+        if not 0 <= t < vocab:
+            raise ValueError(f"{arg}[{i}]: token id {t} is outside the vocabulary [0, {vocab})")
+
+
+def runtime_version(inst: "Instance") -> str:
+    return VERSION
+
+
+def runtime_arguments(inst: "Instance") -> list[str]:
+    return list(inst.arguments)
+
+
+def runtime_send(inst: "Instance", message: str) -> None:
+    inst.emit(message)
+
+
+def runtime_receive(inst: "Instance") -> str:
+    return inst.receive()
+
+
+def runtime_log(inst: "Instance", message: str) -> None:
+    inst.add_log(message)
+
+
+def runtime_set_return(inst: "Instance", value: str) -> None:
+    inst.return_value = value
+
+
+def kv_num_free_pages(inst: "Instance") -> int:
+    return inst.runtime.num_free_pages
+
+
+def _control_queue(inst: "Instance", q: int) -> Any:
+    """The pie.control CommandQueue behind handle q (0 = the default queue)."""
+    if inst.state.default_queue is None:
+        raise RuntimeError("command queues need the control layer (RuntimeConfig.control)")
+    if q == 0:
+        return inst.state.default_queue
+    queue = inst.queues.get(q)
+    if queue is None:
+        raise ValueError(f"q: {q} is not a queue of this instance")
+    return queue
+
+
+def _priority(name: str) -> Any:
+    from pie.control import Priority
+
+    return {"low": Priority.LOW, "normal": Priority.NORMAL, "high": Priority.HIGH}[name]
+
+
+def queues_create(inst: "Instance", priority: str) -> int:
+    _control_queue(inst, 0)
+    queue = inst.runtime.plane.create_queue(inst.id, _priority(priority))
+    handle = inst.next_queue_handle
+    inst.next_queue_handle += 1
+    inst.state.add_queue(handle, queue)
+    inst.queues[handle] = queue
+    return handle
+
+
+def queues_set_priority(inst: "Instance", q: int, priority: str) -> None:
+    _control_queue(inst, q).priority = _priority(priority)
+
+
+def queues_synchronize(inst: "Instance", q: int) -> None:
+    """Blocks (GIL released inside Future.result) until everything queued on q so far has run."""
+    left = inst.state.seconds_left
+    try:
+        _control_queue(inst, q).synchronize().result(timeout=None if left < 0 else max(left, 0.0))
+    except TimeoutError:
+        raise TimeoutError("the instance's deadline passed while synchronizing") from None
+
+
+def queues_destroy(inst: "Instance", q: int) -> None:
+    if q == 0:
+        raise ValueError("q: the default queue 0 cannot be destroyed")
+    queue = _control_queue(inst, q)
+    inst.state.remove_queue(q)
+    del inst.queues[q]
+    queue.close("destroyed by its instance")
+
+
+def kv_store_get(inst: "Instance", key: str) -> str | None:
+    return inst.runtime.kv_store.get(key)
+
+
+def kv_store_set(inst: "Instance", key: str, value: str) -> None:
+    inst.runtime.kv_store.set(key, value)
+
+
+def kv_store_delete(inst: "Instance", key: str) -> bool:
+    return inst.runtime.kv_store.delete(key)
+
+
+def kv_store_list_keys(inst: "Instance", prefix: str) -> list[str]:
+    return inst.runtime.kv_store.list_keys(prefix)
+
+
+def messaging_broadcast(inst: "Instance", topic: str, message: str) -> None:
+    inst.runtime.broker.broadcast(topic, message)
+
+
+def messaging_subscribe(inst: "Instance", topic: str) -> int:
+    return inst.runtime.broker.subscribe(inst.id, topic)
+
+
+def messaging_receive(inst: "Instance", handle: int) -> str:
+    return inst.runtime.broker.receive(inst, handle)
+
+
+def messaging_unsubscribe(inst: "Instance", handle: int) -> None:
+    inst.runtime.broker.unsubscribe(inst.id, handle)
+
+
+def models_list_models(inst: "Instance") -> list[str]:
+    return [inst.runtime.model_name]
+
+
+def models_info(inst: "Instance") -> tuple:
+    r = inst.runtime
+    return (r.model_name, r.architecture, r.vocab_size, r.num_layers, r.page_size, r.max_batch_tokens)
+
+
+def tokenizer_encode(inst: "Instance", text: str, add_bos: bool) -> list[int]:
+    return inst.runtime.tokenizer.encode(text, add_bos=add_bos)
+
+
+def tokenizer_decode(inst: "Instance", tokens: list[int], skip_special: bool) -> str:
+    _check_token_ids(inst, tokens, "tokens")
+    return inst.runtime.tokenizer.decode(tokens, skip_special_tokens=skip_special)
+
+
+def tokenizer_vocab_size(inst: "Instance") -> int:
+    return inst.runtime.vocab_size
+
+
+def tokenizer_special_tokens(inst: "Instance") -> tuple:
+    special = inst.runtime.tokenizer.special
+    return (special.bos_id, bool(special.add_bos), sorted(inst.runtime.eos_ids), getattr(special, "pad_id", None))
+
+
+def tokenizer_token_to_id(inst: "Instance", token: str) -> int | None:
+    return inst.runtime.tokenizer.token_to_id(token)
+
+
+def tokenizer_id_to_token(inst: "Instance", token_id: int) -> str | None:
+    _check_token_ids(inst, [token_id], "id")
+    return inst.runtime.tokenizer.id_to_token(token_id)
+
+
+def tokenizer_chat_template(inst: "Instance") -> str | None:
+    template = inst.runtime.tokenizer.chat_template
+    return None if template is None else template.source
+
+
+def tokenizer_apply_chat_template(inst: "Instance", messages: list[tuple[str, str]], add_generation_prompt: bool) -> str:
+    if inst.runtime.tokenizer.chat_template is None:
+        raise ValueError(f"the model {inst.runtime.model_name} has no chat template")
+    return inst.runtime.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
+                                                      add_generation_prompt=add_generation_prompt)
+
+
+_U32_LIST = ("list", "u32")
+MODEL_INFO = ("record", (("name", "string"), ("architecture", "string"), ("vocab-size", "u32"),
+                         ("num-layers", "u32"), ("page-size", "u32"), ("max-batch-tokens", "u32")))
+SPECIAL_TOKEN_IDS = ("record", (("bos", ("option", "u32")), ("add-bos", "bool"), ("eos", _U32_LIST),
+                                ("pad", ("option", "u32"))))
+
+# (interface, function) -> (implementation, result type descriptor or None)
+COLD: dict[tuple[str, str], tuple[Callable[..., Any], Any]] = {
+    ("runtime", "version"): (runtime_version, "string"),
+    ("runtime", "arguments"): (runtime_arguments, ("list", "string")),
+    ("runtime", "send"): (runtime_send, None),
+    ("runtime", "receive"): (runtime_receive, "string"),
+    ("runtime", "log"): (runtime_log, None),
+    ("runtime", "set-return"): (runtime_set_return, None),
+    ("models", "list-models"): (models_list_models, ("list", "string")),
+    ("models", "info"): (models_info, MODEL_INFO),
+    ("kv", "num-free-pages"): (kv_num_free_pages, "u32"),
+    ("queues", "create"): (queues_create, "u32"),
+    ("queues", "set-priority"): (queues_set_priority, None),
+    ("queues", "synchronize"): (queues_synchronize, None),
+    ("queues", "destroy"): (queues_destroy, None),
+    ("kv-store", "get"): (kv_store_get, ("option", "string")),
+    ("kv-store", "set"): (kv_store_set, None),
+    ("kv-store", "delete"): (kv_store_delete, "bool"),
+    ("kv-store", "list-keys"): (kv_store_list_keys, ("list", "string")),
+    ("messaging", "broadcast"): (messaging_broadcast, None),
+    ("messaging", "subscribe"): (messaging_subscribe, "u32"),
+    ("messaging", "receive"): (messaging_receive, "string"),
+    ("messaging", "unsubscribe"): (messaging_unsubscribe, None),
+    ("tokenizer", "encode"): (tokenizer_encode, _U32_LIST),
+    ("tokenizer", "decode"): (tokenizer_decode, "string"),
+    ("tokenizer", "vocab-size"): (tokenizer_vocab_size, "u32"),
+    ("tokenizer", "special-tokens"): (tokenizer_special_tokens, SPECIAL_TOKEN_IDS),
+    ("tokenizer", "token-to-id"): (tokenizer_token_to_id, ("option", "u32")),
+    ("tokenizer", "id-to-token"): (tokenizer_id_to_token, ("option", "string")),
+    ("tokenizer", "chat-template"): (tokenizer_chat_template, ("option", "string")),
+    ("tokenizer", "apply-chat-template"): (tokenizer_apply_chat_template, "string"),
+}
+
+
+def implementation(iface: str, name: str) -> str:
+    """"hot" (C++), "cold" (Python) or "missing" (traps: not implemented yet)."""
+    if _runtime.is_hot(iface, name):
+        return "hot"
+    return "cold" if (iface, name) in COLD else "missing"
+
+
+def unimplemented_calls() -> list[str]:
+    return [f"{i}.{n}" for i, names in wit_functions().items() for n in names if implementation(i, n) == "missing"]
+
+
+def define_all(linker: Any) -> None:
+    """Defines every WIT function of the package on a wasmtime component linker."""
+    import ctypes
+
+    with linker.root() as root:
+        for iface, names in wit_functions().items():
+            with root.add_instance(f"{PACKAGE}/{iface}@{VERSION}") as li:
+                ptr = ctypes.cast(li.ptr(), ctypes.c_void_p).value
+                for name in names:
+                    kind = implementation(iface, name)
+                    if kind == "hot":
+                        _runtime.register_hot(ptr, iface, name)
+                    elif kind == "cold":
+                        func, result = COLD[(iface, name)]
+                        _runtime.register_cold(ptr, name, f"{iface}.{name}", func, result)
+                    else:
+                        _runtime.register_unimplemented(ptr, name, f"{iface}.{name}")

@@ -1,0 +1,70 @@
+"""The wasmtime engine and the compiled-component cache.
+
+Compiled components live in `$PIE_HOME/components/<key>.cwasm`, key = sha256 of (component bytes,
+wasmtime version, engine settings): a change of any of them compiles afresh. Loading a cached one is a
+`Component.deserialize_file` (milliseconds instead of seconds of compilation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import wasmtime
+from wasmtime.component import Component
+
+WASMTIME_VERSION = "50.0.1"  # pinned: csrc/runtime declares the C API layouts of this version
+# Engine settings that change compiled code; part of the cache key.
+ENGINE_SETTINGS = "component-model;epoch-interruption;opt=speed"
+
+
+def check_wasmtime_version() -> None:
+    from importlib.metadata import version
+
+    found = version("wasmtime")
+    if found != WASMTIME_VERSION:
+        raise RuntimeError(f"wasmtime {found} is installed; the runtime is built for wasmtime=={WASMTIME_VERSION} "
+                           f"(pip install wasmtime=={WASMTIME_VERSION})")
+
+
+def make_engine() -> wasmtime.Engine:
+    config = wasmtime.Config()
+    config.wasm_component_model = True
+    config.epoch_interruption = True
+    config.cranelift_opt_level = "speed"
+    return wasmtime.Engine(config)
+
+
+def cache_key(wasm: bytes) -> str:
+    h = hashlib.sha256(wasm)
+    h.update(f"\0wasmtime={WASMTIME_VERSION}\0{ENGINE_SETTINGS}".encode())
+    return h.hexdigest()
+
+
+def load_component(engine: wasmtime.Engine, wasm: bytes, cache_dir: Path) -> Component:
+    """The compiled component of `wasm` (binary or WAT text), from the cache or compiled and cached."""
+    key = cache_key(wasm)
+    path = cache_dir / f"{key}.cwasm"
+    if path.exists():
+        try:
+            return Component.deserialize_file(engine, str(path))
+        except wasmtime.WasmtimeError:
+            path.unlink(missing_ok=True)  # stale or corrupt: compile again
+    try:
+        component = Component(engine, wasm)
+    except wasmtime.WasmtimeError as e:
+        lines = [l.strip() for l in str(e).splitlines() if l.strip() and l.strip() != "Caused by:"]
+        detail = "; ".join(lines[:1] + lines[-1:]) if len(lines) > 1 else (lines[0] if lines else "invalid")
+        raise InvalidComponent(f"not a WebAssembly component: {detail}") from None
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(component.serialize())
+    os.replace(tmp, path)  # atomic: concurrent loaders see a whole file or none
+    return component
+
+
+class InvalidComponent(ValueError):
+    """The file is not a component (or not one of the inferlet worlds)."""

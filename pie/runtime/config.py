@@ -1,0 +1,36 @@
+"""Configuration of the application layer (one frozen dataclass; the CLI only builds it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    deadline_s: float = 600.0  # wall-clock limit per instance (epoch interruption + host waits); 0 = none
+    memory_mb: int = 256  # linear-memory cap per instance (Store limits)
+    epoch_tick_s: float = 0.01  # epoch period: deadline granularity
+    http_allow: tuple[str, ...] = ()  # hosts outgoing HTTP may reach (none by default; http.fetch is not
+    # implemented yet and traps)
+    control: bool = True  # forward passes and KV pages through the control layer (pie.control); False: the
+    # runtime's own fallback (a free list and one serialising engine thread)
+    home: Path | None = None  # $PIE_HOME (None: the environment's, or ~/.cache/pie)
+
+    def __post_init__(self) -> None:
+        if self.deadline_s < 0:
+            raise ValueError(f"deadline_s must be >= 0, got {self.deadline_s}")
+        if self.memory_mb <= 0:
+            raise ValueError(f"memory_mb must be positive, got {self.memory_mb}")
+        if self.epoch_tick_s <= 0:
+            raise ValueError(f"epoch_tick_s must be positive, got {self.epoch_tick_s}")
+
+    @property
+    def pie_home(self) -> Path:
+        from pie.engine.model_store import pie_home
+
+        return Path(self.home) if self.home is not None else pie_home()
+
+    @property
+    def components_dir(self) -> Path:
+        return self.pie_home / "components"

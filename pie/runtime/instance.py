@@ -1,0 +1,161 @@
+"""One running inferlet: a wasmtime Store + component instance on its own OS thread.
+
+The thread binds the instance's C++ state (page handles, futures) to itself, so the C++ host calls
+find it without the GIL; the guest runs with the GIL released (wasmtime-py calls through ctypes).
+However the instance ends (success, error, trap, deadline), everything it holds is released.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import wasmtime
+
+if TYPE_CHECKING:
+    from pie.runtime.host import Runtime
+
+
+@dataclass
+class InstanceResult:
+    instance_id: int
+    error: str | None  # None: success; else one line naming what failed
+    output: str  # everything the instance sent (print included), in order
+    return_value: str | None
+    log: str
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: instantiate, run, total
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class InstanceError(RuntimeError):
+    """An inferlet ended with an error (the message names the call or the exception)."""
+
+
+def explain_wasm_error(e: BaseException, deadline_s: float, elapsed: float) -> str:
+    """One line for a trap / wasmtime error: our host-call message if there is one."""
+    text = str(e).strip()
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    if "interrupt" in text and deadline_s and elapsed >= deadline_s * 0.9:
+        return f"deadline exceeded: the instance ran for {elapsed:.2f} s (limit {deadline_s:g} s)"
+    for l in lines:  # host calls trap with "<iface>.<func>: ..." or "not implemented yet: ..."
+        if l.startswith("not implemented yet:") or (": " in l and "." in l.split(": ", 1)[0]
+                                                     and " " not in l.split(": ", 1)[0]):
+            return l
+    return lines[0] if lines else type(e).__name__
+
+
+class Instance:
+    def __init__(self, runtime: "Runtime", instance_id: int, component: Any, arguments: Sequence[str], *,
+                 source: str | None = None, filename: str = "inferlet.py", deadline_s: float, memory_mb: int,
+                 on_output: Callable[[str], None] | None = None, on_log: Callable[[str], None] | None = None):
+        self.runtime = runtime
+        self.id = instance_id
+        self.component = component
+        self.arguments = list(arguments)
+        self.source = source
+        self.filename = filename
+        self.deadline_s = deadline_s
+        self.memory_mb = memory_mb
+        self.on_output = on_output
+        self.on_log = on_log
+        self.messages: list[str] = []
+        self.logs: list[str] = []
+        self.return_value: str | None = None
+        self.error: str | None = None
+        self.timings: dict[str, float] = {}
+        self.inbox: "queue.Queue[str]" = queue.Queue()
+        self.queues: dict[int, Any] = {}  # queues.create handles -> pie.control CommandQueue
+        self.next_queue_handle = 1
+        self.state = runtime.instance_state(instance_id, deadline_s, self)
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=f"pie-instance-{instance_id}", daemon=True)
+
+    # ---- called by host functions (on the instance thread) ----------------------------------------
+    def emit(self, message: str) -> None:
+        self.messages.append(message)
+        if self.on_output is not None:
+            self.on_output(message)
+
+    def add_log(self, message: str) -> None:
+        self.logs.append(message)
+        if self.on_log is not None:
+            self.on_log(message)
+
+    def receive(self) -> str:
+        left = self.state.seconds_left
+        try:
+            return self.inbox.get(timeout=None if left < 0 else max(left, 0.0))
+        except queue.Empty:
+            raise TimeoutError("the instance's deadline passed while waiting for a client message") from None
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> "Instance":
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def send(self, message: str) -> None:
+        """A message from the client (read by runtime.receive)."""
+        self.inbox.put(message)
+
+    def terminate(self, reason: str) -> None:
+        """Stops the instance at its next host call (its pending waits return at once)."""
+        self.state.terminate(reason)
+        self.runtime.terminate_instance(self.id, reason)
+
+    def wait(self, timeout: float | None = None) -> InstanceResult:
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"instance {self.id} did not finish within {timeout} s")
+        return InstanceResult(self.id, self.error, "".join(self.messages), self.return_value, "".join(self.logs),
+                              dict(self.timings))
+
+    def _main(self) -> None:
+        t0 = self._started
+        self.state.bind()
+        store = None
+        try:
+            store = wasmtime.Store(self.runtime.wasm_engine)
+            store.set_wasi(wasmtime.WasiConfig())  # no args, env, preopened dirs or sockets; stdio discarded
+            store.set_limits(memory_size=self.memory_mb << 20)
+            store.set_epoch_deadline(self.runtime.deadline_ticks(self.deadline_s))
+            instance = self.runtime.linker.instantiate(store, self.component)
+            if self.source is not None:
+                func = instance.get_func(store, "exec-source")
+                if func is None:
+                    raise InstanceError("the Python runtime component does not export exec-source")
+                t1 = time.perf_counter()
+                self.timings["instantiate"] = t1 - t0
+                err = func(store, self.source, self.filename)
+            else:
+                func = instance.get_func(store, "run")
+                if func is None:
+                    raise InstanceError("the component does not export `run` (world pie:inferlet/inferlet)")
+                t1 = time.perf_counter()
+                self.timings["instantiate"] = t1 - t0
+                err = func(store)
+            self.timings["run"] = time.perf_counter() - t1
+            if err is not None:
+                self.error = str(err)
+        except wasmtime.WasmtimeError as e:
+            self.error = explain_wasm_error(e, self.deadline_s, time.perf_counter() - t0)
+            if "matching implementation was not found" in str(e):
+                self.error = f"not a component of the pie:inferlet world: {self.error}"
+        except InstanceError as e:
+            self.error = str(e)
+        except Exception as e:  # a host-side failure ends this instance only
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            self.state.release("ended" if self.error is None else self.error)
+            self.state.unbind()
+            self.runtime.end_instance(self.id, "ended" if self.error is None else self.error)
+            instance = func = None
+            store = None  # drop the store on this thread, before the interpreter may exit
+            self.timings["total"] = time.perf_counter() - t0
+            self.runtime._instance_ended(self)
+            self.done.set()

@@ -1,0 +1,76 @@
+"""The shared Python-runtime component: built with componentize-py at first use, cached.
+
+`$PIE_HOME/python-runtime/<key>.wasm`, key = sha256 of the WIT package, the runtime's app module, the
+SDK and the componentize-py version: editing any of them rebuilds it (about 10-15 s, 400 MB peak).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pie.runtime.paths import inferlets_dir
+
+COMPONENTIZE_PY_VERSION = "0.25.1"
+APP_MODULE = "pie_python_runtime"
+WORLD = "python-runtime"
+
+
+def _sources() -> list[Path]:
+    root = inferlets_dir()
+    files = sorted((root / "wit").rglob("*.wit")) + sorted((root / "runtime" / "python").rglob("*.py")) + \
+        sorted((root / "sdk" / "python").rglob("*.py"))
+    return files
+
+
+def source_key() -> str:
+    from importlib.metadata import version
+
+    found = version("componentize-py")
+    if found != COMPONENTIZE_PY_VERSION:
+        raise RuntimeError(f"componentize-py {found} is installed; pie needs componentize-py=={COMPONENTIZE_PY_VERSION}")
+    h = hashlib.sha256(f"componentize-py={found}\0python={sys.version_info[:2]}\0".encode())
+    root = inferlets_dir()
+    for f in _sources():
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:32]
+
+
+def build(out: Path) -> None:
+    """Runs componentize-py (a child process: its memory goes when it ends)."""
+    root = inferlets_dir()
+    cmd = [sys.executable, "-c", "import sys; from componentize_py import script; sys.argv[0] = 'componentize-py'; script()",
+           "-d", str(root / "wit"), "-w", WORLD, "componentize", APP_MODULE,
+           "-p", str(root / "runtime" / "python"), "-p", str(root / "sdk" / "python"), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-20:]
+        raise RuntimeError("building the Python runtime with componentize-py failed:\n" + "\n".join(tail))
+
+
+def ensure_built(home: Path) -> Path:
+    """Path of the runtime component for the current sources, building it if needed (one builder at a
+    time across processes: a lock file)."""
+    folder = home / "python-runtime"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{source_key()}.wasm"
+    if path.exists():
+        return path
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return path
+        tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+        try:
+            build(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        for stale in folder.glob("*.wasm"):  # builds of older sources (20 MB each)
+            if stale != path:
+                stale.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,22 @@
+"""Many instances at once: each on its own thread, their forward passes batched together; outputs stay
+correct and every page returns to the pool."""
+
+PROMPTS = ["What is the capital of France?", "Name a color.", "What is 2 plus 2?", "Say hello."]
+
+
+def test_concurrent_text_completions(runtime, engine):
+    from pie.engine.generate import GenerationParams
+
+    expected = {p: engine.generate(p, GenerationParams(max_tokens=12, temperature=0)).text + "\n" for p in PROMPTS}
+    batches_before = runtime.num_batches
+    commands_before = runtime.num_commands
+    instances = [runtime.launch("text_completion", ["--prompt", p, "--max-tokens", "12", "--temperature", "0"])
+                 for p in PROMPTS * 3]
+    results = [i.wait(120) for i in instances]
+    for p, r in zip(PROMPTS * 3, results):
+        assert r.error is None, r.error
+        assert r.output == expected[p]
+    assert runtime.num_free_pages == runtime.num_pages
+    assert len({r.instance_id for r in results}) == len(results)
+    # batched: fewer forward passes than commands
+    assert runtime.num_batches - batches_before < runtime.num_commands - commands_before
