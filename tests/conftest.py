@@ -9,6 +9,7 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 sys.path.insert(0, str(Path(__file__).parent / "engine"))
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")

@@ -65,19 +65,16 @@ def test_prompts_file_prints_json_lines_in_order_equal_to_each_alone(engine, tmp
 
 
 def test_cli_prompts_file_matches_cli_prompt(smollm2_entry, tmp_path):
-    import subprocess
-    import sys
+    from cli_helpers import run_pie
 
     prompts = ["What is the capital of France?", "Name three colors.", "Say hello in Spanish."]
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(prompts) + "\n")
     common = ["--temperature", "0", "--max-tokens", "12"]
-    run = subprocess.run([sys.executable, "-m", "pie.cli", "generate", "--prompts-file", str(prompts_file), *common],
-                         capture_output=True, text=True, timeout=300)
+    run = run_pie("generate", "--prompts-file", str(prompts_file), *common)
     assert run.returncode == 0, run.stderr
     lines = [json.loads(line) for line in run.stdout.splitlines()]
     assert [line["prompt"] for line in lines] == prompts
-    alone = subprocess.run([sys.executable, "-m", "pie.cli", "generate", "--prompt", prompts[1], *common],
-                           capture_output=True, text=True, timeout=300)
+    alone = run_pie("generate", "--prompt", prompts[1], *common)
     assert alone.returncode == 0, alone.stderr
     assert lines[1]["text"] + "\n" == alone.stdout

