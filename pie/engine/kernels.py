@@ -77,6 +77,26 @@ def skinny_linear_supported(x, w) -> bool:
             and w.dtype == x.dtype and x.device.type == "cpu" and w.is_contiguous())
 
 
+# Between decode sizes and large batches, BLAS here computes y^T = w @ x^T 10-25% faster than
+# y = x @ w^T (w streams as the row-major operand), and a large w (the LM head) faster still in row
+# chunks that stay in cache: 19 ms instead of 30-34 ms for (32, 576) @ (49152, 576)^T.
+_TRANSPOSED_MAX_ROWS = 64
+_TRANSPOSED_CHUNK_ROWS = 4096
+
+
+def _linear_transposed(x, w, bias):
+    """x: (M, K) float32, w: (N, K) -> (M, N), through y^T = w @ x^T in row chunks of w."""
+    import torch
+
+    n = w.shape[0]
+    y_t = torch.empty((n, x.shape[0]), dtype=x.dtype)
+    xt = x.t()
+    for start in range(0, n, _TRANSPOSED_CHUNK_ROWS):
+        torch.mm(w[start:start + _TRANSPOSED_CHUNK_ROWS], xt, out=y_t[start:start + _TRANSPOSED_CHUNK_ROWS])
+    y = y_t.t().contiguous()
+    return y if bias is None else y.add_(bias)
+
+
 def linear(x, w, bias=None):
     """y = x @ w.T + bias, like torch.nn.functional.linear; on the CPU, x of at most
     `linear_kernel_max_rows(x.dtype)` rows goes to the streaming kernel, anything else to torch.
@@ -91,6 +111,8 @@ def linear(x, w, bias=None):
     import torch
 
     if not skinny_linear_supported(x, w):
+        if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] <= _TRANSPOSED_MAX_ROWS:
+            return _linear_transposed(x, w, bias)
         return torch.nn.functional.linear(x, w, bias)
     x = x.contiguous()
     m, k = x.shape

@@ -35,9 +35,9 @@ def test_linear_bf16_matches_torch(m, n, k):
     assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-3).all()
 
 
-def test_larger_fp32_batches_fall_back_to_torch():
-    x, w = torch.randn(LINEAR_MAX_ROWS + 1, 16), torch.randn(8, 16)
-    assert not skinny_linear_supported(x, w)
+def test_large_fp32_batches_fall_back_to_torch():
+    x, w = torch.randn(65, 16), torch.randn(8, 16)
+    assert not skinny_linear_supported(x, w) and not skinny_linear_supported(x[:LINEAR_MAX_ROWS + 1], w)
     assert torch.equal(linear(x, w), F.linear(x, w))
 
 
@@ -105,3 +105,13 @@ def test_decode_attention_rejects_bad_slots():
     with pytest.raises(ValueError, match="int64"):
         decode_attention(q, cache, cache, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([3]),
                          torch.tensor([0]), 1.0, torch.empty_like(q))
+
+
+@pytest.mark.parametrize("m,n", [(9, 4099), (33, 960), (64, 8193)])
+def test_mid_sized_fp32_batches_through_the_transposed_product(m, n):
+    g = torch.Generator().manual_seed(m + n)
+    x, w, b = torch.randn(m, 576, generator=g), torch.randn(n, 576, generator=g), torch.randn(n, generator=g)
+    ref = F.linear(x.double(), w.double(), b.double())
+    got = linear(x, w, b)
+    assert got.shape == (m, n) and got.is_contiguous()
+    assert (got.double() - ref).abs().max().item() <= 1e-4
