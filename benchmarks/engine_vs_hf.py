@@ -4,7 +4,8 @@ thread count, fp32 and bf16. Decode tok/s at batch 1, aggregate decode tok/s at 
 
     python benchmarks/engine_vs_hf.py [--dtypes float32,bfloat16] [--new-tokens 64] [--repeats 3]
 
-Decode rates exclude prefill: (time of N new tokens - time of 1 new token) / (N - 1) per sequence.
+HF loads the same dense weights from the model cache (--hf-weights gguf: the GGUF, which
+transformers keeps quantized and dequantizes in its kernels). Decode rates exclude prefill: (time of N new tokens - time of 1 new token) / (N - 1) per sequence.
 Measurements of the two systems are interleaved and the median of the repeats is reported.
 """
 
@@ -29,7 +30,7 @@ from pie.engine.batch import ForwardRequest, Greedy  # noqa: E402
 from pie.engine.config import EngineConfig  # noqa: E402
 from pie.engine.generate import Engine, GenerationParams  # noqa: E402
 from pie.engine.kernels import set_skinny_linear  # noqa: E402
-from pie.engine.model_store import KNOWN_MODELS  # noqa: E402
+from pie.engine.model_store import DEFAULT_MODEL, KNOWN_MODELS, ModelStore  # noqa: E402
 
 PROMPT = "Write a long story about a dragon who learns to bake bread."
 
@@ -57,6 +58,8 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hf-weights", choices=["dense", "gguf"], default="dense",
+                    help="HF loads the dense converted weights (default) or the GGUF (kept quantized)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -68,8 +71,12 @@ def main() -> None:
         gguf = fetch_gguf(Path(tmp))
         for dtype in args.dtypes.split(","):
             tdtype = getattr(torch, dtype)
-            hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=tdtype).eval()
             engine = Engine(config=EngineConfig(dtype=dtype, kv_cache_mb=512), progress=False)
+            if args.hf_weights == "gguf":  # transformers keeps the GGUF's quantized weights packed
+                hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=tdtype)
+            else:  # the same dense weights we run, from the model cache's safetensors folder
+                hf = AutoModelForCausalLM.from_pretrained(str(ModelStore().resolve(DEFAULT_MODEL).path), dtype=tdtype)
+            hf.eval()
             ids = engine.prompt_ids(PROMPT)
 
             def ours(bs: int, new: int):
@@ -134,8 +141,8 @@ def main() -> None:
             del hf, engine
 
     hf1 = {r["dtype"]: r["hf"] for r in rows if r["what"] == "decode tok/s, batch 1"}
-    print(f"\nSmolLM2-135M, {platform.processor() or platform.machine()}, {args.threads} threads, "
-          f"{n} new tokens, torch {torch.__version__}")
+    print(f"\nSmolLM2-135M, {_cpu_name()}, {args.threads} threads, {n} new tokens, torch {torch.__version__}, "
+          f"HF weights: {args.hf_weights}")
     print(f"| {'what':28} | {'dtype':8} | {'pie':>9} | {'HF':>9} | {'pie/HF':>7} | {'pie / HF batch-1':>16} "
           f"| {'pie, torch only':>15} |")
     print(f"|{'-' * 30}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 9}|{'-' * 18}|{'-' * 17}|")
@@ -145,9 +152,10 @@ def main() -> None:
         torch_only = f"{r['ours_torch_only']:.2f}" if "ours_torch_only" in r else ""
         print(f"| {r['what']:28} | {r['dtype']:8} | {r['ours']:9.2f} | {r['hf']:9.2f} | {ratio:6.2f}x | {vs1:>16} "
               f"| {torch_only:>15} |")
-    out = Path(__file__).parent / "results" / "engine_vs_hf.json"
+    out = Path(__file__).parent / "results" / f"engine_vs_hf_{'_'.join(args.dtypes.split(','))}_{args.hf_weights}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"machine": platform.platform(), "cpu": _cpu_name(), "threads": args.threads,
+                               "hf_weights": args.hf_weights,
                                "new_tokens": n, "torch": torch.__version__, "rows": rows}, indent=2))
     print(f"wrote {out}")
 
