@@ -148,19 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's input, reported as one line without a traceback."""
-    from pie.engine.batch import BatchError
-    from pie.engine.config import UnsupportedModelError
-    from pie.engine.gguf_convert import GGUFError
-    from pie.engine.model import WeightsError
+    """Errors that are the user's input (bad model, file, arguments, inferlet), reported as one line
+    without a traceback (PIE_DEBUG=1 shows it). The engine's and the runtime's own input errors
+    (BatchError, UnsupportedModelError, GGUFError, ModelFilesError, TokenizerError, InferletNotFound,
+    InvalidComponent, ...) are ValueErrors."""
     from pie.engine.model_store import ModelStoreError
-    from pie.engine.tokenizer import TokenizerError
-    from pie.engine.weights import ModelFilesError
 
-    from pie.runtime import InferletNotFound, InvalidComponent
-
-    return (InferletNotFound, InvalidComponent, BatchError, UnsupportedModelError, GGUFError, WeightsError, ModelStoreError, TokenizerError,
-            ModelFilesError, MemoryError, ValueError, OSError)
+    return (ModelStoreError, MemoryError, ValueError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except user_errors() as e:
+        if os.environ.get("PIE_DEBUG"):  # developers: the whole traceback
+            raise
         print(f"pie: error: {e}", file=sys.stderr)
         return 1
 
