@@ -20,3 +20,17 @@ def test_concurrent_text_completions(runtime, engine):
     assert len({r.instance_id for r in results}) == len(results)
     # batched: fewer forward passes than commands
     assert runtime.num_batches - batches_before < runtime.num_commands - commands_before
+
+
+def test_100_concurrent_text_completions_and_the_pool_back_to_zero(runtime, engine):
+    from pie.engine.generate import GenerationParams
+
+    expected = {p: engine.generate(p, GenerationParams(max_tokens=6, temperature=0)).text + "\n" for p in PROMPTS}
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(100)]
+    instances = [runtime.launch("text_completion", ["--prompt", p, "--max-tokens", "6", "--temperature", "0"])
+                 for p in prompts]
+    results = [i.wait(300) for i in instances]
+    wrong = [(k, r.error or r.output) for k, (p, r) in enumerate(zip(prompts, results))
+             if r.error is not None or r.output != expected[p]]
+    assert wrong == []
+    assert runtime.num_free_pages == runtime.num_pages
