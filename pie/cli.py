@@ -46,7 +46,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pie.runtime import Runtime, RuntimeConfig, resolve_inferlet
 
     path = resolve_inferlet(args.inferlet)  # fail fast, before loading the model
-    config = RuntimeConfig(deadline_s=args.deadline, memory_mb=args.memory_mb)
+    config = RuntimeConfig(deadline_s=args.deadline, memory_mb=args.memory_mb,
+                           http_allow=tuple(args.http_allow or ()))
     engine = Engine(args.model, _engine_config(args))
 
     def out(message: str) -> None:
@@ -125,11 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     r = sub.add_parser("run", help="run an inferlet in an embedded engine (no server)",
-                       usage="pie run NAME|PATH [--model M] [--deadline S] [--memory-mb N] -- ARGS...")
+                       usage="pie run NAME|PATH [--model M] [--deadline S] [--memory-mb N] [--http-allow HOST[:PORT]]... -- ARGS...")
     r.add_argument("inferlet", help="a bundled example (e.g. text_completion) or a .py / .wasm file")
     r.add_argument("inferlet_args", nargs="*", metavar="ARGS", help="the inferlet's arguments, after --")
     r.add_argument("--deadline", type=float, default=600.0, help="wall-clock limit in seconds (0 = none)")
     r.add_argument("--memory-mb", type=int, default=256, help="linear-memory cap of the instance in MiB")
+    r.add_argument("--http-allow", action="append", metavar="HOST[:PORT]",
+                   help="a host the inferlet may reach with http.fetch (repeatable; none by default)")
     _engine_args(r)
     r.set_defaults(func=cmd_run)
 

@@ -9,6 +9,9 @@ Every function of every interface in `inferlets/wit/inferlet.wit` is defined on 
 from __future__ import annotations
 
 import re
+import urllib.error
+import urllib.parse
+import urllib.request
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -201,7 +204,53 @@ def tokenizer_apply_chat_template(inst: "Instance", messages: list[tuple[str, st
                                                       add_generation_prompt=add_generation_prompt)
 
 
+HTTP_TIMEOUT_S = 30.0
+HTTP_MAX_BODY = 16 << 20  # bytes of a response body an inferlet may receive
+
+
+def host_allowed(host: str, port: int, allow: tuple[str, ...]) -> bool:
+    """Whether `host:port` is on the allow-list ("host" allows every port, "host:port" one)."""
+    host = host.lower()
+    return any(entry.lower() in (host, f"{host}:{port}") for entry in allow)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are returned to the inferlet, not followed: a redirect could leave the allow-list."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)  # no proxies from the host's env
+
+
+def http_fetch(inst: "Instance", request: tuple) -> tuple[str, Any]:
+    """request: (method, url, headers, body) -> ("ok", (status, headers, body)) or ("err", reason)."""
+    method, url, headers, body = request
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "err", f"req.url: {url!r} is not an http(s) URL"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if not host_allowed(parts.hostname, port, inst.http_allow):
+        return "err", (f"req.url: host {parts.hostname}:{port} is not on the allow-list "
+                       f"({', '.join(inst.http_allow) or 'empty'}; set http_allow in the configuration)")
+    req = urllib.request.Request(url, data=bytes(body) if body else None, method=method.upper(),
+                                 headers=dict(headers))
+    try:
+        with _HTTP.open(req, timeout=HTTP_TIMEOUT_S) as resp:
+            status, resp_headers, data = resp.status, list(resp.headers.items()), resp.read(HTTP_MAX_BODY + 1)
+    except urllib.error.HTTPError as e:  # a status >= 400 (or an unfollowed redirect) is still a response
+        status, resp_headers, data = e.code, list(e.headers.items()), e.read(HTTP_MAX_BODY + 1)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return "err", f"{method} {url}: {getattr(e, 'reason', e)}"
+    if len(data) > HTTP_MAX_BODY:
+        return "err", f"{method} {url}: response body over {HTTP_MAX_BODY} bytes"
+    return "ok", (status, resp_headers, list(data))
+
+
 _U32_LIST = ("list", "u32")
+HTTP_RESPONSE = ("record", (("status", "u16"), ("headers", ("list", ("tuple", ("string", "string")))),
+                            ("body", ("list", "u8"))))
 MODEL_INFO = ("record", (("name", "string"), ("architecture", "string"), ("vocab-size", "u32"),
                          ("num-layers", "u32"), ("page-size", "u32"), ("max-batch-tokens", "u32")))
 SPECIAL_TOKEN_IDS = ("record", (("bos", ("option", "u32")), ("add-bos", "bool"), ("eos", _U32_LIST),
@@ -238,6 +287,7 @@ COLD: dict[tuple[str, str], tuple[Callable[..., Any], Any]] = {
     ("tokenizer", "id-to-token"): (tokenizer_id_to_token, ("option", "string")),
     ("tokenizer", "chat-template"): (tokenizer_chat_template, ("option", "string")),
     ("tokenizer", "apply-chat-template"): (tokenizer_apply_chat_template, "string"),
+    ("http", "fetch"): (http_fetch, ("result", HTTP_RESPONSE, "string")),
 }
 
 

@@ -11,8 +11,8 @@ class RuntimeConfig:
     deadline_s: float = 600.0  # wall-clock limit per instance (epoch interruption + host waits); 0 = none
     memory_mb: int = 256  # linear-memory cap per instance (Store limits)
     epoch_tick_s: float = 0.01  # epoch period: deadline granularity
-    http_allow: tuple[str, ...] = ()  # hosts outgoing HTTP may reach (none by default; http.fetch is not
-    # implemented yet and traps)
+    http_allow: tuple[str, ...] = ()  # hosts http.fetch may reach, "host" (any port) or "host:port";
+    # none by default
     control: bool = True  # forward passes and KV pages through the control layer (pie.control); False: the
     # runtime's own fallback (a free list and one serialising engine thread)
     home: Path | None = None  # $PIE_HOME (None: the environment's, or ~/.cache/pie)

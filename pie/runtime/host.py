@@ -137,11 +137,14 @@ class Runtime:
         return self._start(component, arguments, **kwargs)
 
     def _start(self, component: Any, arguments: Sequence[str], *, deadline_s: float | None = None,
-               memory_mb: int | None = None, on_output: Callable[[str], None] | None = None,
+               memory_mb: int | None = None, http_allow: Sequence[str] | None = None,
+               on_output: Callable[[str], None] | None = None,
                on_log: Callable[[str], None] | None = None, **kwargs: Any) -> Instance:
         inst = Instance(self, self.open_instance(), component, arguments,
                         deadline_s=self.config.deadline_s if deadline_s is None else deadline_s,
-                        memory_mb=memory_mb or self.config.memory_mb, on_output=on_output, on_log=on_log, **kwargs)
+                        memory_mb=memory_mb or self.config.memory_mb,
+                        http_allow=self.config.http_allow if http_allow is None else http_allow,
+                        on_output=on_output, on_log=on_log, **kwargs)
         with self._lock:
             self.live[inst.id] = inst
         return inst.start()

@@ -53,7 +53,8 @@ def explain_wasm_error(e: BaseException, deadline_s: float, elapsed: float) -> s
 class Instance:
     def __init__(self, runtime: "Runtime", instance_id: int, component: Any, arguments: Sequence[str], *,
                  source: str | None = None, filename: str = "inferlet.py", deadline_s: float, memory_mb: int,
-                 on_output: Callable[[str], None] | None = None, on_log: Callable[[str], None] | None = None):
+                 http_allow: Sequence[str] = (), on_output: Callable[[str], None] | None = None,
+                 on_log: Callable[[str], None] | None = None):
         self.runtime = runtime
         self.id = instance_id
         self.component = component
@@ -62,6 +63,7 @@ class Instance:
         self.filename = filename
         self.deadline_s = deadline_s
         self.memory_mb = memory_mb
+        self.http_allow = tuple(http_allow)  # hosts ("host" or "host:port") http.fetch may reach
         self.on_output = on_output
         self.on_log = on_log
         self.messages: list[str] = []

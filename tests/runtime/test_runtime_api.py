@@ -22,7 +22,7 @@ EXPECTED_UNIMPLEMENTED = {
                 "free"},
     "messaging": set(),
     "kv-store": set(),
-    "http": {"fetch"},
+    "http": set(),
 }
 
 
