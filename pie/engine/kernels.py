@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from pie._ext import _kernels_cpu
 
@@ -40,21 +41,15 @@ def expand_brle(rows: Sequence[Sequence[int]], row_len: int) -> np.ndarray:
 
 
 def _cpu_has_avx2() -> bool:
-    import torch
-
     capability = torch.backends.cpu.get_cpu_capability()
     return capability == "AVX2" or capability.startswith("AVX512")
 
 
-_LINEAR_KERNELS = {}
-_LINEAR_MAX_ROWS = {}
-if _cpu_has_avx2():
-    import torch as _torch
-
-    _LINEAR_KERNELS = {_torch.float32: _kernels_cpu.linear_f32, _torch.bfloat16: _kernels_cpu.linear_bf16}
-    # Up to how many rows the streaming kernel beats torch: fp32 BLAS wins beyond decode sizes; bf16
-    # matmul without native bf16 arithmetic (AVX2) is slower than the kernel at every size.
-    _LINEAR_MAX_ROWS = {_torch.float32: 8, _torch.bfloat16: 1 << 62}
+HAS_AVX2 = _cpu_has_avx2()  # the linear and decode-attention kernels are AVX2 + FMA code
+_LINEAR_KERNELS = {torch.float32: _kernels_cpu.linear_f32, torch.bfloat16: _kernels_cpu.linear_bf16} if HAS_AVX2 else {}
+# Up to how many rows the streaming kernel beats torch: fp32 BLAS wins beyond decode sizes; bf16
+# matmul without native bf16 arithmetic (AVX2) is slower than the kernel at every size.
+_LINEAR_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 1 << 62}
 LINEAR_MAX_ROWS = 8  # decode-sized batches: every dtype's linear layers run in the kernel up to here
 
 _skinny_linear_enabled = True
@@ -68,7 +63,7 @@ def set_skinny_linear(enabled: bool) -> None:
 
 def linear_kernel_max_rows(dtype) -> int:
     """Batches of at most this many rows run their linear layers in the streaming kernel (0: never)."""
-    return _LINEAR_MAX_ROWS.get(dtype, 0) if _skinny_linear_enabled and _LINEAR_KERNELS else 0
+    return _LINEAR_MAX_ROWS.get(dtype, 0) if _skinny_linear_enabled and HAS_AVX2 else 0
 
 
 def skinny_linear_supported(x, w) -> bool:
@@ -86,8 +81,6 @@ _TRANSPOSED_CHUNK_ROWS = 4096
 
 def _linear_transposed(x, w, bias):
     """x: (M, K) float32, w: (N, K) -> (M, N), through y^T = w @ x^T in row chunks of w."""
-    import torch
-
     n = w.shape[0]
     y_t = torch.empty((n, x.shape[0]), dtype=x.dtype)
     xt = x.t()
@@ -108,8 +101,6 @@ def linear(x, w, bias=None):
     >>> torch.allclose(linear(x, w), x @ w.T, atol=1e-5)
     True
     """
-    import torch
-
     if not skinny_linear_supported(x, w):
         if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] <= _TRANSPOSED_MAX_ROWS:
             return _linear_transposed(x, w, bias)
@@ -129,9 +120,7 @@ def linear(x, w, bias=None):
 
 
 def decode_attention_supported(dtype, device) -> bool:
-    import torch
-
-    return bool(_LINEAR_KERNELS) and dtype in (torch.float32, torch.bfloat16) and torch.device(device).type == "cpu"
+    return HAS_AVX2 and dtype in (torch.float32, torch.bfloat16) and torch.device(device).type == "cpu"
 
 
 def decode_attention(q, k_cache, v_cache, kv_indptr, kv_slots, q_rows, scale: float, out) -> None:
@@ -141,8 +130,6 @@ def decode_attention(q, k_cache, v_cache, kv_indptr, kv_slots, q_rows, scale: fl
     kv_indptr: (R + 1,) int64; kv_slots: (kv_indptr[-1],) int64; q_rows: (R,) int64.
     Writes out[q_rows[r]] for every request r.
     """
-    import torch
-
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
         if t.dtype != q.dtype or not t.is_contiguous() or t.dim() != 3:
             raise ValueError(f"decode_attention: {name} must be a contiguous 3-d {q.dtype} tensor")

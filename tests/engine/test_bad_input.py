@@ -11,9 +11,14 @@ from tiny_models import tiny_hf_model
 
 
 @pytest.fixture(scope="module")
-def runner():
+def tiny():
     hf, cfg = tiny_hf_model("llama")
-    return ModelRunner(ModelConfig.from_hf(cfg), hf.state_dict(), EngineConfig(num_pages=8, page_size=4))
+    return ModelConfig.from_hf(cfg), hf.state_dict()
+
+
+@pytest.fixture(scope="module")
+def runner(tiny):
+    return ModelRunner(*tiny, EngineConfig(num_pages=8, page_size=4))
 
 
 def good(ids=(5, 6, 7)):
@@ -54,13 +59,9 @@ def test_bad_request_is_named_and_runner_survives(runner, case):
     assert torch.equal(before.outputs[0], after.outputs[0])
 
 
-def test_batch_limits(runner):
-    small = ModelRunner(runner.model_config, _state(runner), EngineConfig(num_pages=8, page_size=4, max_batch_tokens=4))
+def test_batch_limits(tiny):
+    small = ModelRunner(*tiny, EngineConfig(num_pages=8, page_size=4, max_batch_tokens=4))
     with pytest.raises(BatchError, match="max_batch_tokens"):
         small.execute([good(), good((1, 2))])
     assert small.execute([good()])[0].outputs
 
-
-def _state(runner):
-    hf, _ = tiny_hf_model("llama")
-    return hf.state_dict()
