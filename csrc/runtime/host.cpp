@@ -188,6 +188,9 @@ bool Instance::free(const std::vector<uint32_t>& handles, std::string& error) {
       error = std::string("pages: ") + err;
       return false;
     }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!page_masks_.empty())
+      for (uint32_t h : handles) page_masks_.erase(h);
     return true;
   }
   std::vector<uint32_t> pages;
@@ -227,6 +230,7 @@ bool Instance::resolve(const std::vector<uint32_t>& handles, std::vector<uint32_
     return true;
   }
   std::lock_guard<std::mutex> lock(mu_);
+  pages.clear();
   pages.reserve(handles.size());
   for (size_t i = 0; i < handles.size(); ++i) {
     auto it = handles_.find(handles[i]);
@@ -238,6 +242,149 @@ bool Instance::resolve(const std::vector<uint32_t>& handles, std::vector<uint32_
     pages.push_back(it->second);
   }
   return true;
+}
+
+bool Instance::fork(const std::vector<uint32_t>& handles, std::vector<uint32_t>& out, std::string& error) {
+  if (!ctl_.api) {
+    error = "sharing pages needs the control layer";
+    return false;
+  }
+  char err[kErrorSize] = {0};
+  out.resize(handles.size());
+  if (ctl_.api->pool_fork(ctl_.pool, id_, handles.data(), handles.size(), out.data(), err, sizeof err) != PIE_OK) {
+    error = std::string("pages: ") + err;
+    return false;
+  }
+  return true;
+}
+
+bool Instance::prepare_write(const std::vector<uint32_t>& handles, std::vector<CopySpan>& copies,
+                             std::string& error) {
+  if (!ctl_.api || handles.empty()) return true;  // fallback: pages are never shared
+  char err[kErrorSize] = {0};
+  std::vector<uint32_t> src(handles.size()), dst(handles.size());
+  size_t n = 0;
+  if (ctl_.api->pool_prepare_write(ctl_.pool, id_, handles.data(), handles.size(), src.data(), dst.data(), &n, err,
+                                   sizeof err) != PIE_OK) {
+    error = err;
+    return false;
+  }
+  for (size_t i = 0; i < n; ++i) copies.push_back({src[i], 0, dst[i], 0, host_->page_size()});
+  return true;
+}
+
+PieControlQueue* Instance::queue_of(uint32_t handle, std::string& error) {
+  if (handle == 0) return ctl_.queue;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = queues_.find(handle);
+  if (it == queues_.end()) {
+    error = "q: " + std::to_string(handle) + " is not a queue of this instance";
+    return nullptr;
+  }
+  return it->second;
+}
+
+namespace {
+void release_copy(void* payload) { delete static_cast<CopyCommand*>(payload); }
+}  // namespace
+
+bool Instance::submit_copies(uint32_t queue, std::vector<CopySpan> copies, std::string& error) {
+  if (copies.empty()) return true;
+  if (!ctl_.api) {
+    error = "copying pages needs the control layer";
+    return false;
+  }
+  PieControlQueue* q = queue_of(queue, error);
+  if (!q) return false;
+  auto* payload = new CopyCommand{std::move(copies)};
+  char err[kErrorSize] = {0};
+  // Depends on the previous command: a copy reads what earlier passes of the queue wrote.
+  PieControlFuture* fut = ctl_.api->submit(q, ctl_.copy_kind, payload, release_copy, 0, 1, err, sizeof err);
+  if (!fut) {
+    error = err;
+    return false;
+  }
+  ctl_.api->future_release(fut);  // nobody waits for a copy: the queue's order is what matters
+  return true;
+}
+
+bool Instance::resolve_embeddings(const std::vector<uint32_t>& handles, std::vector<uint32_t>& slots,
+                                  std::string& error) {
+  if (!ctl_.api || !ctl_.embed_pool) {
+    error = "input embeddings need the control layer with embedding slots";
+    return false;
+  }
+  char err[kErrorSize] = {0};
+  slots.resize(handles.size());
+  if (ctl_.api->pool_resolve(ctl_.embed_pool, id_, handles.data(), handles.size(), slots.data(), err, sizeof err) !=
+      PIE_OK) {
+    error = err;
+    return false;
+  }
+  return true;
+}
+
+bool Instance::set_page_mask(uint32_t handle, std::vector<uint8_t> hidden, std::string& error) {
+  std::vector<uint32_t> one{handle}, page;
+  std::string e;
+  if (!resolve(one, page, e)) {
+    error = "p: " + std::to_string(handle) + " is not a page handle of this instance";
+    return false;
+  }
+  bool any = false;
+  for (uint8_t h : hidden) any |= h != 0;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (any)
+    page_masks_[handle] = std::move(hidden);
+  else
+    page_masks_.erase(handle);
+  return true;
+}
+
+void Instance::apply_page_masks(const std::vector<uint32_t>& handles, size_t kv_len, size_t t,
+                                std::vector<std::vector<uint32_t>>& mask) {
+  const size_t ps = host_->page_size();
+  std::vector<uint8_t> hidden;  // (kv_len,) 1 = hidden by a page mask
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (page_masks_.empty()) return;
+    for (size_t p = 0; p < handles.size(); ++p) {
+      auto it = page_masks_.find(handles[p]);
+      if (it == page_masks_.end()) continue;
+      if (hidden.empty()) hidden.assign(kv_len, 0);
+      for (size_t o = 0; o < ps && p * ps + o < kv_len; ++o) hidden[p * ps + o] = it->second[o];
+    }
+  }
+  if (hidden.empty()) return;
+  std::vector<std::vector<uint32_t>> rows(t);
+  std::vector<uint8_t> visible(kv_len);
+  for (size_t i = 0; i < t; ++i) {
+    if (mask.empty()) {  // causal: input i sits at sequence index kv_len - t + i
+      for (size_t j = 0; j < kv_len; ++j) visible[j] = j <= kv_len - t + i;
+    } else {
+      size_t j = 0;
+      bool attend = true;
+      for (uint32_t run : mask[i]) {
+        for (uint32_t r = 0; r < run; ++r) visible[j++] = attend;
+        attend = !attend;
+      }
+    }
+    // re-encode (visible & !hidden) as BRLE, starting with "may attend"
+    std::vector<uint32_t>& row = rows[i];
+    bool attend = true;
+    uint32_t run = 0;
+    for (size_t j = 0; j < kv_len; ++j) {
+      bool v = visible[j] && !hidden[j];
+      if (v != attend) {
+        row.push_back(run);
+        run = 0;
+        attend = v;
+      }
+      ++run;
+    }
+    row.push_back(run);
+  }
+  mask.swap(rows);
 }
 
 size_t Instance::num_pages_held() {
@@ -316,16 +463,8 @@ int Instance::wait_control(std::shared_ptr<Pending> pending, std::vector<Output>
 
 uint64_t Instance::submit(uint32_t queue, std::shared_ptr<Command> cmd, std::string& error) {
   if (ctl_.api) {
-    PieControlQueue* q = ctl_.queue;
-    if (queue != 0) {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = queues_.find(queue);
-      if (it == queues_.end()) {
-        error = "q: " + std::to_string(queue) + " is not a queue of this instance";
-        return 0;
-      }
-      q = it->second;
-    }
+    PieControlQueue* q = queue_of(queue, error);
+    if (!q) return 0;
     return submit_control(q, std::move(cmd), error);
   }
   if (queue != 0) {
@@ -421,6 +560,7 @@ void Instance::release(const std::string& reason) {
     futures_.clear();
     for (auto& kv : queues_) ctl_.api->queue_release(kv.second);
     queues_.clear();
+    page_masks_.clear();
     cv_.notify_all();
     return;
   }

@@ -36,7 +36,20 @@ struct ControlLink {
   const PieControlApi* api = nullptr;
   PieControlQueue* queue = nullptr;
   PieControlPool* pool = nullptr;
+  PieControlPool* embed_pool = nullptr;  // embedding slots (page size 1); nullptr: no embeddings
   int32_t forward_kind = 0;
+  int32_t copy_kind = 2;  // pie.control.CommandKind.COPY_PAGES: payload a CopyCommand
+};
+
+// Copies `count` token slots of every layer's K/V: src_page[src_offset:] -> dst_page[dst_offset:].
+// Physical page ids; offset + count <= page size on both sides.
+struct CopySpan {
+  uint32_t src_page = 0, src_offset = 0, dst_page = 0, dst_offset = 0, count = 0;
+};
+
+// Payload of a COPY_PAGES command (copy-on-write before a pass, kv.copy-tokens): spans run in order.
+struct CopyCommand {
+  std::vector<CopySpan> spans;
 };
 
 enum SamplerKind : uint8_t { S_GREEDY = 0, S_SAMPLE = 1, S_TOPK = 2, S_LOGPROBS = 3, S_RAW = 4 };
@@ -51,6 +64,8 @@ struct OutputSpec {
   bool has_seed = false;
   uint64_t seed = 0;
   std::vector<uint32_t> token_ids;  // S_LOGPROBS
+  bool has_mask = false;
+  std::vector<uint32_t> allowed;  // has_mask: BRLE over the vocabulary, runs allowed / forbidden
 };
 
 struct Output {
@@ -76,6 +91,7 @@ struct Command {
   std::vector<uint32_t> pages;      // (P,) physical page ids
   uint32_t last_page_len = 0;
   std::vector<std::vector<uint32_t>> mask;  // T BRLE rows, or empty = causal
+  std::vector<uint32_t> embed_slots;  // (T,) physical embedding slots instead of tokens, or empty
   std::vector<OutputSpec> outputs;
   std::shared_ptr<Pending> pending;
   std::weak_ptr<Instance> owner;
@@ -131,6 +147,21 @@ class Instance : public std::enable_shared_from_this<Instance> {
   bool free(const std::vector<uint32_t>& handles, std::string& error);
   bool resolve(const std::vector<uint32_t>& handles, std::vector<uint32_t>& pages, std::string& error);
   size_t num_pages_held();
+  // Control backend only. New handles to the same pages (shared until written: copy-on-write).
+  bool fork(const std::vector<uint32_t>& handles, std::vector<uint32_t>& out, std::string& error);
+  // Gives each handle whose page is shared its own copy; appends the whole-page copies to run first.
+  bool prepare_write(const std::vector<uint32_t>& handles, std::vector<CopySpan>& copies, std::string& error);
+  // Queues the copies on `queue` (0 = default), ordered before whatever is submitted after.
+  bool submit_copies(uint32_t queue, std::vector<CopySpan> copies, std::string& error);
+  // Embedding slot handles -> physical slots (control backend with an embedding pool).
+  bool resolve_embeddings(const std::vector<uint32_t>& handles, std::vector<uint32_t>& slots, std::string& error);
+  // Page masks (kv.mask-page): hidden[o] hides slot o of the page from later passes of this instance.
+  // An all-visible mask removes the entry. Masks of freed handles are dropped.
+  bool set_page_mask(uint32_t handle, std::vector<uint8_t> hidden, std::string& error);
+  // If any handle of the pass has a page mask: rewrites `mask` (T rows, or empty = causal) as explicit
+  // BRLE rows over the kv_len sequence with the masked slots hidden.
+  void apply_page_masks(const std::vector<uint32_t>& handles, size_t kv_len, size_t t,
+                        std::vector<std::vector<uint32_t>>& mask);
 
   // A future handle, or 0 with `error` set (the control layer refused the command).
   // `queue` 0 = the instance's default queue; others come from add_queue (control backend only).
@@ -157,6 +188,7 @@ class Instance : public std::enable_shared_from_this<Instance> {
 
  private:
   uint64_t submit_control(PieControlQueue* queue, std::shared_ptr<Command> cmd, std::string& error);
+  PieControlQueue* queue_of(uint32_t handle, std::string& error);  // control backend; nullptr + error
   int wait_control(std::shared_ptr<Pending> pending, std::vector<Output>& outputs, std::string& error);
 
   std::shared_ptr<Host> host_;
@@ -169,6 +201,7 @@ class Instance : public std::enable_shared_from_this<Instance> {
   uint32_t next_handle_ = 1;
   std::unordered_map<uint64_t, std::shared_ptr<Pending>> futures_;
   std::unordered_map<uint32_t, PieControlQueue*> queues_;  // handle -> extra queue (not 0)
+  std::unordered_map<uint32_t, std::vector<uint8_t>> page_masks_;  // handle -> (page_size,) hidden flags
   uint64_t next_future_ = 1;
   size_t in_flight_ = 0;  // commands submitted and not yet resolved
   bool terminated_ = false;

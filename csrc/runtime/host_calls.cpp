@@ -138,10 +138,71 @@ void* kv_free(void*, void*, const void*, val_t* args, size_t, val_t*, size_t) {
   return nullptr;
 }
 
+void* kv_fork(void*, void*, const void*, val_t* args, size_t, val_t* results, size_t) {
+  PIE_INSTANCE("kv.fork")
+  std::vector<uint32_t> handles, out;
+  std::string error;
+  if (!get_u32_list(args[0], handles)) return trap("kv.fork: pages: expected list<u32>");
+  if (!inst->fork(handles, out, error)) return trap("kv.fork: " + error);
+  set_u32_list(&results[0], out);
+  return nullptr;
+}
+
+void* kv_copy_tokens(void*, void*, const void*, val_t* args, size_t, val_t*, size_t) {
+  PIE_INSTANCE("kv.copy-tokens")
+  const uint32_t src = args[0].of.u32, dst = args[1].of.u32;
+  const uint32_t src_off = args[2].of.u32, dst_off = args[3].of.u32, count = args[4].of.u32;
+  const uint64_t ps = inst->host().page_size();
+  if (src_off + uint64_t(count) > ps)
+    return trap("kv.copy-tokens: src-offset + count = " + std::to_string(src_off + uint64_t(count)) +
+                " exceeds the page size " + std::to_string(ps));
+  if (dst_off + uint64_t(count) > ps)
+    return trap("kv.copy-tokens: dst-offset + count = " + std::to_string(dst_off + uint64_t(count)) +
+                " exceeds the page size " + std::to_string(ps));
+  std::vector<uint32_t> pages;  // physical (src, dst)
+  std::string error;
+  if (!inst->resolve({src}, pages, error))
+    return trap("kv.copy-tokens: src: " + std::to_string(src) + " is not a page handle of this instance");
+  if (!inst->resolve({dst}, pages, error))
+    return trap("kv.copy-tokens: dst: " + std::to_string(dst) + " is not a page handle of this instance");
+  if (count == 0) return nullptr;
+  std::vector<CopySpan> copies;  // dst's own copy first if it is shared, then the tokens
+  if (!inst->prepare_write({dst}, copies, error)) return trap("kv.copy-tokens: dst: " + error);
+  if (!inst->resolve({src, dst}, pages, error)) return trap("kv.copy-tokens: " + error);
+  copies.push_back({pages[0], src_off, pages[1], dst_off, count});
+  if (!inst->submit_copies(0, std::move(copies), error)) return trap("kv.copy-tokens: " + error);
+  return nullptr;
+}
+
+void* kv_mask_page(void*, void*, const void*, val_t* args, size_t, val_t*, size_t) {
+  PIE_INSTANCE("kv.mask-page")
+  std::vector<uint32_t> runs;
+  if (!get_u32_list(args[1], runs)) return trap("kv.mask-page: mask: expected list<u32>");
+  const uint32_t ps = inst->host().page_size();
+  std::vector<uint8_t> hidden;
+  hidden.reserve(ps);
+  bool hide = false;  // runs alternate visible / hidden, starting with visible
+  for (uint32_t run : runs) {
+    if (hidden.size() + uint64_t(run) > ps) break;
+    hidden.insert(hidden.end(), run, hide ? 1 : 0);
+    hide = !hide;
+  }
+  uint64_t sum = 0;
+  for (uint32_t run : runs) sum += run;
+  if (sum != ps)
+    return trap("kv.mask-page: mask: runs add up to " + std::to_string(sum) + ", not the page size " +
+                std::to_string(ps));
+  std::string error;
+  if (!inst->set_page_mask(args[0].of.u32, std::move(hidden), error)) return trap("kv.mask-page: " + error);
+  return nullptr;
+}
+
 // ---- forward ----------------------------------------------------------------------------------
 
 // forward-pass record fields, in WIT order
-enum PassField { F_TOKENS, F_EMBEDS, F_POSITIONS, F_PAGES, F_LAST_LEN, F_MASK, F_OUT_IDX, F_SAMPLERS, F_COUNT };
+enum PassField {
+  F_TOKENS, F_EMBEDS, F_POSITIONS, F_PAGES, F_LAST_LEN, F_MASK, F_OUT_IDX, F_SAMPLERS, F_OUT_MASKS, F_COUNT
+};
 
 bool parse_sampler(const val_t& v, OutputSpec& spec, std::string& error) {
   if (v.kind != K_VARIANT) {
@@ -219,9 +280,15 @@ void* forward_submit(void*, void*, const void*, val_t* args, size_t, val_t* resu
       !get_u32_list(f[F_POSITIONS].val, cmd->positions) || !get_u32_list(f[F_PAGES].val, handles) ||
       !get_u32_list(f[F_OUT_IDX].val, out_idx))
     return fail("fwd: malformed forward-pass");
-  if (!embeds.empty()) return trap("not implemented yet: forward.submit with fwd.input-embeddings");
+  std::string error;
+  if (!embeds.empty()) {
+    if (!cmd->tokens.empty())
+      return fail("fwd.tokens: give either tokens or input-embeddings, not both (tokens must be empty)");
+    if (!inst->resolve_embeddings(embeds, cmd->embed_slots, error)) return fail("fwd.input-embeddings: " + error);
+    cmd->tokens.assign(embeds.size(), 0);  // placeholders: the runner reads the embedding slots
+  }
   const size_t t = cmd->tokens.size();
-  if (t == 0) return fail("fwd.tokens: empty: a pass needs at least one input token");
+  if (t == 0) return fail("fwd.tokens: empty: a pass needs at least one input token (or input embedding)");
   if (t > host.max_batch_tokens())
     return fail("fwd.tokens: " + std::to_string(t) + " tokens exceed max-batch-tokens " +
                 std::to_string(host.max_batch_tokens()) + " (split the pass)");
@@ -233,8 +300,6 @@ void* forward_submit(void*, void*, const void*, val_t* args, size_t, val_t* resu
     return fail("fwd.positions: " + std::to_string(cmd->positions.size()) + " positions for " + std::to_string(t) +
                 " tokens");
   if (handles.empty()) return fail("fwd.pages: empty: the sequence must hold at least the input tokens");
-  std::string error;
-  if (!inst->resolve(handles, cmd->pages, error)) return fail(error);
   cmd->last_page_len = f[F_LAST_LEN].val.of.u32;
   if (cmd->last_page_len < 1 || cmd->last_page_len > host.page_size())
     return fail("fwd.last-page-len: " + std::to_string(cmd->last_page_len) + " is not in [1, " +
@@ -279,7 +344,38 @@ void* forward_submit(void*, void*, const void*, val_t* args, size_t, val_t* resu
     if (cmd->outputs[i].kind == S_TOPK && cmd->outputs[i].top_k > host.vocab_size())
       return fail("fwd.samplers[" + std::to_string(i) + "]: top-k-distribution: k exceeds the vocabulary");
   }
-  uint64_t future = inst->submit(args[0].of.u32, std::move(cmd), error);
+  const val_t& out_masks = f[F_OUT_MASKS].val;
+  if (out_masks.kind != K_LIST) return fail("fwd.output-masks: expected list<list<u32>>");
+  if (out_masks.of.list.size != 0) {
+    if (out_masks.of.list.size != out_idx.size())
+      return fail("fwd.output-masks: " + std::to_string(out_masks.of.list.size) + " masks for " +
+                  std::to_string(out_idx.size()) + " outputs (one per output, or none)");
+    for (size_t i = 0; i < out_idx.size(); ++i) {
+      OutputSpec& o = cmd->outputs[i];
+      if (!get_u32_list(out_masks.of.list.data[i], o.allowed)) return fail("fwd.output-masks: expected list<list<u32>>");
+      if (o.allowed.empty()) continue;  // an empty row: this output is not masked
+      uint64_t sum = 0, allowed = 0;
+      for (size_t r = 0; r < o.allowed.size(); ++r) {
+        sum += o.allowed[r];
+        if (r % 2 == 0) allowed += o.allowed[r];
+      }
+      if (sum != host.vocab_size())
+        return fail("fwd.output-masks[" + std::to_string(i) + "]: runs add up to " + std::to_string(sum) +
+                    ", not the vocabulary size " + std::to_string(host.vocab_size()));
+      if (allowed == 0) return fail("fwd.output-masks[" + std::to_string(i) + "]: no token is allowed");
+      o.has_mask = true;
+    }
+  }
+  // The pass writes the last t slots of the sequence: those pages get their own copy first if shared
+  // (fork / import), then every handle resolves to the page the pass reads or writes.
+  const uint32_t q = args[0].of.u32;
+  std::vector<uint32_t> written(handles.begin() + (kv_len - t) / host.page_size(), handles.end());
+  std::vector<CopySpan> copies;
+  if (!inst->prepare_write(written, copies, error)) return fail("fwd.pages: " + error);
+  if (!inst->submit_copies(q, std::move(copies), error)) return fail(error);
+  if (!inst->resolve(handles, cmd->pages, error)) return fail(error);
+  inst->apply_page_masks(handles, kv_len, t, cmd->mask);
+  uint64_t future = inst->submit(q, std::move(cmd), error);
   if (future == 0) return fail(error);
   set_u64(&results[0], future);
   return nullptr;
@@ -344,6 +440,9 @@ const HotEntry kHot[] = {
     {"kv", "page-size", kv_page_size},
     {"kv", "allocate", kv_allocate},
     {"kv", "free", kv_free},
+    {"kv", "fork", kv_fork},
+    {"kv", "copy-tokens", kv_copy_tokens},
+    {"kv", "mask-page", kv_mask_page},
     {"forward", "submit", forward_submit},
     {"forward", "wait", forward_wait},
     {"forward", "ready", forward_ready},

@@ -18,6 +18,7 @@ parser.add_argument("--seed", type=int, default=None)
 parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 parser.add_argument("--system", default=None, help="system message")
 parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
+parser.add_argument("--ignore-eos", action="store_true", help="generate max-tokens tokens even past EOS")
 args = parser.parse_args()
 
 ctx = inferlet.Context()
@@ -28,4 +29,4 @@ else:
                [{"role": "user", "content": args.prompt}]
     ctx.fill(inferlet.chat_prompt(messages))
 sampler = inferlet.sample(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
-print(ctx.generate(max_tokens=args.max_tokens, sampler=sampler, stop=args.stop))
+print(ctx.generate(max_tokens=args.max_tokens, sampler=sampler, stop=args.stop, ignore_eos=args.ignore_eos))

@@ -99,7 +99,13 @@ cdef extern from "host.h" namespace "pie_rt":
         const PieControlApi* api
         PieControlQueue* queue
         PieControlPool* pool
+        PieControlPool* embed_pool
         int32_t forward_kind
+        int32_t copy_kind
+    cdef cppclass CopySpan:
+        uint32_t src_page, src_offset, dst_page, dst_offset, count
+    cdef cppclass CopyCommand:
+        vector[CopySpan] spans
     cdef cppclass OutputSpec:
         uint32_t index
         uint8_t kind
@@ -110,6 +116,8 @@ cdef extern from "host.h" namespace "pie_rt":
         cbool has_seed
         uint64_t seed
         vector[uint32_t] token_ids
+        cbool has_mask
+        vector[uint32_t] allowed
     cdef cppclass Output:
         vector[uint32_t] ids
         vector[float] values
@@ -121,6 +129,7 @@ cdef extern from "host.h" namespace "pie_rt":
         vector[uint32_t] pages
         uint32_t last_page_len
         vector[vector[uint32_t]] mask
+        vector[uint32_t] embed_slots
         vector[OutputSpec] outputs
     cdef cppclass CHost "pie_rt::Host":
         CHost(uint32_t, uint32_t, uint32_t, uint32_t)
@@ -425,15 +434,23 @@ cdef class PendingCommand:
         return None if m.size() == 0 else [list(row) for row in m]
 
     @property
+    def embed_slots(self):
+        """(T,) physical embedding slots the pass reads instead of token ids, or None."""
+        e = self.cmd.get().embed_slots
+        return None if e.size() == 0 else list(e)
+
+    @property
     def outputs(self):
-        """[(input index, kind, temperature, top_k, top_p, min_p, seed | None, token_ids)];
-        kind: 0 greedy, 1 sample, 2 top-k distribution (k = top_k), 3 logprobs, 4 raw logits."""
+        """[(input index, kind, temperature, top_k, top_p, min_p, seed | None, token_ids, allowed | None)];
+        kind: 0 greedy, 1 sample, 2 top-k distribution (k = top_k), 3 logprobs, 4 raw logits;
+        allowed: BRLE over the vocabulary (runs allowed / forbidden) or None."""
         cdef OutputSpec* s
         out = []
         for i in range(self.cmd.get().outputs.size()):
             s = &self.cmd.get().outputs[i]
             out.append((s.index, s.kind, s.temperature, s.top_k, s.top_p, s.min_p,
-                        s.seed if s.has_seed else None, list(s.token_ids)))
+                        s.seed if s.has_seed else None, list(s.token_ids),
+                        list(s.allowed) if s.has_mask else None))
         return out
 
     def complete(self, list outputs):
@@ -476,6 +493,21 @@ def commands_from_payloads(list payloads):
     return out
 
 
+def copies_from_payloads(list payloads):
+    """A COPY_PAGES batch submitted by the hot calls (addresses of CopyCommand, owned by the control
+    layer): [(src_page, src_offset, dst_page, dst_offset, count)] of every command, in order."""
+    cdef size_t address
+    cdef CopyCommand* c
+    out = []
+    for p in payloads:
+        address = p
+        c = <CopyCommand*>address
+        for i in range(c.spans.size()):
+            out.append((c.spans[i].src_page, c.spans[i].src_offset, c.spans[i].dst_page, c.spans[i].dst_offset,
+                        c.spans[i].count))
+    return out
+
+
 cdef const PieControlApi* _control_api = NULL
 
 
@@ -499,7 +531,7 @@ cdef class InstanceState:
     cdef public object default_queue  # the pie.control CommandQueue behind queue 0 (None: fallback)
 
     def __cinit__(self, Host host, uint64_t instance_id, double deadline_s, object owner, object queue=None,
-                  object pool=None, int forward_kind=0):
+                  object pool=None, int forward_kind=0, int copy_kind=2, object embed_pool=None):
         """With `queue` (a pie.control CommandQueue of this instance) and `pool` (the plane's KV PagePool)
         the hot calls go through the control layer's C API; without them, through `host`'s fallback."""
         if queue is not None:
@@ -512,6 +544,13 @@ cdef class InstanceState:
                 self.link.api.queue_release(self.link.queue)
                 raise TypeError("pool: not a pie.control PagePool")
             self.link.forward_kind = forward_kind
+            self.link.copy_kind = copy_kind
+            if embed_pool is not None:
+                self.link.embed_pool = self.link.api.pool_from_python(<PyObject*>embed_pool)
+                if self.link.embed_pool == NULL:
+                    self.link.api.queue_release(self.link.queue)
+                    self.link.api.pool_release(self.link.pool)
+                    raise TypeError("embed_pool: not a pie.control PagePool")
         self.default_queue = queue
         self.ptr = make_shared[CInstance](host.ptr, instance_id, deadline_s, self.link)
         self.owner = owner
@@ -578,8 +617,11 @@ cdef class InstanceState:
                 self.link.api.queue_release(self.link.queue)
             if self.link.pool != NULL:
                 self.link.api.pool_release(self.link.pool)
+            if self.link.embed_pool != NULL:
+                self.link.api.pool_release(self.link.embed_pool)
             self.link.queue = NULL
             self.link.pool = NULL
+            self.link.embed_pool = NULL
 
     def __dealloc__(self):
         self._release_link()

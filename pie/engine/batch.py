@@ -13,6 +13,12 @@ attends over the whole sequence: by default input token i sees sequence indices
 Mask rows are binary run-length encoded (BRLE): run lengths over the `kv_len` sequence entries that
 alternate "may attend" / "hidden", starting with "may attend" (a run may be 0).
 Example, kv_len 6: [2, 3, 1] -> attend 0, 1 and 5.
+
+Output masks (`output_masks`, e.g. from a grammar matcher) restrict the vocabulary of an output:
+one BRLE run list over the model's vocabulary [0, vocab_size) per output, runs alternating
+"allowed" / "forbidden", starting with "allowed", adding up to exactly vocab_size and allowing at
+least one token. Forbidden logits are set to -inf before the output's sampler runs.
+Example, vocab 6: [0, 2, 3, 1] -> only tokens 2, 3 and 4 may be produced.
 """
 
 from __future__ import annotations
@@ -79,6 +85,12 @@ class ForwardRequest:
     write_slots: Sequence[int] | None = None  # (T,) flat slots; None = the last T slots of the sequence
     mask: Sequence[Sequence[int]] | None = None  # T BRLE rows over kv_len entries; None = causal
     outputs: Sequence[tuple[int, Sampler]] = field(default_factory=tuple)  # (input index, sampler)
+    # None = no masks; else one entry per `outputs` entry, same order: None (unmasked) or BRLE runs
+    # over the vocabulary (allowed / forbidden, starting with allowed, summing to vocab_size)
+    output_masks: Sequence[Sequence[int] | None] | None = None
+    # (T, hidden_size) input embeddings used instead of the embeddings of token_ids (whose values are then
+    # ignored, but their count is T); None = embed token_ids
+    input_embeddings: torch.Tensor | None = None
 
 
 @dataclass

@@ -34,6 +34,18 @@ class PagedKVCache:
         self.k[:, dst] = self.k[:, src]
         self.v[:, dst] = self.v[:, src]
 
+    def copy_spans(self, spans: list[tuple[int, int, int, int, int]]) -> None:
+        """Runs the copies (src_page, src_offset, dst_page, dst_offset, count), all layers, one after
+        another (a later span may read what an earlier one wrote)."""
+        ps = self.page_size
+        for src_page, src_off, dst_page, dst_off, count in spans:
+            if count == 0:
+                continue
+            src = slice(src_page * ps + src_off, src_page * ps + src_off + count)
+            dst = slice(dst_page * ps + dst_off, dst_page * ps + dst_off + count)
+            self.k[:, dst] = self.k[:, src].clone() if src_page == dst_page else self.k[:, src]
+            self.v[:, dst] = self.v[:, src].clone() if src_page == dst_page else self.v[:, src]
+
 
 class PageAllocator:
     """A plain free list of page ids, for the built-in generate loop and tests.

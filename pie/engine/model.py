@@ -96,7 +96,8 @@ class Transformer:
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
-                output_rows: torch.Tensor, plan: AttentionPlan, cache: PagedKVCache) -> torch.Tensor:
+                output_rows: torch.Tensor, plan: AttentionPlan, cache: PagedKVCache,
+                input_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """
         token_ids, positions, write_slots: (N,) int64 for the flattened batch.
         output_rows: (M,) int64 rows whose logits are wanted.
@@ -105,6 +106,8 @@ class Transformer:
         c = self.config
         n = token_ids.shape[0]
         x = self.embed[token_ids]  # (N, H)
+        if input_embeds is not None:  # (R,) rows and their (R, H) embeddings replace the token embeddings
+            x[input_embeds[0]] = input_embeds[1].to(x.dtype)
         cos, sin = self.rope_tables(positions)
         for li, lw in enumerate(self.layers):
             h = rms_norm(x, lw.input_norm, c.rms_norm_eps)

@@ -11,6 +11,7 @@ requests as one ragged forward pass (see pie.engine.batch for the request semant
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pie.engine.attention import RequestLayout, build_plan
@@ -19,7 +20,7 @@ from pie.engine.config import EngineConfig, ModelConfig
 from pie.engine.kernels import MaskError, decode_attention_supported, expand_brle, linear_kernel_max_rows
 from pie.engine.kv_cache import PagedKVCache
 from pie.engine.model import Transformer
-from pie.engine.sampling import Sampling, check_sampler
+from pie.engine.sampling import Sampling, apply_vocab_masks, check_sampler, check_vocab_mask, vocab_mask_bias
 
 
 class ModelRunner:
@@ -57,9 +58,19 @@ class ModelRunner:
     def vocab_size(self) -> int:
         return self.model_config.vocab_size
 
+    @torch.inference_mode()
+    def embed_tokens(self, token_ids: list[int]) -> torch.Tensor:
+        """(T, hidden_size) input embeddings of the tokens (what a pass over them would embed)."""
+        return self.model.embed[torch.tensor(token_ids, dtype=torch.int64)].clone()
+
     # ---- validation -------------------------------------------------------------------------
     def validate(self, request: ForwardRequest, index: int = 0) -> RequestLayout:
         """Checks one request; returns its layout (start row 0). Raises BatchError naming the field."""
+        return self._validate(request, index)[0]
+
+    def _validate(self, request: ForwardRequest, index: int) -> tuple[RequestLayout, list[np.ndarray | None] | None]:
+        """validate(), also returning the checked output masks: None when the request has none,
+        else per output None or its (R,) int64 run array (see check_vocab_mask)."""
         def fail(field_name: str, message: str) -> BatchError:
             return BatchError(index, field_name, message)
 
@@ -108,7 +119,24 @@ class ModelRunner:
             problem = check_sampler(sampler, vocab)
             if problem:
                 raise fail("outputs", f"output {out_index}: {problem}")
-        return RequestLayout(start=0, num_tokens=t, slots=slots, mask=mask)
+        emb = request.input_embeddings
+        if emb is not None and tuple(emb.shape) != (t, self.model_config.hidden_size):
+            raise fail("input_embeddings", f"shape {tuple(emb.shape)}, expected ({t}, {self.model_config.hidden_size})")
+        output_masks = None
+        if request.output_masks is not None:
+            if len(request.output_masks) != len(request.outputs):
+                raise fail("output_masks", f"{len(request.output_masks)} masks for {len(request.outputs)} outputs "
+                                           "(one entry, a run list or None, per output)")
+            output_masks = []
+            for j, runs in enumerate(request.output_masks):
+                if runs is None:
+                    output_masks.append(None)
+                    continue
+                try:
+                    output_masks.append(check_vocab_mask(runs, vocab))
+                except ValueError as e:
+                    raise fail(f"output_masks[{j}]", str(e)) from None
+        return RequestLayout(start=0, num_tokens=t, slots=slots, mask=mask), output_masks
 
     # ---- execution --------------------------------------------------------------------------
     def execute(self, requests: list[ForwardRequest]) -> list[ForwardResult]:
@@ -119,7 +147,8 @@ class ModelRunner:
         if len(requests) > self.max_batch_requests:
             raise BatchError(self.max_batch_requests, "batch",
                              f"{len(requests)} requests exceed max_batch_requests {self.max_batch_requests}")
-        layouts = [self.validate(r, i) for i, r in enumerate(requests)]
+        checked = [self._validate(r, i) for i, r in enumerate(requests)]
+        layouts = [lay for lay, _ in checked]
         num_tokens = sum(l.num_tokens for l in layouts)
         if num_tokens > self.max_batch_tokens:
             raise BatchError(len(requests) - 1, "batch",
@@ -129,15 +158,27 @@ class ModelRunner:
         write_slots: list[torch.Tensor] = []
         output_rows: list[int] = []
         samplers: list[Sampler] = []
+        embed_rows: list[torch.Tensor] = []  # rows of the flattened batch given as input embeddings
+        embed_values: list[torch.Tensor] = []  # their (T_i, hidden_size) embeddings
+        mask_rows: list[int] = []  # rows of `logits` (= sampler indices) that have an output mask
+        mask_runs: list[np.ndarray] = []  # their checked run arrays
         start = 0
-        for req, lay in zip(requests, layouts):
+        for req, (lay, masks) in zip(requests, checked):
             lay.start = start
             token_ids.extend(req.token_ids)
             positions.extend(req.positions)
+            if req.input_embeddings is not None:
+                embed_rows.append(torch.arange(start, start + lay.num_tokens))
+                embed_values.append(req.input_embeddings)
             if req.write_slots is None:
                 write_slots.append(lay.slots[-lay.num_tokens:])
             else:
                 write_slots.append(torch.tensor(list(req.write_slots), dtype=torch.int64))
+            if masks is not None:
+                for j, runs in enumerate(masks):
+                    if runs is not None:
+                        mask_rows.append(len(samplers) + j)
+                        mask_runs.append(runs)
             for pos, sampler in req.outputs:
                 output_rows.append(start + pos)
                 samplers.append(sampler)
@@ -151,12 +192,15 @@ class ModelRunner:
         try:
             logits = self.model.forward(
                 torch.tensor(token_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                torch.cat(write_slots), torch.tensor(output_rows, dtype=torch.int64), plan, self.cache)
+                torch.cat(write_slots), torch.tensor(output_rows, dtype=torch.int64), plan, self.cache,
+                input_embeds=(torch.cat(embed_rows), torch.cat(embed_values)) if embed_rows else None)
         finally:
             if single:
                 torch.set_num_threads(threads)
         self.num_forward_passes += 1
         self.num_tokens_processed += num_tokens
+        if mask_rows:  # unmasked batches skip this entirely
+            apply_vocab_masks(logits, mask_rows, vocab_mask_bias(mask_runs, self.model_config.vocab_size))
         outputs = self.sampling(logits, samplers) if samplers else []
         results = []
         k = 0

@@ -3,10 +3,16 @@
 Draws are inverse-CDF: a row's token is chosen by one uniform number u, drawn from a generator
 seeded with the sampler's seed when it has one, so a seeded draw depends on (seed, logits row) only,
 never on the rest of the batch.
+
+Vocabulary masks (ForwardRequest.output_masks) are applied before any sampler: a forbidden token's
+logit becomes -inf, so it has probability 0 under every sampler, logprob -inf, and raw logit -inf.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 
 from pie.engine.batch import Greedy, Logprobs, RawLogits, Sample, Sampler, SamplerOutput, TopKDistribution
@@ -39,6 +45,70 @@ def check_sampler(sampler: Sampler, vocab_size: int) -> str | None:
     elif not isinstance(sampler, (Greedy, RawLogits)):
         return f"unknown sampler {sampler!r}"
     return None
+
+
+def check_vocab_mask(runs: Sequence[int], vocab_size: int) -> np.ndarray:
+    """Validates a BRLE run list over the vocabulary; returns it as an (R,) int64 array.
+
+    Runs alternate allowed / forbidden, starting with allowed (a first run of 0 forbids token 0);
+    they must add up to exactly vocab_size and allow at least one token. Raises ValueError saying
+    what is wrong. Cost: the list -> array conversion (about 20 us for 500 runs)."""
+    r = np.asarray(runs)
+    if r.ndim != 1 or r.size == 0:
+        raise ValueError("must be a non-empty list of run lengths")
+    if r.dtype.kind not in "iu":  # floats, bools and out-of-range ints (object arrays) are refused
+        raise ValueError(f"run lengths must be integers, got {r.dtype} values")
+    if r.dtype.kind == "i" and (r < 0).any():
+        raise ValueError(f"run {int(np.argmax(r < 0))} is negative")
+    if (r > vocab_size).any():  # also keeps the int64 sum below from wrapping around
+        raise ValueError(f"run {int(np.argmax(r > vocab_size))} is longer than the vocabulary size {vocab_size}")
+    total = int(r.sum(dtype=np.int64))
+    if total != vocab_size:
+        raise ValueError(f"runs add up to {total}, not the vocabulary size {vocab_size}")
+    if not r[::2].any():  # the allowed runs are the even-indexed ones
+        raise ValueError("no token is allowed")
+    return r.astype(np.int64, copy=False)
+
+
+def expand_vocab_mask(runs: Sequence[int], vocab_size: int) -> np.ndarray:
+    """BRLE run list -> (vocab_size,) bool array, True = allowed (validated as check_vocab_mask).
+
+    >>> expand_vocab_mask([0, 2, 1, 1], 4).tolist()
+    [False, False, True, False]
+    """
+    r = check_vocab_mask(runs, vocab_size)
+    values = np.zeros(r.size, dtype=np.bool_)  # (R,) run i is allowed iff i is even
+    values[::2] = True
+    return np.repeat(values, r)
+
+
+def vocab_mask_bias(masks: Sequence[np.ndarray], vocab_size: int) -> torch.Tensor:
+    """(K, vocab_size) float32: 0 where allowed, -inf where forbidden, from K validated run arrays
+    (check_vocab_mask). Adding it to logits forbids tokens without a branchy masked write
+    (masked_fill with a scattered mask costs ~200 us a 49k row on CPU; the add ~10 us).
+
+    All K rows come from one np.repeat: each row's runs add up to vocab_size, so the runs of all
+    rows, concatenated, expand to the K rows back to back."""
+    runs = np.concatenate(masks)  # (sum R_k,)
+    forbidden = np.concatenate([np.arange(m.size) & 1 for m in masks]).astype(np.bool_)  # odd runs of each row
+    values = np.where(forbidden, np.float32(-np.inf), np.float32(0))  # (sum R_k,) float32
+    return torch.from_numpy(np.repeat(values, runs).reshape(len(masks), vocab_size))
+
+
+def apply_vocab_masks(logits: torch.Tensor, rows: Sequence[int], bias: torch.Tensor) -> None:
+    """In place: logits[rows[i]] += bias[i], i.e. -inf wherever output i's mask forbids a token
+    (allowed logits are unchanged: x + 0 == x).
+
+    logits: (M, V) float32; rows: K distinct row indices; bias: (K, V) float32 from
+    vocab_mask_bias (any device)."""
+    rows = list(rows)
+    bias = bias.to(logits.device, logits.dtype)
+    with torch.inference_mode():  # the model's logits are inference tensors: update them in this mode
+        if rows == list(range(rows[0], rows[0] + len(rows))):  # one slice (e.g. every output masked)
+            logits[rows[0]:rows[0] + len(rows)].add_(bias)
+        else:  # a plain add per row is ~4x faster on CPU than index_add_
+            for i, r in enumerate(rows):
+                logits[r].add_(bias[i])
 
 
 def seeded_uniform(seed: int) -> float:

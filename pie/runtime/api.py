@@ -1,7 +1,8 @@
 """The host side of the WIT package `pie:inferlet`: which function is implemented where.
 
 Every function of every interface in `inferlets/wit/inferlet.wit` is defined on the linker:
-- hot calls (forward, kv allocate / free, page size, instance id) are C++ (csrc/runtime/host_calls.cpp): no GIL, no Python;
+- hot calls (forward, kv allocate / free / fork / copy-tokens / mask-page, page size, instance id) are C++
+  (csrc/runtime/host_calls.cpp): no GIL, no Python;
 - cold calls are the Python functions below, registered through the same C API shim (`register_cold`);
 - the rest trap with "not implemented yet: <interface>.<function>".
 """
@@ -16,6 +17,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable
 
 from pie._ext import _runtime
+from pie.runtime.grammar import GRAMMAR_COLD
 from pie.runtime.paths import wit_dir
 
 if TYPE_CHECKING:
@@ -72,6 +74,101 @@ def runtime_set_return(inst: "Instance", value: str) -> None:
 
 def kv_num_free_pages(inst: "Instance") -> int:
     return inst.runtime.num_free_pages
+
+
+def _kv_pool(inst: "Instance") -> Any:
+    plane = inst.runtime.plane
+    if plane is None:
+        raise RuntimeError("sharing pages needs the control layer (RuntimeConfig.control)")
+    return plane.kv_pages
+
+
+def kv_export_pages(inst: "Instance", name: str, pages: list[int]) -> None:
+    """Exports outlive their owner (persistent) until unexported."""
+    from pie.control import InvalidHandle
+
+    if not name:
+        raise ValueError("name: an export needs a non-empty name")
+    try:
+        _kv_pool(inst).export_pages(inst.id, name, pages, persistent=True)
+    except InvalidHandle as e:
+        raise ValueError(f"pages: {_pool_message(e)}") from None
+    except ValueError as e:
+        raise ValueError(f"name: {_pool_message(e)}") from None
+
+
+def kv_import_pages(inst: "Instance", name: str) -> list[int] | None:
+    from pie.control import InvalidHandle
+
+    pool = _kv_pool(inst)
+    if name not in pool.export_names():
+        return None
+    try:
+        return pool.import_pages(inst.id, name)
+    except InvalidHandle:  # unexported in between
+        return None
+
+
+def kv_unexport_pages(inst: "Instance", name: str) -> None:
+    from pie.control import InvalidHandle
+
+    try:
+        _kv_pool(inst).unexport(name, inst.id)
+    except InvalidHandle as e:
+        raise ValueError(f"name: {_pool_message(e)}") from None
+
+
+def kv_list_exports(inst: "Instance") -> list[str]:
+    return sorted(_kv_pool(inst).export_names())
+
+
+def _pool_message(e: BaseException) -> str:
+    """The pool's message without its "instance N: " prefix (the trap names the call already)."""
+    return re.sub(r"^instance \d+: ", "", str(e))
+
+
+def _embed_pool(inst: "Instance") -> Any:
+    plane = inst.runtime.plane
+    if plane is None or plane.embed_slots is None:
+        raise RuntimeError("input embeddings need the control layer with embedding slots")
+    return plane.embed_slots
+
+
+def embeddings_allocate(inst: "Instance", count: int) -> list[int]:
+    pool = _embed_pool(inst)
+    if count > pool.num_pages:
+        raise ValueError(f"count: {count} slots requested, more than the pool's {pool.num_pages}")
+    return pool.allocate(inst.id, count)
+
+
+def embeddings_free(inst: "Instance", slots: list[int]) -> None:
+    from pie.control import InvalidHandle
+
+    try:
+        _embed_pool(inst).free(inst.id, slots)
+    except InvalidHandle as e:
+        raise ValueError(f"slots: {_pool_message(e)}") from None
+
+
+def embeddings_embed_tokens(inst: "Instance", slots: list[int], tokens: list[int]) -> None:
+    from pie.control import InvalidHandle
+
+    if len(slots) != len(tokens):
+        raise ValueError(f"tokens: {len(tokens)} tokens for {len(slots)} slots")
+    _check_token_ids(inst, tokens, "tokens")
+    try:
+        physical = _embed_pool(inst).resolve(inst.id, slots)
+    except InvalidHandle as e:
+        raise ValueError(f"slots: {_pool_message(e)}") from None
+    inst.runtime.embeddings.write(physical, inst.runtime.runner.embed_tokens(tokens))
+
+
+def embeddings_embed_text(inst: "Instance", slots: list[int], text: str) -> list[int]:
+    tokens = inst.runtime.tokenizer.encode(text, add_bos=False)
+    if len(tokens) != len(slots):
+        raise ValueError(f"text: it has {len(tokens)} tokens, not one per slot ({len(slots)} slots)")
+    embeddings_embed_tokens(inst, slots, tokens)
+    return tokens
 
 
 def _control_queue(inst: "Instance", q: int) -> Any:
@@ -267,6 +364,14 @@ COLD: dict[tuple[str, str], tuple[Callable[..., Any], Any]] = {
     ("models", "list-models"): (models_list_models, ("list", "string")),
     ("models", "info"): (models_info, MODEL_INFO),
     ("kv", "num-free-pages"): (kv_num_free_pages, "u32"),
+    ("kv", "export-pages"): (kv_export_pages, None),
+    ("kv", "import-pages"): (kv_import_pages, ("option", _U32_LIST)),
+    ("kv", "unexport-pages"): (kv_unexport_pages, None),
+    ("kv", "list-exports"): (kv_list_exports, ("list", "string")),
+    ("embeddings", "allocate"): (embeddings_allocate, _U32_LIST),
+    ("embeddings", "free"): (embeddings_free, None),
+    ("embeddings", "embed-tokens"): (embeddings_embed_tokens, None),
+    ("embeddings", "embed-text"): (embeddings_embed_text, _U32_LIST),
     ("queues", "create"): (queues_create, "u32"),
     ("queues", "set-priority"): (queues_set_priority, None),
     ("queues", "synchronize"): (queues_synchronize, None),
@@ -289,6 +394,9 @@ COLD: dict[tuple[str, str], tuple[Callable[..., Any], Any]] = {
     ("tokenizer", "apply-chat-template"): (tokenizer_apply_chat_template, "string"),
     ("http", "fetch"): (http_fetch, ("result", HTTP_RESPONSE, "string")),
 }
+
+
+COLD.update(GRAMMAR_COLD)  # grammar.* (xgrammar): pie/runtime/grammar.py
 
 
 def implementation(iface: str, name: str) -> str:

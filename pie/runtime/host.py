@@ -22,7 +22,9 @@ from pie.runtime import api, components, python_runtime
 from pie.runtime.config import RuntimeConfig
 from pie.runtime.instance import Instance, InstanceResult
 from pie.runtime.paths import examples_dir
-from pie.runtime.service import EngineService, ForwardHandler
+from pie.runtime.embeddings import EmbeddingTable
+from pie.runtime.grammar import GrammarHost
+from pie.runtime.service import CopyHandler, EngineService, ForwardHandler
 from pie.runtime.shared import Broker, KeyValueStore
 
 
@@ -73,16 +75,23 @@ class Runtime:
         self.host = _runtime.Host(runner.num_pages, runner.page_size, runner.vocab_size, runner.max_batch_tokens)
         self.plane = None
         self.service = None
+        mc = runner.model_config
+        self.embeddings = EmbeddingTable(config.embedding_slots, mc.hidden_size, runner.engine_config.torch_dtype)
         if config.control:
             from pie.control import CommandKind, ControlPlane
 
             self.forward_kind = int(CommandKind.FORWARD)
-            self.plane = ControlPlane.for_runner(runner, handlers={CommandKind.FORWARD: ForwardHandler(runner)},
+            self.copy_kind = int(CommandKind.COPY_PAGES)
+            handlers = {CommandKind.FORWARD: ForwardHandler(runner, self.embeddings),
+                        CommandKind.COPY_PAGES: CopyHandler(runner)}
+            self.plane = ControlPlane.for_runner(runner, handlers=handlers, num_embed_slots=config.embedding_slots,
                                                  on_terminate=self._on_plane_terminate).start()
         else:
             self.service = EngineService(runner, self.host).start()
         self._ids = itertools.count(1)
         self._components: dict[str, Any] = {}
+        self._python_runtime: Any = None
+        self.grammar = GrammarHost(self.tokenizer, self.vocab_size, self.eos_ids)  # compiles at first use
         self.kv_store = KeyValueStore()
         self.broker = Broker()
         self._stop = threading.Event()
@@ -110,7 +119,11 @@ class Runtime:
         return comp
 
     def python_runtime(self) -> Any:
-        """The compiled Python-runtime component (built at first use, then cached on disk and here)."""
+        """The compiled Python-runtime component (built at first use, then cached on disk and here: the
+        sources are hashed once per Runtime, not per launch)."""
+        comp = self._python_runtime
+        if comp is not None:
+            return comp
         path = python_runtime.ensure_built(self.config.pie_home)
         key = "python-runtime:" + path.name
         with self._lock:
@@ -119,6 +132,7 @@ class Runtime:
             comp = self.load_component(path.read_bytes())
             with self._lock:
                 self._components[key] = comp
+        self._python_runtime = comp
         return comp
 
     # ---- instances ----------------------------------------------------------------------------------
@@ -164,7 +178,7 @@ class Runtime:
             return _runtime.InstanceState(self.host, instance_id, deadline_s, owner)
         queue = self.plane.create_queue(instance_id)
         return _runtime.InstanceState(self.host, instance_id, deadline_s, owner, queue, self.plane.kv_pages,
-                                      self.forward_kind)
+                                      self.forward_kind, self.copy_kind, self.plane.embed_slots)
 
     def end_instance(self, instance_id: int, reason: str) -> None:
         if self.plane is not None:
@@ -183,6 +197,7 @@ class Runtime:
 
     def _instance_ended(self, inst: Instance) -> None:
         self.broker.end_instance(inst.id)
+        self.grammar.end_instance(inst.id)
         with self._lock:
             self.live.pop(inst.id, None)
 
@@ -221,6 +236,7 @@ class Runtime:
         else:
             self.service.stop()
         self._components.clear()
+        self._python_runtime = None
 
     def __enter__(self) -> "Runtime":
         return self

@@ -27,12 +27,28 @@ def _sources() -> list[Path]:
     return files
 
 
-def source_key() -> str:
+def check_componentize_py() -> str:
+    """The installed componentize-py version; RuntimeError unless it is the pinned one."""
     from importlib.metadata import version
 
     found = version("componentize-py")
     if found != COMPONENTIZE_PY_VERSION:
         raise RuntimeError(f"componentize-py {found} is installed; pie needs componentize-py=={COMPONENTIZE_PY_VERSION}")
+    return found
+
+
+def componentize(world: str, app_module: str, paths: list[Path], out: Path) -> subprocess.CompletedProcess:
+    """Runs componentize-py on `app_module` (found on `paths`) for `world` of inferlets/wit, writing `out`.
+    A child process: its memory (about 400 MB) goes when it ends. The caller checks the result."""
+    cmd = [sys.executable, "-c", "import sys; from componentize_py import script; sys.argv[0] = 'componentize-py'; script()",
+           "-d", str(inferlets_dir() / "wit"), "-w", world, "componentize", app_module]
+    for p in paths:
+        cmd += ["-p", str(p)]
+    return subprocess.run(cmd + ["-o", str(out)], capture_output=True, text=True)
+
+
+def source_key() -> str:
+    found = check_componentize_py()
     h = hashlib.sha256(f"componentize-py={found}\0python={sys.version_info[:2]}\0".encode())
     root = inferlets_dir()
     for f in _sources():
@@ -43,10 +59,7 @@ def source_key() -> str:
 def build(out: Path) -> None:
     """Runs componentize-py (a child process: its memory goes when it ends)."""
     root = inferlets_dir()
-    cmd = [sys.executable, "-c", "import sys; from componentize_py import script; sys.argv[0] = 'componentize-py'; script()",
-           "-d", str(root / "wit"), "-w", WORLD, "componentize", APP_MODULE,
-           "-p", str(root / "runtime" / "python"), "-p", str(root / "sdk" / "python"), "-o", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = componentize(WORLD, APP_MODULE, [root / "runtime" / "python", root / "sdk" / "python"], out)
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-20:]
         raise RuntimeError("building the Python runtime with componentize-py failed:\n" + "\n".join(tail))

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def to_sampler(spec: tuple) -> Sampler:
     """PendingCommand.outputs entry -> engine sampler."""
-    _, kind, temperature, top_k, top_p, min_p, seed, token_ids = spec
+    _, kind, temperature, top_k, top_p, min_p, seed, token_ids, _ = spec
     if kind == 0:
         return Greedy()
     if kind == 1:
@@ -44,15 +44,39 @@ def to_output(spec: tuple, value: Any) -> tuple[list[int], list[float]]:
     return [], value.float().tolist()
 
 
-def to_request(c: Any) -> ForwardRequest:
+def to_request(c: Any, embeddings: Any = None) -> ForwardRequest:
+    """PendingCommand -> ForwardRequest; `embeddings` (an EmbeddingTable) supplies input embeddings."""
+    specs = c.outputs
+    masks = [o[8] for o in specs]
+    slots = c.embed_slots
     return ForwardRequest(token_ids=c.tokens, positions=c.positions, kv_page_ids=c.pages,
                           kv_last_page_len=c.last_page_len, mask=c.mask,
-                          outputs=[(o[0], to_sampler(o)) for o in c.outputs])
+                          outputs=[(o[0], to_sampler(o)) for o in specs],
+                          output_masks=masks if any(m is not None for m in masks) else None,
+                          input_embeddings=None if slots is None else embeddings.read(slots))
 
 
 class ForwardHandler:
     """Runs a batch of FORWARD payloads (addresses of the hot calls' commands) on the runner. A malformed
     request raises BatchError with its request_index: the engine loop fails that command alone."""
+
+    def __init__(self, runner: Any, embeddings: Any = None):
+        self.runner = runner
+        self.embeddings = embeddings
+
+    def execute(self, payloads: list) -> list:
+        from pie._ext import _runtime
+
+        commands = _runtime.commands_from_payloads(payloads)
+        results = self.runner.execute([to_request(c, self.embeddings) for c in commands])
+        for c, res in zip(commands, results):
+            c.set_outputs([to_output(s, v) for s, v in zip(c.outputs, res.outputs)])
+        return [None] * len(commands)
+
+
+class CopyHandler:
+    """Runs a batch of COPY_PAGES payloads (copy-on-write before a pass, kv.copy-tokens): every span of
+    every command, in order, on the runner's KV cache."""
 
     def __init__(self, runner: Any):
         self.runner = runner
@@ -60,11 +84,8 @@ class ForwardHandler:
     def execute(self, payloads: list) -> list:
         from pie._ext import _runtime
 
-        commands = _runtime.commands_from_payloads(payloads)
-        results = self.runner.execute([to_request(c) for c in commands])
-        for c, res in zip(commands, results):
-            c.set_outputs([to_output(s, v) for s, v in zip(c.outputs, res.outputs)])
-        return [None] * len(commands)
+        self.runner.cache.copy_spans(_runtime.copies_from_payloads(payloads))
+        return [None] * len(payloads)
 
 
 class EngineService:

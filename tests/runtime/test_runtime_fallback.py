@@ -14,7 +14,7 @@ def test_fallback_backend(engine, runtime):  # `runtime` idle meanwhile: one run
         r = rt.run_source("from wit_world.imports import kv\np = kv.allocate(2)\nkv.free([p[0], p[0]])\n")
         assert r.error.startswith("kv.free: pages[1]: page ") and r.error.endswith(" is listed twice")
         r = rt.run_source("from wit_world.imports import forward as S, kv\np = kv.allocate(1)\n"
-                          "S.submit(3, S.ForwardPass([1], [], [0], p, 1, [], [], []))\n")
+                          "S.submit(3, S.ForwardPass([1], [], [0], p, 1, [], [], [], []))\n")
         assert r.error == "forward.submit: q: 3 is not a queue of this instance (queues need the control layer)"
         r = rt.run_source("from wit_world.imports import queues, types\nqueues.create(types.Priority.LOW)\n")
         assert r.error == "queues.create: command queues need the control layer (RuntimeConfig.control)"

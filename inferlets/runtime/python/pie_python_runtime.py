@@ -80,19 +80,27 @@ def _one_line(exc: BaseException, filename: str) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
+def run_script(source: str, filename: str) -> None:
+    """Runs `source` as the script `filename` (`__name__ == "__main__"`): sys.argv = [filename] + the launch
+    arguments, print() -> runtime.send, stderr -> runtime.log. SystemExit(0 / None) is success; any other
+    exit or exception raises Err(one line), the traceback goes to the log. Standalone components built by
+    `pie build` call this too, so both ways of running a script behave the same."""
+    sys.argv = [filename] + list(runtime.arguments())
+    sys.stdout = _HostWriter(runtime.send)
+    sys.stderr = _HostWriter(runtime.log)
+    namespace = {"__name__": "__main__", "__file__": filename, "__builtins__": __builtins__}
+    try:
+        exec(compile(source, filename, "exec"), namespace)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise Err(f"exited with status {e.code}")
+    except Err:
+        raise
+    except BaseException as e:
+        runtime.log("".join(traceback.format_exception(e)))
+        raise Err(_one_line(e, filename))
+
+
 class WitWorld(wit_world.WitWorld):
     def exec_source(self, source: str, filename: str) -> None:
-        sys.argv = [filename] + list(runtime.arguments())
-        sys.stdout = _HostWriter(runtime.send)
-        sys.stderr = _HostWriter(runtime.log)
-        namespace = {"__name__": "__main__", "__file__": filename, "__builtins__": __builtins__}
-        try:
-            exec(compile(source, filename, "exec"), namespace)
-        except SystemExit as e:
-            if e.code not in (None, 0):
-                raise Err(f"exited with status {e.code}")
-        except Err:
-            raise
-        except BaseException as e:
-            runtime.log("".join(traceback.format_exception(e)))
-            raise Err(_one_line(e, filename))
+        run_script(source, filename)

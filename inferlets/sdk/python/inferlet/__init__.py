@@ -1,5 +1,6 @@
-"""The Python inferlet SDK: `Context` (fill, generate, fork), sampler presets, stop conditions and chat
-helpers over the raw WIT API (`inferlet.raw.<interface>`, e.g. `inferlet.raw.forward.submit`).
+"""The Python inferlet SDK: `Context` (fill, generate, fork, save / open a named prefix), sampler presets,
+stop conditions, grammar-constrained generation (`Grammar`) and chat helpers over the raw WIT API
+(`inferlet.raw.<interface>`, e.g. `inferlet.raw.forward.submit`).
 
 >>> import inferlet
 >>> ctx = inferlet.Context()
@@ -187,43 +188,58 @@ class Context:
         if need > 0:
             self.pages += kv.allocate(need)
 
-    def _pass(self, end: int, outputs: list) -> forward.ForwardPass:
+    def _pass(self, end: int, outputs: list, output_masks: Sequence[Sequence[int]] = ()) -> forward.ForwardPass:
         """The pass running tokens[num_cached:end] over the sequence tokens[:end]."""
         num_pages = -(-end // self.page_size)
         return forward.ForwardPass(
             tokens=self.tokens[self.num_cached:end], input_embeddings=[],
             positions=list(range(self.num_cached, end)), pages=self.pages[:num_pages],
             last_page_len=end - (num_pages - 1) * self.page_size, mask=[],
-            output_indices=[end - self.num_cached - 1] * len(outputs), samplers=list(outputs))
+            output_indices=[end - self.num_cached - 1] * len(outputs), samplers=list(outputs),
+            output_masks=[list(m) for m in output_masks])
 
-    def step(self, samplers: Sequence[Sampler]) -> list:
+    def step(self, samplers: Sequence[Sampler], output_masks: Sequence[Sequence[int]] = ()) -> list:
         """Runs every pending token (at least one); returns one forward.Output per sampler, taken at the
-        last token. Long prefills are split into passes of at most max_batch_tokens."""
-        if self.num_cached >= len(self.tokens):
-            raise ValueError("Context.step: no pending tokens (fill first)")
+        last token. Long prefills are split into passes of at most max_batch_tokens. output_masks: none,
+        or one vocabulary mask per sampler (BRLE allowed / forbidden; [] = unmasked)."""
+        if not self.tokens:
+            raise ValueError("Context.step: the context is empty (fill first)")
+        if self.num_cached >= len(self.tokens):  # everything computed: run the last token again for its logits
+            self.num_cached = len(self.tokens) - 1
         budget = model_facts().max_batch_tokens
         self._reserve(len(self.tokens))
         while True:
             end = min(len(self.tokens), self.num_cached + budget)
             last = end == len(self.tokens)
-            outs = forward.wait(forward.submit(0, self._pass(end, list(samplers) if last else [])))
+            outs = forward.wait(forward.submit(0, self._pass(end, list(samplers) if last else [],
+                                                             output_masks if last else ())))
             self.num_cached = end
             if last:
                 return outs
 
     def flush(self) -> None:
-        """Runs the pending tokens without sampling."""
+        """Computes the pending tokens without sampling (a later step with nothing pending runs the
+        last token once more for its logits)."""
         if self.num_cached < len(self.tokens):
             self.step([])
 
-    def next_token(self, sampler: Optional[Sampler] = None) -> int:
-        """Runs the pending tokens and returns the next token (not appended)."""
-        return self.step([sampler or greedy()])[0].ids[0]
+    def next_token(self, sampler: Optional[Sampler] = None, mask: Optional[Sequence[int]] = None) -> int:
+        """Runs the pending tokens and returns the next token (not appended); `mask`: BRLE over the
+        vocabulary of the allowed tokens (e.g. Matcher.token_mask())."""
+        return self.step([sampler or greedy()], [mask] if mask else ())[0].ids[0]
 
     def generate(self, max_tokens: int = 256, sampler: Optional[Sampler] = None, stop: Sequence[str] = (),
-                 ignore_eos: bool = False) -> str:
-        """Generates until EOS, a stop string (cut from the text) or max_tokens; appends the tokens and
-        returns the generated text."""
+                 ignore_eos: bool = False, grammar: Optional["Grammar"] = None) -> str:
+        """Generates until EOS, a stop string (cut from the text), max_tokens, or, with a grammar, until
+        the grammar is complete; appends the tokens and returns the generated text. With `grammar`,
+        every token is drawn from what the grammar allows next."""
+        if grammar is not None:
+            with grammar.matcher() as matcher:
+                return self._generate(max_tokens, sampler, stop, ignore_eos, matcher)
+        return self._generate(max_tokens, sampler, stop, ignore_eos, None)
+
+    def _generate(self, max_tokens: int, sampler: Optional[Sampler], stop: Sequence[str], ignore_eos: bool,
+                  matcher: Optional["Matcher"]) -> str:
         sampler = sampler or greedy()
         eos = model_facts().eos_ids
         start = len(self.tokens)
@@ -231,11 +247,17 @@ class Context:
             return ""
         step = 0
         while True:
-            token = self.next_token(_step_sampler(sampler, step))
+            mask = matcher.token_mask() if matcher is not None else None
+            token = self.next_token(_step_sampler(sampler, step), mask)
             step += 1
-            if token in eos and not ignore_eos:
+            if token in eos and (not ignore_eos or matcher is not None):
                 return decode(self.tokens[start:])
             self.tokens.append(token)
+            if matcher is not None:
+                if not matcher.accept(token):
+                    raise RuntimeError(f"the grammar rejected token {token}, which its own mask allowed")
+                if matcher.is_terminated():
+                    return decode(self.tokens[start:])
             if stop:
                 text = decode(self.tokens[start:])
                 cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
@@ -245,12 +267,50 @@ class Context:
                 return decode(self.tokens[start:])
 
     # -- structure --
+    def _cached_pages(self) -> list[int]:
+        """The pages holding tokens[:num_cached] (the last one possibly partly filled)."""
+        return self.pages[:-(-self.num_cached // self.page_size)]
+
     def fork(self) -> "Context":
-        """A new context with the same tokens. Its K/V is recomputed on its first step (pages are not
-        shared yet: that arrives with kv.copy-tokens / exports)."""
+        """A new context with the same tokens, sharing this one's KV pages (nothing is recomputed or
+        copied now; the first pass that writes into the shared, partly filled last page gives the
+        writer its own copy of that page). Pending tokens are copied as tokens. Free both."""
         child = Context()
         child.tokens = list(self.tokens)
+        cached = self._cached_pages()
+        if cached:
+            child.pages = list(kv.fork(cached))
+            child.num_cached = self.num_cached
         return child
+
+    def save(self, name: str) -> None:
+        """Publishes the computed prefix (tokens[:num_cached]: flush() first to include pending tokens)
+        under `name`, for this or any later instance to `Context.open`. It outlives this instance until
+        `Context.drop_saved(name)`."""
+        if self.num_cached == 0:
+            raise ValueError("Context.save: nothing computed yet (fill and flush first)")
+        kv.export_pages(name, self._cached_pages())
+        kv_store.set(_PREFIX_KEY + name, ",".join(map(str, self.tokens[:self.num_cached])))
+
+    @classmethod
+    def open(cls, name: str) -> Optional["Context"]:
+        """A context continuing a prefix saved under `name` (its pages shared, not recomputed), or None
+        if there is no such prefix."""
+        tokens = kv_store.get(_PREFIX_KEY + name)
+        pages = kv.import_pages(name) if tokens is not None else None
+        if pages is None:
+            return None
+        ctx = cls()
+        ctx.tokens = [int(t) for t in tokens.split(",")]
+        ctx.pages = list(pages)
+        ctx.num_cached = len(ctx.tokens)
+        return ctx
+
+    @staticmethod
+    def drop_saved(name: str) -> None:
+        """Removes a saved prefix; its pages go back to the pool once no context uses them."""
+        kv.unexport_pages(name)
+        kv_store.delete(_PREFIX_KEY + name)
 
     def free(self) -> None:
         if self.pages:
@@ -267,6 +327,76 @@ class Context:
     @property
     def text(self) -> str:
         return decode(self.tokens, skip_special=False)
+
+
+_PREFIX_KEY = "pie.prefix:"  # kv-store key of a saved prefix's token ids
+
+
+# ---- grammars ---------------------------------------------------------------------------------------
+
+class Matcher:
+    """A grammar matcher on the host (xgrammar): the allowed next tokens and the grammar's state."""
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def token_mask(self) -> list[int]:
+        """Allowed next tokens: BRLE over the vocabulary (allowed / forbidden), a Context output mask."""
+        return list(grammar.token_mask(self.handle))
+
+    def accept(self, token: int) -> bool:
+        return grammar.accept(self.handle, token)
+
+    def is_terminated(self) -> bool:
+        return grammar.is_terminated(self.handle)
+
+    def reset(self) -> None:
+        grammar.reset(self.handle)
+
+    def free(self) -> None:
+        if self.handle:
+            grammar.free(self.handle)
+            self.handle = 0
+
+    def __enter__(self) -> "Matcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.free()
+
+
+class Grammar:
+    """What a constrained generation may produce: a JSON schema, a regular expression or an EBNF grammar.
+
+    >>> ctx.generate(max_tokens=64, grammar=Grammar.json_schema({"type": "object"}))
+    """
+
+    def __init__(self, kind: str, source: str, root: str = "root"):
+        self.kind, self.source, self.root = kind, source, root
+
+    @classmethod
+    def json_schema(cls, schema) -> "Grammar":
+        """`schema`: a JSON string or a dict."""
+        if not isinstance(schema, str):
+            import json
+
+            schema = json.dumps(schema)
+        return cls("json-schema", schema)
+
+    @classmethod
+    def regex(cls, pattern: str) -> "Grammar":
+        return cls("regex", pattern)
+
+    @classmethod
+    def ebnf(cls, text: str, root: str = "root") -> "Grammar":
+        return cls("ebnf", text, root)
+
+    def matcher(self) -> Matcher:
+        if self.kind == "json-schema":
+            return Matcher(grammar.from_json_schema(self.source))
+        if self.kind == "regex":
+            return Matcher(grammar.from_regex(self.source))
+        return Matcher(grammar.from_ebnf(self.source, self.root))
 
 
 class Chat:

@@ -1,0 +1,148 @@
+"""The programmability tax: decoding through an inferlet vs the engine's built-in loop, same engine.
+
+Reported (SmolLM2-135M on this machine, greedy, EOS ignored so every run makes exactly N tokens):
+  - TPOT (time per output token) of `text_completion` run as a Python inferlet vs `pie generate`'s
+    built-in loop, at 1 and at C concurrent sequences (C = --concurrency, default 32). TPOT is the
+    slope between a short and a long generation, (t(N_long) - t(N_short)) / (N_long - N_short), so
+    launch, prefill and teardown cancel out.
+      built-in, 1:  Engine.generate (one sequence, `pie generate --prompt`)
+      built-in, C:  pie.control.generate.generate_concurrently (`pie generate --prompts-file`)
+      inferlet, 1 / C: Runtime.run / launch of text_completion (`pie run text_completion`)
+  - runtime overhead per forward request: a Python guest submitting 1-token passes and waiting on
+    each, minus the time the runner spent executing them (measured inside the FORWARD handler):
+    guest -> C++ hot call -> control queue -> scheduler -> engine loop -> handler -> back.
+
+    python benchmarks/runtime/bench_programmability_tax.py [--short 8 --long 40 --concurrency 32 --repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from pie.control.generate import generate_concurrently
+from pie.engine.generate import Engine, GenerationParams
+from pie.runtime import Runtime, RuntimeConfig
+
+PROMPT = "Write a long story about a lighthouse keeper."
+
+OVERHEAD_GUEST = """
+import json, sys, time
+from wit_world.imports import forward as F, kv
+n = int(sys.argv[1])
+pages = kv.allocate(1)
+F.wait(F.submit(0, F.ForwardPass([1], [], [0], pages, 1, [], [0], [F.Sampler_Greedy()], [])))
+t = time.perf_counter_ns()
+for i in range(n):
+    F.wait(F.submit(0, F.ForwardPass([1], [], [0], pages, 1, [], [0], [F.Sampler_Greedy()], [])))
+print(json.dumps({"ns": time.perf_counter_ns() - t}))
+"""
+
+
+class TimedRunner:
+    """Wraps the runner in the FORWARD handler: accumulates the time spent in execute()."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.seconds = 0.0
+        self.requests = 0
+
+    def execute(self, requests):
+        t = time.perf_counter()
+        try:
+            return self.runner.execute(requests)
+        finally:
+            self.seconds += time.perf_counter() - t
+            self.requests += len(requests)
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+
+def best(fn, repeats: int) -> float:
+    return min(fn() for _ in range(repeats))
+
+
+def builtin_time(engine: Engine, prompt_ids: list[int], n: int, concurrency: int) -> float:
+    params = GenerationParams(max_tokens=n, temperature=0, ignore_eos=True)
+    t = time.perf_counter()
+    if concurrency == 1:
+        out = engine.generate_batch([prompt_ids], params)
+    else:
+        out = generate_concurrently(engine, [prompt_ids] * concurrency, params)
+    dt = time.perf_counter() - t
+    assert all(len(g.token_ids) == n for g in out), [len(g.token_ids) for g in out]
+    return dt
+
+
+def inferlet_time(rt: Runtime, n: int, concurrency: int) -> tuple[float, str]:
+    args = ["--prompt", PROMPT, "--max-tokens", str(n), "--temperature", "0", "--ignore-eos"]
+    t = time.perf_counter()
+    insts = [rt.launch("text_completion", args) for _ in range(concurrency)]
+    results = [i.wait(600) for i in insts]
+    dt = time.perf_counter() - t
+    for r in results:
+        assert r.error is None, r.error
+    return dt, results[0].output
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--short", type=int, default=8)
+    p.add_argument("--long", type=int, default=40)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--overhead-requests", type=int, default=300)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "programmability_tax.json"))
+    a = p.parse_args()
+
+    engine = Engine(progress=False)
+    prompt_ids = engine.prompt_ids(PROMPT)
+    rows = []
+    for conc in (1, a.concurrency):
+        span = a.long - a.short
+        b_short = best(lambda: builtin_time(engine, prompt_ids, a.short, conc), a.repeats)
+        b_long = best(lambda: builtin_time(engine, prompt_ids, a.long, conc), a.repeats)
+        rows.append(("built-in", conc, (b_long - b_short) / span))
+        with Runtime(engine, RuntimeConfig(deadline_s=0)) as rt:
+            rt.python_runtime()
+            inferlet_time(rt, 2, 1)  # warm: the component instantiated once
+            i_short = best(lambda: inferlet_time(rt, a.short, conc)[0], a.repeats)
+            i_long = best(lambda: inferlet_time(rt, a.long, conc)[0], a.repeats)
+            text = inferlet_time(rt, a.short, 1)[1]
+        rows.append(("inferlet", conc, (i_long - i_short) / span))
+        builtin_text = engine.generate(PROMPT, GenerationParams(max_tokens=a.short, temperature=0, ignore_eos=True)).text
+        assert text.rstrip("\n") == builtin_text, (text, builtin_text)
+
+    with Runtime(engine, RuntimeConfig(deadline_s=0)) as rt:
+        handler = rt.plane.loop._execute[0].__self__  # the ForwardHandler (its bound execute)
+        timed = TimedRunner(handler.runner)
+        handler.runner = timed
+        r = rt.run_source(OVERHEAD_GUEST, [str(a.overhead_requests)])
+        assert r.error is None, r.error
+        total_ns = json.loads(r.output)["ns"]
+        per_request_us = total_ns / a.overhead_requests / 1e3
+        runner_us = timed.seconds / timed.requests * 1e6
+
+    table = {"rows": [{"path": path, "concurrency": c, "tpot_ms": tpot * 1e3} for path, c, tpot in rows],
+             "overhead": {"round_trip_us": per_request_us, "runner_execute_us": runner_us,
+                          "runtime_overhead_us": per_request_us - runner_us}}
+    print(f"{'path':<10} {'concurrent':>10} {'TPOT ms':>9} {'tax':>8}")
+    for conc in (1, a.concurrency):
+        b = next(r["tpot_ms"] for r in table["rows"] if r["path"] == "built-in" and r["concurrency"] == conc)
+        i = next(r["tpot_ms"] for r in table["rows"] if r["path"] == "inferlet" and r["concurrency"] == conc)
+        print(f"{'built-in':<10} {conc:>10} {b:>9.2f}")
+        print(f"{'inferlet':<10} {conc:>10} {i:>9.2f} {100 * (i / b - 1):>+7.1f}%")
+        table[f"tax_{conc}"] = i / b - 1
+    o = table["overhead"]
+    print(f"forward request round trip {o['round_trip_us']:.1f} us = runner {o['runner_execute_us']:.1f} us "
+          f"+ runtime {o['runtime_overhead_us']:.1f} us")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(table, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
