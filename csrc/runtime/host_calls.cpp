@@ -58,6 +58,22 @@ void* trap(const std::string& message) { return api().error_new(message.c_str())
   if (!inst) return trap(call ": no inferlet instance is bound to this thread");    \
   if (inst->terminated()) return trap(call ": " + inst->terminate_reason());
 
+// The guest's view of a call (its import type, which wasmtime does not check against our untyped
+// registration) must match the WIT before any argument or result slot is touched: top-level argument
+// kinds and the number of results. Nested values are checked where they are read.
+bool signature_ok(const val_t* args, size_t nargs, std::initializer_list<uint8_t> kinds, size_t nresults,
+                  size_t want_results) {
+  if (nargs != kinds.size() || nresults != want_results) return false;
+  size_t i = 0;
+  for (uint8_t k : kinds)
+    if (args[i++].kind != k) return false;
+  return true;
+}
+
+#define PIE_SIGNATURE(call, want_results, ...)                                                  \
+  if (!signature_ok(args, nargs, {__VA_ARGS__}, nresults, want_results))                         \
+    return trap(call ": the guest imports it with a type other than the WIT's (pie:inferlet@0.1.0)");
+
 void set_u32(val_t* v, uint32_t x) {
   v->kind = K_U32;
   v->of.u32 = x;
@@ -106,7 +122,8 @@ bool name_is(const wasm_byte_vec_t& name, const char* s) {
 
 // ---- runtime ----------------------------------------------------------------------------------
 
-void* runtime_instance_id(void*, void*, const void*, val_t*, size_t, val_t* results, size_t) {
+void* runtime_instance_id(void*, void*, const void*, val_t* args, size_t nargs, val_t* results, size_t nresults) {
+  PIE_SIGNATURE("runtime.instance-id", 1)
   PIE_INSTANCE("runtime.instance-id")
   set_u64(&results[0], inst->id());
   return nullptr;
@@ -114,13 +131,15 @@ void* runtime_instance_id(void*, void*, const void*, val_t*, size_t, val_t* resu
 
 // ---- kv ---------------------------------------------------------------------------------------
 
-void* kv_page_size(void*, void*, const void*, val_t*, size_t, val_t* results, size_t) {
+void* kv_page_size(void*, void*, const void*, val_t* args, size_t nargs, val_t* results, size_t nresults) {
+  PIE_SIGNATURE("kv.page-size", 1)
   PIE_INSTANCE("kv.page-size")
   set_u32(&results[0], inst->host().page_size());
   return nullptr;
 }
 
-void* kv_allocate(void*, void*, const void*, val_t* args, size_t, val_t* results, size_t) {
+void* kv_allocate(void*, void*, const void*, val_t* args, size_t nargs, val_t* results, size_t nresults) {
+  PIE_SIGNATURE("kv.allocate", 1, K_U32)
   PIE_INSTANCE("kv.allocate")
   std::vector<uint32_t> handles;
   std::string error;
@@ -129,7 +148,8 @@ void* kv_allocate(void*, void*, const void*, val_t* args, size_t, val_t* results
   return nullptr;
 }
 
-void* kv_free(void*, void*, const void*, val_t* args, size_t, val_t*, size_t) {
+void* kv_free(void*, void*, const void*, val_t* args, size_t nargs, val_t* results, size_t nresults) {
+  PIE_SIGNATURE("kv.free", 0, K_LIST)
   PIE_INSTANCE("kv.free")
   std::vector<uint32_t> handles;
   std::string error;
@@ -138,7 +158,8 @@ void* kv_free(void*, void*, const void*, val_t* args, size_t, val_t*, size_t) {
   return nullptr;
 }
 
-void* kv_fork(void*, void*, const void*, val_t* args, size_t, val_t* results, size_t) {
+void* kv_fork(void*, void*, const void*, val_t* args, size_t nargs, val_t* results, size_t nresults) {
+  PIE_SIGNATURE("kv.fork", 1, K_LIST)
   PIE_INSTANCE("kv.fork")
   std::vector<uint32_t> handles, out;
   std::string error;
@@ -148,7 +169,8 @@ void* kv_fork(void*, void*, const void*, val_t* args, size_t, val_t* results, si
   return nullptr;
 }
 
-void* kv_copy_tokens(void*, void*, const void*, val_t* args, size_t, val_t*, size_t) {
+void* kv_copy_tokens(void*, void*, const void*, val_t* args, size_t nargs, val_t* results, size_t nresults) {
+  PIE_SIGNATURE("kv.copy-tokens", 0, K_U32, K_U32, K_U32, K_U32, K_U32)
   PIE_INSTANCE("kv.copy-tokens")
   const uint32_t src = args[0].of.u32, dst = args[1].of.u32;
   const uint32_t src_off = args[2].of.u32, dst_off = args[3].of.u32, count = args[4].of.u32;
@@ -174,7 +196,8 @@ void* kv_copy_tokens(void*, void*, const void*, val_t* args, size_t, val_t*, siz
   return nullptr;
 }
 
-void* kv_mask_page(void*, void*, const void*, val_t* args, size_t, val_t*, size_t) {
+void* kv_mask_page(void*, void*, const void*, val_t* args, size_t nargs, val_t* results, size_t nresults) {
+  PIE_SIGNATURE("kv.mask-page", 0, K_U32, K_LIST)
   PIE_INSTANCE("kv.mask-page")
   std::vector<uint32_t> runs;
   if (!get_u32_list(args[1], runs)) return trap("kv.mask-page: mask: expected list<u32>");
@@ -215,9 +238,19 @@ bool parse_sampler(const val_t& v, OutputSpec& spec, std::string& error) {
     spec.kind = S_GREEDY;
   } else if (name_is(d, "sample")) {
     spec.kind = S_SAMPLE;
-    const valrecord_t& r = payload->of.record;
-    if (payload->kind != K_RECORD || r.size != 5) {
+    if (!payload || payload->kind != K_RECORD || payload->of.record.size != 5) {
       error = "sample: expected sample-params";
+      return false;
+    }
+    const valrecord_t& r = payload->of.record;
+    const uint8_t want[5] = {K_F32, K_U32, K_F32, K_F32, K_OPTION};
+    for (int i = 0; i < 5; ++i)
+      if (r.data[i].val.kind != want[i]) {
+        error = "sample: expected sample-params";
+        return false;
+      }
+    if (r.data[4].val.of.option && r.data[4].val.of.option->kind != K_U64) {
+      error = "sample: seed: expected option<u64>";
       return false;
     }
     spec.temperature = r.data[0].val.of.f32;
@@ -241,6 +274,11 @@ bool parse_sampler(const val_t& v, OutputSpec& spec, std::string& error) {
     }
   } else if (name_is(d, "top-k-distribution")) {
     spec.kind = S_TOPK;
+    if (!payload || payload->kind != K_TUPLE || payload->of.tuple.size != 2 ||
+        payload->of.tuple.data[0].kind != K_U32 || payload->of.tuple.data[1].kind != K_F32) {
+      error = "top-k-distribution: expected tuple<u32, f32>";
+      return false;
+    }
     const vallist_t& t = payload->of.tuple;
     spec.top_k = t.data[0].of.u32;
     spec.temperature = t.data[1].of.f32;
@@ -254,7 +292,7 @@ bool parse_sampler(const val_t& v, OutputSpec& spec, std::string& error) {
     }
   } else if (name_is(d, "logprobs")) {
     spec.kind = S_LOGPROBS;
-    if (!get_u32_list(*payload, spec.token_ids)) {
+    if (!payload || !get_u32_list(*payload, spec.token_ids)) {
       error = "logprobs: expected list<u32>";
       return false;
     }
@@ -267,7 +305,8 @@ bool parse_sampler(const val_t& v, OutputSpec& spec, std::string& error) {
   return true;
 }
 
-void* forward_submit(void*, void*, const void*, val_t* args, size_t, val_t* results, size_t) {
+void* forward_submit(void*, void*, const void*, val_t* args, size_t nargs, val_t* results, size_t nresults) {
+  PIE_SIGNATURE("forward.submit", 1, K_U32, K_RECORD)
   PIE_INSTANCE("forward.submit")
   Host& host = inst->host();
   auto fail = [](const std::string& m) { return trap("forward.submit: " + m); };
@@ -300,6 +339,7 @@ void* forward_submit(void*, void*, const void*, val_t* args, size_t, val_t* resu
     return fail("fwd.positions: " + std::to_string(cmd->positions.size()) + " positions for " + std::to_string(t) +
                 " tokens");
   if (handles.empty()) return fail("fwd.pages: empty: the sequence must hold at least the input tokens");
+  if (f[F_LAST_LEN].val.kind != K_U32) return fail("fwd.last-page-len: expected u32");
   cmd->last_page_len = f[F_LAST_LEN].val.of.u32;
   if (cmd->last_page_len < 1 || cmd->last_page_len > host.page_size())
     return fail("fwd.last-page-len: " + std::to_string(cmd->last_page_len) + " is not in [1, " +
@@ -381,7 +421,8 @@ void* forward_submit(void*, void*, const void*, val_t* args, size_t, val_t* resu
   return nullptr;
 }
 
-void* forward_wait(void*, void*, const void*, val_t* args, size_t, val_t* results, size_t) {
+void* forward_wait(void*, void*, const void*, val_t* args, size_t nargs, val_t* results, size_t nresults) {
+  PIE_SIGNATURE("forward.wait", 1, K_U64)
   PIE_INSTANCE("forward.wait")
   std::vector<Output> outputs;
   std::string error;
@@ -413,7 +454,8 @@ void* forward_wait(void*, void*, const void*, val_t* args, size_t, val_t* result
   return nullptr;
 }
 
-void* forward_ready(void*, void*, const void*, val_t* args, size_t, val_t* results, size_t) {
+void* forward_ready(void*, void*, const void*, val_t* args, size_t nargs, val_t* results, size_t nresults) {
+  PIE_SIGNATURE("forward.ready", 1, K_U64)
   PIE_INSTANCE("forward.ready")
   uint64_t f = args[0].of.u64;
   int r = inst->ready(f);

@@ -2,7 +2,9 @@
 
 Compiled components live in `$PIE_HOME/components/<key>.cwasm`, key = sha256 of (component bytes,
 wasmtime version, engine settings): a change of any of them compiles afresh. Loading a cached one is a
-`Component.deserialize_file` (milliseconds instead of seconds of compilation).
+`Component.deserialize_file` (milliseconds instead of seconds of compilation). A load marks its file as
+used (mtime); when the cache grows past CACHE_LIMIT_BYTES the least recently used files go (a Python
+runtime compiles to ~40-50 MB, and each SDK or wasmtime change makes a new one).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from wasmtime.component import Component
 WASMTIME_VERSION = "50.0.1"  # pinned: csrc/runtime declares the C API layouts of this version
 # Engine settings that change compiled code; part of the cache key.
 ENGINE_SETTINGS = "component-model;epoch-interruption;opt=speed"
+CACHE_LIMIT_BYTES = 1 << 30
 
 
 def check_wasmtime_version() -> None:
@@ -49,7 +52,9 @@ def load_component(engine: wasmtime.Engine, wasm: bytes, cache_dir: Path) -> Com
     path = cache_dir / f"{key}.cwasm"
     if path.exists():
         try:
-            return Component.deserialize_file(engine, str(path))
+            component = Component.deserialize_file(engine, str(path))
+            os.utime(path)
+            return component
         except wasmtime.WasmtimeError:
             path.unlink(missing_ok=True)  # stale or corrupt: compile again
     try:
@@ -63,7 +68,29 @@ def load_component(engine: wasmtime.Engine, wasm: bytes, cache_dir: Path) -> Com
     with os.fdopen(fd, "wb") as f:
         f.write(component.serialize())
     os.replace(tmp, path)  # atomic: concurrent loaders see a whole file or none
+    trim_cache(cache_dir, keep=path)
     return component
+
+
+def trim_cache(cache_dir: Path, keep: Path, limit: int = CACHE_LIMIT_BYTES) -> list[Path]:
+    """Removes the least recently used compiled components until the cache fits `limit` (never `keep`)."""
+    entries = []
+    for f in cache_dir.glob("*.cwasm"):
+        try:
+            st = f.stat()
+        except FileNotFoundError:  # removed by another process meanwhile
+            continue
+        entries.append((st.st_mtime, st.st_size, f))
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, f in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if f != keep:
+            f.unlink(missing_ok=True)
+            total -= size
+            removed.append(f)
+    return removed
 
 
 class InvalidComponent(ValueError):

@@ -95,3 +95,18 @@ def test_python_runtime_component_is_cached(runtime):
     t = time.perf_counter()
     runtime.python_runtime()
     assert time.perf_counter() - t < 1.0
+
+
+def test_compiled_component_cache_is_trimmed_least_recently_used_first(tmp_path):
+    import os
+
+    files = []
+    for i in range(5):
+        f = tmp_path / f"{i}.cwasm"
+        f.write_bytes(b"x" * 100)
+        os.utime(f, (1000 + i, 1000 + i))
+        files.append(f)
+    os.utime(files[0], (5000, 5000))  # used most recently
+    removed = components.trim_cache(tmp_path, keep=files[1], limit=250)
+    assert [p.name for p in removed] == ["2.cwasm", "3.cwasm", "4.cwasm"]  # 1 is kept: it was just written
+    assert {p.name for p in tmp_path.glob("*.cwasm")} == {"0.cwasm", "1.cwasm"}
