@@ -1,4 +1,4 @@
-"""The `pie` command: generate | run | model (add, list, remove)."""
+"""The `pie` command: generate | run | serve | config | model (add, list, remove)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import threading
+from pathlib import Path
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +29,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pie.engine.generate import Engine, GenerationParams
 
     params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop or ()))
+                              top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop or ()),
+                              ignore_eos=args.ignore_eos)
     if args.prompts_file is not None and not os.path.isfile(args.prompts_file):
         raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
     engine = Engine(args.model, _engine_config(args), seed=args.seed)
@@ -41,11 +43,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def expand_file_arguments(arguments: list[str]) -> list[str]:
+    """`@PATH` -> the text of the file PATH (read here, on the client side: an inferlet has no
+    filesystem); `@@...` -> a literal `@...`."""
+    out = []
+    for arg in arguments:
+        if arg.startswith("@@"):
+            out.append(arg[1:])
+        elif arg.startswith("@") and len(arg) > 1:
+            try:
+                out.append(Path(arg[1:]).read_text())
+            except OSError as e:
+                raise FileNotFoundError(f"inferlet argument {arg}: cannot read {arg[1:]}: {e.strerror}") from None
+        else:
+            out.append(arg)
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.server is not None:
+        return _run_on_server(args)
     from pie.engine.generate import Engine
     from pie.runtime import Runtime, RuntimeConfig, resolve_inferlet
 
     path = resolve_inferlet(args.inferlet)  # fail fast, before loading the model
+    inferlet_args = expand_file_arguments(args.inferlet_args)
     config = RuntimeConfig(deadline_s=args.deadline, memory_mb=args.memory_mb,
                            http_allow=tuple(args.http_allow or ()))
     engine = Engine(args.model, _engine_config(args))
@@ -59,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
 
     with Runtime(engine, config) as runtime:
-        instance = runtime.launch(path, args.inferlet_args, on_output=out, on_log=log)
+        instance = runtime.launch(path, inferlet_args, on_output=out, on_log=log)
 
         def forward_stdin() -> None:  # each line is a client message; "" marks the end of input
             for line in sys.stdin:
@@ -73,6 +95,85 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.error is not None:
         print(f"pie: error: {path.name}: {result.error}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    import time
+
+    from pie.runtime.build import build_inferlet
+
+    t0 = time.perf_counter()
+    out = build_inferlet(args.dir, args.output, progress=True)
+    print(f"{out} ({out.stat().st_size / 2**20:.1f} MiB) built in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _run_on_server(args: argparse.Namespace) -> int:
+    """`pie run --server URL`: the inferlet runs on a `pie serve` (a local file is uploaded first)."""
+    from pie.client import Client, PieError
+
+    if args.http_allow:
+        raise ValueError("--http-allow does not apply with --server: the server's configuration decides")
+    parser_defaults = {"deadline": 600.0, "memory_mb": 256}
+    limits = {"deadline_s": args.deadline if args.deadline != parser_defaults["deadline"] else None,
+              "memory_mb": args.memory_mb if args.memory_mb != parser_defaults["memory_mb"] else None}
+    name = args.inferlet
+    if name.endswith((".py", ".wasm", ".wat")) and not os.path.isfile(name):
+        raise FileNotFoundError(f"inferlet file {name} does not exist")
+    token = args.token or os.environ.get("PIE_TOKEN")
+    try:
+        with Client(args.server, token) as client:
+            instance = client.launch(name, args.inferlet_args, **limits)
+
+            def forward_stdin() -> None:  # each line is a client message; "" marks the end of input
+                try:
+                    for line in sys.stdin:
+                        instance.send(line)
+                    instance.send("")
+                except (PieError, RuntimeError, OSError, ValueError):  # the instance or the connection ended
+                    pass
+
+            threading.Thread(target=forward_stdin, name="pie-run-stdin", daemon=True).start()
+            for event in instance.events():
+                if event.type == "output":
+                    sys.stdout.write(event.data)
+                    sys.stdout.flush()
+                elif event.type == "log":
+                    sys.stderr.write(event.data)
+                    sys.stderr.flush()
+            result = instance.result
+    except PieError as e:
+        print(f"pie: error: {args.server}: {e}", file=sys.stderr)
+        return 1
+    if result.return_value is not None:
+        print(result.return_value)
+    if result.error is not None:
+        print(f"pie: error: {os.path.basename(name)}: {result.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _server_config(args: argparse.Namespace):
+    from pie.server.config import load_config
+
+    cfg = load_config(args.config)
+    server = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    model = {"name": args.model} if args.model is not None else {}
+    return cfg.replace(server=server, model=model)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pie.server.app import serve
+
+    return serve(_server_config(args))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = _server_config(args)
+    if cfg.auth.token:
+        cfg = cfg.replace(auth={"token": "***"})
+    print(cfg.to_toml(), end="")
     return 0
 
 
@@ -117,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--ignore-eos", action="store_true", help="generate max-tokens tokens even past EOS")
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
@@ -126,15 +228,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     r = sub.add_parser("run", help="run an inferlet in an embedded engine (no server)",
-                       usage="pie run NAME|PATH [--model M] [--deadline S] [--memory-mb N] [--http-allow HOST[:PORT]]... -- ARGS...")
+                       usage="pie run NAME|PATH [--server URL] [--model M] [--deadline S] [--memory-mb N] [--http-allow HOST[:PORT]]... -- ARGS...",
+                       description="ARGS go to the inferlet (sys.argv[1:]); an argument @FILE is replaced by the "
+                       "text of FILE (read by pie run: inferlets have no filesystem); @@x passes @x.")
     r.add_argument("inferlet", help="a bundled example (e.g. text_completion) or a .py / .wasm file")
     r.add_argument("inferlet_args", nargs="*", metavar="ARGS", help="the inferlet's arguments, after --")
     r.add_argument("--deadline", type=float, default=600.0, help="wall-clock limit in seconds (0 = none)")
     r.add_argument("--memory-mb", type=int, default=256, help="linear-memory cap of the instance in MiB")
     r.add_argument("--http-allow", action="append", metavar="HOST[:PORT]",
                    help="a host the inferlet may reach with http.fetch (repeatable; none by default)")
+    r.add_argument("--server", default=None, metavar="URL",
+                   help="run on a `pie serve` (ws://HOST:PORT) instead of an embedded engine")
+    r.add_argument("--token", default=None, help="the server's token (default: $PIE_TOKEN)")
     _engine_args(r)
     r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("serve", help="serve the websocket protocol and the OpenAI-compatible API")
+    c = sub.add_parser("config", help="print the effective server configuration (TOML)")
+    for p in (s, c):
+        p.add_argument("--config", default=None, metavar="FILE", help="a TOML configuration file (pie.toml)")
+        p.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+        p.add_argument("--port", type=int, default=None, help="listen port (default 8080; 0 = any free one)")
+        p.add_argument("--model", default=None, help="model name or folder (default smollm2-135m)")
+    s.set_defaults(func=cmd_serve)
+    c.set_defaults(func=cmd_config)
+
+    b = sub.add_parser("build", help="build DIR (main.py, modules, requirements.txt) into a standalone .wasm component",
+                       usage="pie build DIR [-o OUT.wasm]")
+    b.add_argument("dir", metavar="DIR", help="folder with main.py (the entry script), other .py modules and "
+                   "an optional requirements.txt of pure-Python packages")
+    b.add_argument("-o", "--output", default=None, metavar="OUT.wasm",
+                   help="the component (default DIR/<DIR name>.wasm)")
+    b.set_defaults(func=cmd_build)
 
     m = sub.add_parser("model", help="manage the model cache ($PIE_HOME/models)")
     msub = m.add_subparsers(dest="model_command", required=True)
