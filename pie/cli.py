@@ -124,7 +124,7 @@ def _run_on_server(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("PIE_TOKEN")
     try:
         with Client(args.server, token) as client:
-            instance = client.launch(name, args.inferlet_args, **limits)
+            instance = client.launch(name, expand_file_arguments(args.inferlet_args), **limits)
 
             def forward_stdin() -> None:  # each line is a client message; "" marks the end of input
                 try:

@@ -246,7 +246,8 @@ cdef void _encode(object desc, object value, val_t* out) except *:
         if desc == "u32":
             out.kind = 6; out.of.u32 = value
         elif desc == "string":
-            out.kind = 12; _set_bytes(&out.of.string, value.encode("utf-8"))
+            encoded = value.encode("utf-8")  # before the kind is set: a failure leaves `out` untouched
+            out.kind = 12; _set_bytes(&out.of.string, encoded)
         elif desc == "bool":
             out.kind = 0; out.of.boolean = bool(value)
         elif desc == "u64":
@@ -328,7 +329,14 @@ cdef void* _cold_cb(void* env, void* context, const void* func_type, val_t* args
         py_args = [_decode(&args[i]) for i in range(nargs)]
         value = (<object>e.func)(<object>inst.py_owner, *py_args)
         if nresults:
-            _encode(<object>e.result, value, &results[0])
+            try:
+                _encode(<object>e.result, value, &results[0])
+            except BaseException:
+                # wasmtime drops the result slot even on an error: leave it a valid (bool) value, never a
+                # half-built string or list (a partly built one leaks its parts instead of crashing)
+                results[0].kind = 0
+                results[0].of.boolean = False
+                raise
         return NULL
     except BaseException as exc:
         text = str(exc) or type(exc).__name__

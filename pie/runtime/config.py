@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from pie.control.config import SchedulerConfig
 
 
 @dataclass(frozen=True)
@@ -14,6 +16,7 @@ class RuntimeConfig:
     http_allow: tuple[str, ...] = ()  # hosts http.fetch may reach, "host" (any port) or "host:port";
     # none by default
     embedding_slots: int = 4096  # input-embedding slots shared by the instances (embeddings interface)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # batching policy of the control plane
     control: bool = True  # forward passes and KV pages through the control layer (pie.control); False: the
     # runtime's own fallback (a free list and one serialising engine thread)
     home: Path | None = None  # $PIE_HOME (None: the environment's, or ~/.cache/pie)

@@ -84,7 +84,8 @@ class Runtime:
             self.copy_kind = int(CommandKind.COPY_PAGES)
             handlers = {CommandKind.FORWARD: ForwardHandler(runner, self.embeddings),
                         CommandKind.COPY_PAGES: CopyHandler(runner)}
-            self.plane = ControlPlane.for_runner(runner, handlers=handlers, num_embed_slots=config.embedding_slots,
+            self.plane = ControlPlane.for_runner(runner, config.scheduler, handlers=handlers,
+                                                 num_embed_slots=config.embedding_slots,
                                                  on_terminate=self._on_plane_terminate).start()
         else:
             self.service = EngineService(runner, self.host).start()
@@ -153,12 +154,13 @@ class Runtime:
     def _start(self, component: Any, arguments: Sequence[str], *, deadline_s: float | None = None,
                memory_mb: int | None = None, http_allow: Sequence[str] | None = None,
                on_output: Callable[[str], None] | None = None,
-               on_log: Callable[[str], None] | None = None, **kwargs: Any) -> Instance:
+               on_log: Callable[[str], None] | None = None,
+               on_done: Callable[[InstanceResult], None] | None = None, **kwargs: Any) -> Instance:
         inst = Instance(self, self.open_instance(), component, arguments,
                         deadline_s=self.config.deadline_s if deadline_s is None else deadline_s,
                         memory_mb=memory_mb or self.config.memory_mb,
                         http_allow=self.config.http_allow if http_allow is None else http_allow,
-                        on_output=on_output, on_log=on_log, **kwargs)
+                        on_output=on_output, on_log=on_log, on_done=on_done, **kwargs)
         with self._lock:
             self.live[inst.id] = inst
         return inst.start()

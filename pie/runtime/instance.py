@@ -54,7 +54,8 @@ class Instance:
     def __init__(self, runtime: "Runtime", instance_id: int, component: Any, arguments: Sequence[str], *,
                  source: str | None = None, filename: str = "inferlet.py", deadline_s: float, memory_mb: int,
                  http_allow: Sequence[str] = (), on_output: Callable[[str], None] | None = None,
-                 on_log: Callable[[str], None] | None = None):
+                 on_log: Callable[[str], None] | None = None,
+                 on_done: Callable[[InstanceResult], None] | None = None):
         self.runtime = runtime
         self.id = instance_id
         self.component = component
@@ -66,6 +67,7 @@ class Instance:
         self.http_allow = tuple(http_allow)  # hosts ("host" or "host:port") http.fetch may reach
         self.on_output = on_output
         self.on_log = on_log
+        self.on_done = on_done  # called on the instance thread with the result, once it has ended
         self.messages: list[str] = []
         self.logs: list[str] = []
         self.return_value: str | None = None
@@ -75,6 +77,7 @@ class Instance:
         self.queues: dict[int, Any] = {}  # queues.create handles -> pie.control CommandQueue
         self.next_queue_handle = 1
         self.state = runtime.instance_state(instance_id, deadline_s, self)
+        self.terminate_reason: str | None = None
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"pie-instance-{instance_id}", daemon=True)
 
@@ -90,11 +93,17 @@ class Instance:
             self.on_log(message)
 
     def receive(self) -> str:
-        left = self.state.seconds_left
-        try:
-            return self.inbox.get(timeout=None if left < 0 else max(left, 0.0))
-        except queue.Empty:
-            raise TimeoutError("the instance's deadline passed while waiting for a client message") from None
+        """Next client message; waits in slices so a termination or the deadline ends the wait."""
+        while True:
+            left = self.state.seconds_left  # -1: no deadline
+            if left != -1.0 and left <= 0:
+                raise TimeoutError("the instance's deadline passed while waiting for a client message")
+            if self.state.terminated:
+                raise RuntimeError(self.terminate_reason or "the instance was terminated")
+            try:
+                return self.inbox.get(timeout=0.05 if left < 0 else min(left, 0.05))
+            except queue.Empty:
+                pass
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> "Instance":
@@ -108,6 +117,7 @@ class Instance:
 
     def terminate(self, reason: str) -> None:
         """Stops the instance at its next host call (its pending waits return at once)."""
+        self.terminate_reason = reason
         self.state.terminate(reason)
         self.runtime.terminate_instance(self.id, reason)
 
@@ -161,3 +171,10 @@ class Instance:
             self.timings["total"] = time.perf_counter() - t0
             self.runtime._instance_ended(self)
             self.done.set()
+            if self.on_done is not None:
+                try:
+                    self.on_done(self.wait(0))
+                except Exception:  # a failing callback must not take the instance thread's cleanup with it
+                    import logging
+
+                    logging.getLogger(__name__).exception("on_done callback of instance %d failed", self.id)

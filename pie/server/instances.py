@@ -1,0 +1,210 @@
+"""The server's instances: launched for a websocket connection or an HTTP request (their owner), their
+output and log bridged into the owner's Outbox, a `done` event when they end, terminated with their owner.
+
+Launches run on a small thread pool (compiling a component or reading the Python runtime must not hold
+up the event loop). The instance's on_done callback (on its own thread, as it ends) turns into the owner's `done` event,
+after every output event of that instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from pie.server.config import LimitsSection
+from pie.server.outbox import Outbox
+from pie.server.programs import Program
+
+
+class LaunchError(ValueError):
+    """A launch the server refuses (limits, shutting down, a bad program): the message says why."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Running:
+    instance: Any  # pie.runtime.Instance
+    owner: Any
+    program: str  # bundled name or program hash
+    started: float = field(default_factory=time.time)
+
+    def describe(self) -> dict[str, Any]:
+        return {"instance_id": self.instance.id, "program": self.program, "started": self.started,
+                "arguments": list(self.instance.arguments)}
+
+
+def stop_instance(inst: Any, reason: str) -> None:
+    """Terminates `inst` (at its next host call). Also wakes a pending runtime.receive with the end of
+    input: Instance.terminate does not interrupt that wait, and the guest's next call then traps."""
+    inst.terminate(reason)
+    inst.send("")
+
+
+class InstanceManager:
+    def __init__(self, runtime: Any, limits: LimitsSection, loop: asyncio.AbstractEventLoop):
+        self.runtime = runtime
+        self.limits = limits
+        self.loop = loop
+        self._lock = threading.Lock()
+        self.live: dict[int, Running] = {}
+        self.accepting = True
+        self.num_launched = 0
+        self.num_finished = 0
+        self.num_failed = 0
+        self.num_slow_client = 0
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pie-launch")
+
+    # ---- launching ------------------------------------------------------------------------------
+    async def launch(self, owner: Any, outbox: Outbox, arguments: Sequence[str], *, program: Program | None = None,
+                     inferlet: str | None = None, deadline_s: float | None = None, memory_mb: int | None = None,
+                     forward_log: bool = True, on_started: Callable[[Any], None] | None = None) -> Any:
+        """Starts an instance of an uploaded program or a bundled / configured inferlet (by name or path).
+        `on_started(instance)` runs on the launching thread before any event of the instance is queued."""
+        if not self.accepting:
+            raise LaunchError("shutting_down", "the server is shutting down and takes no new instances")
+        if len(self.live) >= self.limits.max_instances:
+            raise LaunchError("busy", f"the server runs its limit of {self.limits.max_instances} instances")
+        kwargs: dict[str, Any] = {}
+        if deadline_s is not None:
+            cap = self.limits.deadline_s
+            if deadline_s < 0 or (cap > 0 and (deadline_s == 0 or deadline_s > cap)):
+                raise LaunchError("bad_request", f"deadline_s must be in (0, {cap:g}] on this server, got {deadline_s}")
+            kwargs["deadline_s"] = float(deadline_s)
+        if memory_mb is not None:
+            if not 0 < memory_mb <= self.limits.memory_mb:
+                raise LaunchError("bad_request", f"memory_mb must be in 1..{self.limits.memory_mb} on this server, "
+                                                 f"got {memory_mb}")
+            kwargs["memory_mb"] = int(memory_mb)
+        if not all(isinstance(a, str) for a in arguments):
+            raise LaunchError("bad_request", "arguments must be a list of strings")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._launch_sync, owner, outbox, list(arguments), program, inferlet, forward_log, on_started,
+            kwargs)
+
+    def _launch_sync(self, owner: Any, outbox: Outbox, arguments: list[str], program: Program | None,
+                     inferlet: str | None, forward_log: bool, on_started: Callable[[Any], None] | None,
+                     kwargs: dict[str, Any]) -> Any:
+        cell: dict[str, Any] = {}
+        ready = threading.Event()
+
+        def on_output(message: str) -> None:
+            ready.wait()
+            inst = cell["inst"]
+            if not outbox.put_from_thread(("output", inst.id, message)):
+                self._stalled(inst, outbox)
+
+        def on_log(message: str) -> None:
+            ready.wait()
+            inst = cell["inst"]
+            if not outbox.put_from_thread(("log", inst.id, message)):
+                self._stalled(inst, outbox)
+
+        def on_done(result: Any) -> None:  # on the instance thread, once it has ended
+            ready.wait()
+            self._finished(cell["running"], outbox, result)
+
+        callbacks = {"on_output": on_output, "on_log": on_log if forward_log else None, "on_done": on_done}
+        rt = self.runtime
+        try:
+            if program is None:
+                inst = rt.launch(inferlet, arguments, **kwargs, **callbacks)
+                name = str(inferlet)
+            elif program.kind == "python":
+                inst = rt.launch_source(program.source, arguments, filename=program.name, **kwargs, **callbacks)
+                name = program.hash
+            else:
+                component = rt.load_component(program.data, "program:" + program.hash)
+                inst = rt.launch_component(component, arguments, **kwargs, **callbacks)
+                name = program.hash
+        except ValueError as e:  # InferletNotFound, InvalidComponent, ...
+            raise LaunchError("bad_program", str(e)) from None
+        running = Running(inst, owner, name)
+        with self._lock:
+            self.live[inst.id] = running
+            self.num_launched += 1
+        self.loop.call_soon_threadsafe(self._empty.clear)
+        cell["inst"] = inst
+        cell["running"] = running
+        if on_started is not None:
+            on_started(inst)
+        ready.set()
+        return inst
+
+    def _stalled(self, inst: Any, outbox: Outbox) -> None:
+        if outbox.closed:
+            stop_instance(inst, "the client went away")
+            return
+        with self._lock:
+            self.num_slow_client += 1
+        stop_instance(inst, f"slow client: it did not read its messages for {outbox.stall_s:g} s "
+                       f"({outbox.capacity} messages queued)")
+
+    def _finished(self, running: Running, outbox: Outbox, result: Any) -> None:
+        inst = running.instance
+        with self._lock:
+            self.live.pop(inst.id, None)
+            self.num_finished += 1
+            self.num_failed += result.error is not None
+            empty = not self.live
+        outbox.post_from_thread(("done", inst.id, result))
+        if empty:
+            try:
+                self.loop.call_soon_threadsafe(self._set_empty_if_empty)
+            except RuntimeError:
+                pass
+
+    def _set_empty_if_empty(self) -> None:
+        if not self.live:
+            self._empty.set()
+
+    # ---- queries and control ---------------------------------------------------------------------
+    def get(self, instance_id: int, owner: Any) -> Running | None:
+        with self._lock:
+            running = self.live.get(instance_id)
+        return running if running is not None and running.owner is owner else None
+
+    def owned_by(self, owner: Any) -> list[Running]:
+        with self._lock:
+            return [r for r in self.live.values() if r.owner is owner]
+
+    def terminate_owner(self, owner: Any, reason: str) -> int:
+        running = self.owned_by(owner)
+        for r in running:
+            stop_instance(r.instance, reason)
+        return len(running)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"num_live": len(self.live), "num_launched": self.num_launched, "num_finished": self.num_finished,
+                    "num_failed": self.num_failed, "num_slow_client": self.num_slow_client}
+
+    async def drain(self, grace_s: float, terminate_wait_s: float = 10.0) -> int:
+        """Stops taking instances; lets the running ones finish for grace_s seconds, then terminates the
+        rest and waits for them. Returns how many were terminated."""
+        self.accepting = False
+        try:
+            await asyncio.wait_for(self._empty.wait(), grace_s)
+            return 0
+        except asyncio.TimeoutError:
+            pass
+        with self._lock:
+            left = list(self.live.values())
+        for r in left:
+            stop_instance(r.instance, f"the server is shutting down (grace period of {grace_s:g} s over)")
+        try:
+            await asyncio.wait_for(self._empty.wait(), terminate_wait_s)
+        except asyncio.TimeoutError:
+            pass
+        return len(left)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

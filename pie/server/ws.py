@@ -1,0 +1,219 @@
+"""One websocket connection: reads requests in order, answers each, streams its instances' events.
+
+Everything the connection launched is terminated when it goes away (its pages return to the pool).
+Frames it cannot act on (not msgpack, not a map, an unknown type, a missing field, too large) get an
+error answer and the connection stays open; a frame over 4x the limit closes it (code 1009).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+from aiohttp import WSMsgType, web
+
+from pie.server.instances import LaunchError, stop_instance
+from pie.server.outbox import Outbox
+from pie.server.programs import ProgramError, Upload
+from pie.server.protocol import PROTOCOL_VERSION, ProtocolError, error_response, pack, response, unpack_request
+
+if TYPE_CHECKING:
+    from pie.server.app import Server
+
+log = logging.getLogger("pie.server")
+
+MAX_UPLOADS_IN_PROGRESS = 4
+INFERLET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+class Session:
+    def __init__(self, server: "Server", ws: web.WebSocketResponse):
+        self.server = server
+        self.ws = ws
+        cfg = server.config.server
+        self.outbox = Outbox(asyncio.get_running_loop(), cfg.outbox_messages, cfg.slow_client_s)
+        self.authenticated = not server.config.auth.enabled
+        self.uploads: dict[str, Upload] = {}
+        self.instance_ids: set[int] = set()
+        self.close_after_reply = False
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._write())
+        try:
+            async for msg in self.ws:
+                if msg.type == WSMsgType.BINARY:
+                    await self._on_frame(msg.data)
+                elif msg.type == WSMsgType.TEXT:
+                    self.outbox.put(error_response(None, "malformed", "text frames are not part of the protocol: "
+                                                                      "send msgpack maps in binary frames"))
+                else:  # ERROR (e.g. a frame over the hard limit): aiohttp has closed the connection
+                    break
+                if self.close_after_reply:
+                    break
+        finally:
+            self.server.instances.terminate_owner(self, "the client disconnected")
+            if self.close_after_reply:
+                await self._flush(writer)
+            self.outbox.close()
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    async def _flush(self, writer: asyncio.Task, timeout: float = 2.0) -> None:
+        await self.drain_outbox(timeout)
+        await self.ws.close(code=1008, message=b"authentication failed")
+
+    async def drain_outbox(self, timeout: float = 2.0) -> None:
+        """Waits (up to `timeout`) until everything queued for the client has been written."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.outbox.qsize() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.005)
+
+    async def close(self, code: int, message: bytes) -> None:
+        await self.drain_outbox()
+        await self.ws.close(code=code, message=message)
+
+    # ---- writing ---------------------------------------------------------------------------------
+    async def _write(self) -> None:
+        while True:
+            event = await self.outbox.get()
+            frame = self._frame(event)
+            if frame is None:
+                continue
+            try:
+                await self.ws.send_bytes(frame)
+            except (ConnectionError, RuntimeError):  # the connection is gone; the reader ends too
+                return
+
+    def _frame(self, event: Any) -> bytes | None:
+        if isinstance(event, dict):
+            return pack(event)
+        kind, instance_id, payload = event
+        if kind == "output" or kind == "log":
+            return pack({"type": kind, "instance_id": instance_id, "data": payload})
+        if kind == "launched":  # the launch's answer, queued before any event of the instance
+            self.instance_ids.add(instance_id)
+            return pack(response(payload, instance_id=instance_id))
+        if kind == "done":
+            self.instance_ids.discard(instance_id)
+            return pack({"type": "done", "instance_id": instance_id, "error": payload.error,
+                         "return_value": payload.return_value, "timings": payload.timings})
+        return None
+
+    # ---- reading ---------------------------------------------------------------------------------
+    async def _on_frame(self, data: bytes) -> None:
+        corr_id = None
+        try:
+            if len(data) > self.server.config.server.max_frame_bytes:
+                corr_id = _corr_id_of(data)
+                raise ProtocolError("too_large", f"the frame has {len(data)} bytes; this server takes at most "
+                                                 f"{self.server.config.server.max_frame_bytes} (upload in chunks)",
+                                    corr_id)
+            msg = unpack_request(data)
+            corr_id = msg["corr_id"]
+            if not self.authenticated and msg["type"] != "auth":
+                self.close_after_reply = True
+                raise ProtocolError("unauthenticated", "authenticate first: send {type: auth, token}", corr_id)
+            reply = await getattr(self, "_on_" + msg["type"])(msg)
+            if reply is not None:
+                self.outbox.put(response(corr_id, **reply))
+        except ProtocolError as e:
+            self.outbox.put(error_response(e.corr_id, e.code, e.message))
+        except LaunchError as e:
+            self.outbox.put(error_response(corr_id, e.code, str(e)))
+        except ProgramError as e:
+            self.outbox.put(error_response(corr_id, "bad_program", str(e)))
+        except Exception as e:  # a bug of ours: this request fails, the server goes on
+            log.exception("request failed")
+            self.outbox.put(error_response(corr_id, "internal", f"{type(e).__name__}: {e}"))
+
+    async def _on_auth(self, msg: dict) -> dict:
+        expected = self.server.config.auth.token
+        if expected and not hmac.compare_digest(msg["token"].encode(), expected.encode()):
+            self.close_after_reply = True
+            raise ProtocolError("unauthenticated", "wrong token", msg["corr_id"])
+        self.authenticated = True
+        return {"version": PROTOCOL_VERSION}
+
+    async def _on_ping(self, msg: dict) -> dict:
+        return {"version": PROTOCOL_VERSION}
+
+    async def _on_query(self, msg: dict) -> dict:
+        return {"exists": await asyncio.to_thread(self.server.programs.has, msg["hash"])}
+
+    async def _on_upload(self, msg: dict) -> dict | None:
+        digest = msg["hash"]
+        upload = self.uploads.get(digest)
+        if upload is None:
+            if msg["chunk_index"] != 0:
+                raise ProgramError(f"upload: no upload of {digest[:16]}... in progress (start with chunk 0)")
+            if len(self.uploads) >= MAX_UPLOADS_IN_PROGRESS:
+                raise ProgramError(f"upload: at most {MAX_UPLOADS_IN_PROGRESS} uploads at once per connection")
+            upload = Upload(digest, msg.get("kind") or "python", msg.get("name") or "", msg["num_chunks"],
+                            self.server.config.server.max_program_bytes)
+            self.uploads[digest] = upload
+        try:
+            program = upload.add(msg["chunk_index"], msg["num_chunks"], msg["data"])
+        except ProgramError:
+            self.uploads.pop(digest, None)
+            raise
+        if program is None:
+            return None
+        self.uploads.pop(digest, None)
+        await asyncio.to_thread(self.server.programs.put, program)
+        return {"hash": digest}
+
+    async def _on_launch(self, msg: dict) -> None:
+        limit = self.server.config.limits.max_instances_per_connection
+        if len(self.instance_ids) >= limit:
+            raise LaunchError("busy", f"this connection runs its limit of {limit} instances")
+        program = None
+        name = msg.get("inferlet")
+        if msg.get("program") is not None:
+            program = await asyncio.to_thread(self.server.programs.get, msg["program"])
+            if program is None:
+                raise LaunchError("unknown_program", f"no program with hash {msg['program'][:64]!r}: upload it first")
+        elif name is None:
+            raise LaunchError("bad_request", 'launch: give "program" (an uploaded hash) or "inferlet" (a bundled name)')
+        elif not INFERLET_NAME.fullmatch(name) or name.endswith((".py", ".wasm", ".wat")):
+            raise LaunchError("bad_request", f"launch: {name!r} is not a bundled inferlet name (upload files instead)")
+        corr_id = msg["corr_id"]
+        outbox = self.outbox
+        await self.server.instances.launch(
+            self, outbox, msg["arguments"], program=program, inferlet=name, deadline_s=msg.get("deadline_s"),
+            memory_mb=msg.get("memory_mb"),
+            on_started=lambda inst: outbox.post_from_thread(("launched", inst.id, corr_id)))
+        return None  # answered by the "launched" event
+
+    def _running(self, msg: dict) -> Any:
+        running = self.server.instances.get(msg["instance_id"], self)
+        if running is None:
+            raise ProtocolError("unknown_instance", f"no running instance {msg['instance_id']} of this connection",
+                                msg["corr_id"])
+        return running.instance
+
+    async def _on_send(self, msg: dict) -> dict:
+        self._running(msg).send(msg["message"])
+        return {}
+
+    async def _on_terminate(self, msg: dict) -> dict:
+        stop_instance(self._running(msg), msg.get("reason") or "terminated by the client")
+        return {}
+
+    async def _on_list(self, msg: dict) -> dict:
+        return {"instances": [r.describe() for r in self.server.instances.owned_by(self)]}
+
+    async def _on_stats(self, msg: dict) -> dict:
+        return {"stats": self.server.stats()}
+
+
+def _corr_id_of(data: bytes) -> Any:
+    try:
+        msg = msgpack.unpackb(data, raw=False)
+        corr_id = msg.get("corr_id") if isinstance(msg, dict) else None
+        return corr_id if isinstance(corr_id, (int, str)) else None
+    except Exception:
+        return None

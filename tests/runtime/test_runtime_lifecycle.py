@@ -1,0 +1,60 @@
+"""How an instance ends, seen from its host: a termination wakes a guest blocked on client input, the
+on_done callback reports the result, a host function returning the wrong type fails the call (not the
+process), and the runtime's scheduler comes from its configuration."""
+
+import threading
+import time
+
+from pie.control.config import SchedulerConfig
+
+WAITS_FOR_INPUT = "from wit_world.imports import runtime\nprint('waiting', flush=True)\nruntime.receive()\nprint('after')\n"
+
+
+def _wait_for_output(inst, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in "".join(inst.messages):
+        assert time.monotonic() < deadline, f"no {text!r} from the instance"
+        time.sleep(0.01)
+
+
+def test_terminate_wakes_a_guest_waiting_for_input(runtime):
+    inst = runtime.launch_source(WAITS_FOR_INPUT)
+    _wait_for_output(inst, "waiting")
+    t = time.monotonic()
+    inst.terminate("stopped by the test")
+    result = inst.wait(10)
+    assert time.monotonic() - t < 2.0
+    assert result.output == "waiting\n"  # never "after": the wait ended in an error
+    assert "stopped by the test" in result.error
+    assert runtime.num_free_pages == runtime.num_pages
+
+
+def test_on_done_reports_the_result_once(runtime):
+    seen = []
+    called = threading.Event()
+
+    def on_done(result):
+        seen.append(result)
+        called.set()
+
+    inst = runtime.launch_source("print('hello')\n", on_done=on_done)
+    assert called.wait(30)
+    assert len(seen) == 1 and seen[0].ok and seen[0].output == "hello\n" and seen[0].instance_id == inst.id
+
+
+def test_a_host_function_returning_the_wrong_type_fails_the_call(runtime):
+    inst = runtime.launch_source(WAITS_FOR_INPUT)
+    _wait_for_output(inst, "waiting")
+    inst.inbox.put(None)  # not a string: runtime.receive cannot encode it
+    result = inst.wait(10)
+    assert result.error.startswith("runtime.receive: "), result.error
+    ok = runtime.run_source("print('still serving')\n")  # the process and the runtime go on
+    assert ok.output == "still serving\n"
+
+
+def test_scheduler_policy_comes_from_the_configuration(engine):
+    from pie.runtime import Runtime, RuntimeConfig
+
+    with Runtime(engine, RuntimeConfig(scheduler=SchedulerConfig(policy="k", k=3))) as rt:
+        assert rt.plane.scheduler.policy.name == "FIXED_K"
+        assert rt.plane.scheduler.k == 3
