@@ -1,0 +1,88 @@
+"""Fixtures of the fork-, prefix- and agent-inferlet tests: one engine and one runtime per session (as in
+tests/runtime/conftest.py, which a sibling directory cannot import), and `measure`, which runs a bundled
+example and reports the model work the engine did meanwhile (run these tests one at a time: the engine's
+counters are global)."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def engine():
+    from pie.engine.generate import Engine
+
+    return Engine(progress=False)
+
+
+@pytest.fixture(scope="session")
+def runtime(engine):
+    from pie.runtime import Runtime, RuntimeConfig
+
+    rt = Runtime(engine, RuntimeConfig(deadline_s=120))
+    rt.python_runtime()  # build / load once
+    yield rt
+    rt.close()
+
+
+@dataclass
+class Measured:
+    output: str  # what the instance printed
+    log: str
+    return_value: str | None
+    tokens: int  # tokens the engine computed meanwhile (engine.runner.num_tokens_processed delta)
+    passes: int  # forward passes (batches) it ran meanwhile
+
+    def json(self, event=None):
+        """The output's JSON line (the last one, or the last with this "event")."""
+        lines = [json.loads(l) for l in self.output.splitlines() if l.startswith("{")]
+        if event is not None:
+            lines = [l for l in lines if l.get("event") == event]
+        assert lines, self.output
+        return lines[-1]
+
+
+@pytest.fixture
+def measure(runtime, engine):
+    """measure(NAME, *args, **launch_kwargs) -> Measured. Fails on an instance error, and on pages not back
+    in the pool afterwards (pages held by exports excepted)."""
+
+    def run(name, *args, **kwargs):
+        runner = engine.runner
+        t0, p0 = runner.num_tokens_processed, runner.num_forward_passes
+        r = runtime.run(name, [str(a) for a in args], **kwargs)
+        tokens, passes = runner.num_tokens_processed - t0, runner.num_forward_passes - p0
+        assert r.error is None, f"{r.error}\n{r.output}\n{r.log}"
+        stats = runtime.plane.kv_pages.stats()
+        assert stats["num_free"] + stats["num_exported"] == stats["num_pages"], "pages leaked by the instance"
+        return Measured(r.output, r.log, r.return_value, tokens, passes)
+
+    return run
+
+
+@pytest.fixture
+def chat_tokens(runtime):
+    """chat_tokens(system, user) -> the prompt's token ids as the inferlets render it (chat template)."""
+
+    def render(system, user, add_generation_prompt=True):
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+                   ([{"role": "user", "content": user}] if user is not None else [])
+        return runtime.tokenizer.encode(runtime.tokenizer.apply_chat_template(messages, add_generation_prompt))
+
+    return render
+
+
+@pytest.fixture
+def completion(runtime):
+    """completion(prompt, max_tokens, *extra_args) -> what text_completion prints (greedy unless the extra
+    arguments say otherwise), without print's newline."""
+
+    def run(prompt, max_tokens, *extra):
+        r = runtime.run("text_completion", ["--prompt", prompt, "--max-tokens", str(max_tokens),
+                                            "--temperature", "0", *map(str, extra)])
+        assert r.error is None, r.error
+        assert r.output.endswith("\n")
+        return r.output[:-1]
+
+    return run
