@@ -354,3 +354,50 @@ def test_sdk_fork_save_and_open(runtime, run_py):
         if "sdk-prefix" in runtime.plane.kv_pages.export_names():
             runtime.plane.kv_pages.unexport("sdk-prefix")
     assert runtime.num_free_pages == runtime.num_pages
+
+
+def test_sdk_fork_computes_pending_tokens_once(run_py, engine):
+    """Forking a context with a pending prompt computes the prompt (but its last token) once; each fork
+    computes only that last token; both continue exactly as a fresh context does."""
+    runner = engine.runner
+    before = runner.num_tokens_processed
+    r = run_py("""
+        import json
+        from inferlet import Context
+        ctx = Context()
+        ctx.fill_user("Name a color.")
+        ctx.fill("<|im_start|>assistant\\n")
+        n = len(ctx.tokens)
+        a, b = ctx.fork(), ctx.fork()
+        texts = [c.generate(max_tokens=4) for c in (a, b, ctx)]
+        print(json.dumps([n, texts]))
+    """)
+    assert r.error is None, r.error
+    n, texts = json.loads(r.output)
+    assert texts[0] == texts[1] == texts[2]
+    # prompt once (n - 1) + its last token once per context (3) + 3 generated tokens each, minus the last
+    assert runner.num_tokens_processed - before == (n - 1) + 3 + 3 * 3
+
+
+def test_sdk_submit_overlaps_contexts_and_truncate(run_py, runtime):
+    r = run_py("""
+        import json
+        from inferlet import Context, greedy, raw
+        ctxs = [Context() for _ in range(3)]
+        for c in ctxs:
+            c.fill_user("Count to three.")
+            c.fill("<|im_start|>assistant\\n")
+        pending = [c.submit([greedy()]) for c in ctxs]        # all three in flight before any wait
+        firsts = [p.wait()[0].ids[0] for p in pending]
+        c = ctxs[0]
+        n = len(c.tokens)
+        c.fill(" and then some more words")
+        c.flush()
+        c.truncate(n)                                          # back to the prompt: the words are gone
+        again = c.next_token(greedy())
+        print(json.dumps([firsts, again, c.num_cached == n - 1 or c.num_cached == n]))
+    """)
+    assert r.error is None, r.error
+    firsts, again, cached_ok = json.loads(r.output)
+    assert firsts[0] == firsts[1] == firsts[2] == again
+    assert cached_ok

@@ -198,10 +198,11 @@ class Context:
             output_indices=[end - self.num_cached - 1] * len(outputs), samplers=list(outputs),
             output_masks=[list(m) for m in output_masks])
 
-    def step(self, samplers: Sequence[Sampler], output_masks: Sequence[Sequence[int]] = ()) -> list:
-        """Runs every pending token (at least one); returns one forward.Output per sampler, taken at the
-        last token. Long prefills are split into passes of at most max_batch_tokens. output_masks: none,
-        or one vocabulary mask per sampler (BRLE allowed / forbidden; [] = unmasked)."""
+    def submit(self, samplers: Sequence[Sampler], output_masks: Sequence[Sequence[int]] = (),
+               queue: int = 0) -> "PendingStep":
+        """Like step(), but returns once the (last) pass is submitted, so several contexts' passes can be
+        in flight together and the server batches them: submit all, then wait on each. Earlier chunks of
+        a long prefill run before it returns. Do not touch this context until the step is waited on."""
         if not self.tokens:
             raise ValueError("Context.step: the context is empty (fill first)")
         if self.num_cached >= len(self.tokens):  # everything computed: run the last token again for its logits
@@ -210,12 +211,26 @@ class Context:
         self._reserve(len(self.tokens))
         while True:
             end = min(len(self.tokens), self.num_cached + budget)
-            last = end == len(self.tokens)
-            outs = forward.wait(forward.submit(0, self._pass(end, list(samplers) if last else [],
-                                                             output_masks if last else ())))
+            if end == len(self.tokens):
+                future = forward.submit(queue, self._pass(end, list(samplers), output_masks))
+                return PendingStep(self, future, end)
+            forward.wait(forward.submit(queue, self._pass(end, [])))
             self.num_cached = end
-            if last:
-                return outs
+
+    def step(self, samplers: Sequence[Sampler], output_masks: Sequence[Sequence[int]] = ()) -> list:
+        """Runs every pending token (at least one; with none pending, the last token again); returns one
+        forward.Output per sampler, taken at the last token. Long prefills are split into passes of at
+        most max_batch_tokens. output_masks: none, or one vocabulary mask per sampler (BRLE allowed /
+        forbidden; [] = unmasked)."""
+        return self.submit(samplers, output_masks).wait()
+
+    def truncate(self, length: int) -> None:
+        """Keeps tokens[:length] (e.g. drops a scoring question or rejected draft tokens). Their KV slots
+        are simply overwritten by later passes; pages are kept for reuse."""
+        if not 0 <= length <= len(self.tokens):
+            raise ValueError(f"Context.truncate: length {length} is not in [0, {len(self.tokens)}]")
+        del self.tokens[length:]
+        self.num_cached = min(self.num_cached, length)
 
     def flush(self) -> None:
         """Computes the pending tokens without sampling (a later step with nothing pending runs the
@@ -272,9 +287,16 @@ class Context:
         return self.pages[:-(-self.num_cached // self.page_size)]
 
     def fork(self) -> "Context":
-        """A new context with the same tokens, sharing this one's KV pages (nothing is recomputed or
-        copied now; the first pass that writes into the shared, partly filled last page gives the
-        writer its own copy of that page). Pending tokens are copied as tokens. Free both."""
+        """A new context with the same tokens, sharing this one's KV pages (nothing is copied now; the
+        first pass that writes into the shared, partly filled last page gives the writer its own copy).
+        Pending tokens but the last are computed first, once, for both; the last stays pending in each
+        (its pass gives each fork its own next-token distribution). Free both."""
+        if self.num_cached < len(self.tokens) - 1:
+            last = self.tokens.pop()
+            try:
+                self.step([])
+            finally:
+                self.tokens.append(last)
         child = Context()
         child.tokens = list(self.tokens)
         cached = self._cached_pages()
@@ -397,6 +419,24 @@ class Grammar:
         if self.kind == "regex":
             return Matcher(grammar.from_regex(self.source))
         return Matcher(grammar.from_ebnf(self.source, self.root))
+
+
+class PendingStep:
+    """A submitted Context.submit: wait() returns the outputs (one forward.Output per sampler)."""
+
+    def __init__(self, ctx: Context, future: int, end: int):
+        self.ctx, self.future, self.end = ctx, future, end
+
+    def ready(self) -> bool:
+        return forward.ready(self.future)
+
+    def wait(self) -> list:
+        outs = forward.wait(self.future)
+        self.ctx.num_cached = self.end
+        return outs
+
+
+step_sampler = _step_sampler  # the sampler of the step-th generated token (seeded: one seed per step)
 
 
 class Chat:
