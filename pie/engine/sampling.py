@@ -144,15 +144,22 @@ class Sampling:
         if drawn:
             for i, t in zip(drawn, self._draw(logits[drawn], [samplers[i] for i in drawn])):
                 out[i] = t
+        dist = [i for i, s in enumerate(samplers) if isinstance(s, TopKDistribution)]
+        if dist:  # one softmax + topk over all such rows (k = the largest asked), then each row's first k
+            temps = torch.tensor([samplers[i].temperature for i in dist], dtype=torch.float32)
+            probs = torch.softmax(logits[dist] / temps[:, None], dim=-1)
+            p, ids = probs.topk(max(samplers[i].k for i in dist), dim=-1)
+            p, ids = p.tolist(), ids.tolist()
+            for row, i in enumerate(dist):
+                k = samplers[i].k
+                out[i] = (ids[row][:k], p[row][:k])
+        lps = [i for i, s in enumerate(samplers) if isinstance(s, Logprobs)]
+        if lps:
+            lp = torch.log_softmax(logits[lps], dim=-1)
+            for row, i in enumerate(lps):
+                out[i] = lp[row, list(samplers[i].token_ids)].tolist()
         for i, s in enumerate(samplers):
-            if isinstance(s, TopKDistribution):
-                probs = torch.softmax(logits[i] / s.temperature, dim=-1)
-                p, ids = probs.topk(s.k)
-                out[i] = (ids.tolist(), p.tolist())
-            elif isinstance(s, Logprobs):
-                lp = torch.log_softmax(logits[i], dim=-1)
-                out[i] = lp[list(s.token_ids)].tolist()
-            elif isinstance(s, RawLogits):
+            if isinstance(s, RawLogits):
                 out[i] = logits[i].clone()
         return out  # type: ignore[return-value]
 
@@ -163,7 +170,10 @@ class Sampling:
         u = torch.tensor([self.uniform(s.seed) for s in samplers], dtype=torch.float64)
         filtered = any(s.top_k > 0 or s.top_p < 1 or s.min_p > 0 for s in samplers)
         if filtered:
-            probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (R, V) each
+            if all(s.top_k > 0 for s in samplers):  # only the top max(k) can be kept: no full sort
+                probs, order = probs.topk(max(s.top_k for s in samplers), dim=-1)  # (R, K) each, descending
+            else:
+                probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (R, V) each
             keep = torch.ones_like(probs, dtype=torch.bool)
             rank = torch.arange(probs.shape[1])[None, :]
             top_k = torch.tensor([s.top_k if s.top_k > 0 else probs.shape[1] for s in samplers])[:, None]
