@@ -5,7 +5,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
+
+import pie  # noqa: F401  (before torch: pie sets OMP_WAIT_POLICY, read when torch loads OpenMP)
+import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 sys.path.insert(0, str(Path(__file__).parent / "engine"))

@@ -23,6 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
+import pie  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
 from pie.control.generate import generate_concurrently
 from pie.engine.generate import Engine, GenerationParams
 from pie.runtime import Runtime, RuntimeConfig
@@ -57,6 +58,21 @@ class TimedRunner:
         finally:
             self.seconds += time.perf_counter() - t
             self.requests += len(requests)
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+
+class NoopRunner:
+    """The runner's limits and validation without the model: every output is token 0."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def execute(self, requests):
+        from pie.engine.batch import ForwardResult
+
+        return [ForwardResult(outputs=[0] * len(r.outputs)) for r in requests]
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
@@ -127,9 +143,17 @@ def main() -> None:
         per_request_us = total_ns / a.overhead_requests / 1e3
         runner_us = timed.seconds / timed.requests * 1e6
 
+    # the same loop over a no-op model: what the runtime and control layer cost alone
+    with Runtime(engine, RuntimeConfig(deadline_s=0)) as rt:
+        handler = rt.plane.loop._execute[0].__self__
+        handler.runner = NoopRunner(handler.runner)
+        r = rt.run_source(OVERHEAD_GUEST, [str(a.overhead_requests * 5)])
+        assert r.error is None, r.error
+        noop_us = json.loads(r.output)["ns"] / (a.overhead_requests * 5) / 1e3
+
     table = {"rows": [{"path": path, "concurrency": c, "tpot_ms": tpot * 1e3} for path, c, tpot in rows],
              "overhead": {"round_trip_us": per_request_us, "runner_execute_us": runner_us,
-                          "runtime_overhead_us": per_request_us - runner_us}}
+                          "runtime_overhead_us": per_request_us - runner_us, "noop_model_round_trip_us": noop_us}}
     print(f"{'path':<10} {'concurrent':>10} {'TPOT ms':>9} {'tax':>8}")
     for conc in (1, a.concurrency):
         b = next(r["tpot_ms"] for r in table["rows"] if r["path"] == "built-in" and r["concurrency"] == conc)
@@ -140,6 +164,7 @@ def main() -> None:
     o = table["overhead"]
     print(f"forward request round trip {o['round_trip_us']:.1f} us = runner {o['runner_execute_us']:.1f} us "
           f"+ runtime {o['runtime_overhead_us']:.1f} us")
+    print(f"forward request round trip over a no-op model: {o['noop_model_round_trip_us']:.1f} us")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(table, indent=2) + "\n")
 

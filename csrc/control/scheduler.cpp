@@ -320,7 +320,11 @@ bool Scheduler::should_dispatch_locked(const Plan& plan, Clock::time_point now,
       const uint32_t target = std::min(std::max(high_water_locked(), recently_served_open_queues_locked()),
                                        config_.max_batch_requests);
       if (num_ready >= target || plan.num_idle_open_queues == 0) return true;
-      const Clock::duration deadline = to_duration(config_.deadline_seconds);
+      // Waiting for the stragglers costs them at most the wait; dispatching without them costs them a
+      // whole batch later (on a CPU a decode batch of 32 takes about 5x one of 1). So the wait grows
+      // with the batch time: the configured deadline, or a tenth of the last batch's duration.
+      const Clock::duration deadline =
+          std::max<Clock::duration>(to_duration(config_.deadline_seconds), last_batch_duration_ / 10);
       if (batches_in_flight_.empty()) {
         // The engine waits: at once on a cold start or after it idled for the deadline; otherwise
         // at most the deadline after the last batch finished. (Time a command spent waiting for a
@@ -355,6 +359,7 @@ std::shared_ptr<Batch> Scheduler::dispatch_locked(const Plan& plan, Clock::time_
   while (recent_batch_sizes_.size() > config_.high_water_window) recent_batch_sizes_.pop_front();
   auto batch = std::make_shared<Batch>(shared_from_this(), plan.kind, std::move(commands), plan.num_tokens);
   batches_in_flight_.insert(batch.get());
+  last_dispatch_ = Clock::now();
   return batch;
 }
 
@@ -540,6 +545,7 @@ void Scheduler::finish_batch(Batch* batch, uint64_t num_completed, uint64_t num_
     forget_queue_if_finished_locked(queue, graveyard);
   }
   last_batch_finished_ = Clock::now();
+  if (batches_in_flight_.empty()) last_batch_duration_ = *last_batch_finished_ - last_dispatch_;
   resolve_barriers_locked(graveyard);
   consumer_wakeup_.notify_all();
 }

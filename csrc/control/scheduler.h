@@ -44,6 +44,7 @@ enum class Priority : uint8_t { kLow = 0, kNormal = 1, kHigh = 2 };
 
 enum class Policy : uint8_t {
   kAdaptive = 0,  // at once when the engine is idle; else until the high-water size, budget or deadline
+                  // (the deadline is at least a tenth of the last batch's duration)
                   // (high-water size: max of the recent batch sizes and of the open queues served recently)
   kEager = 1,     // whatever is ready, at once
   kFixedK = 2,    // when k commands are ready (batches of at most k)
@@ -228,6 +229,8 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
   std::unordered_set<Batch*> batches_in_flight_;
   std::deque<uint32_t> recent_batch_sizes_;
   std::optional<Clock::time_point> last_batch_finished_;
+  Clock::time_point last_dispatch_{};
+  Clock::duration last_batch_duration_{0};  // dispatch -> finish of the last batch
   uint64_t num_open_queues_ = 0;
   uint64_t num_pending_ = 0;
   uint64_t num_in_flight_ = 0;
