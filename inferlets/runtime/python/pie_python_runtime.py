@@ -46,6 +46,7 @@ import warnings  # noqa: F401
 import weakref  # noqa: F401
 
 import inferlet  # noqa: F401  (the SDK)
+import inferlet.branches  # noqa: F401  (its helpers for fork-based inferlets)
 import wit_world
 from componentize_py_types import Err
 from wit_world.imports import runtime
