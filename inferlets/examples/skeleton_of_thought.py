@@ -23,19 +23,11 @@ destroy, kv.allocate.
 
 import argparse
 import json
-import math
 
 import inferlet
 from inferlet import Context, Grammar
+from inferlet.branches import Branch, decode_all, Trace
 
-F = inferlet.raw.forward
-KV = inferlet.raw.kv
-QUEUES = inferlet.raw.queues
-PRIORITY = inferlet.raw.types.Priority
-
-
-# contexts decoding side by side: the SDK's helpers for fork-based inferlets
-from inferlet.branches import submit, Branch, decode_all, Trace
 
 # ---- skeleton of thought ------------------------------------------------------------------------------
 

@@ -34,15 +34,10 @@ import math
 
 import inferlet
 from inferlet import Context
+from inferlet.branches import step_sampler, submit, Branch, decode_all, truncate, Trace
 
 F = inferlet.raw.forward
-KV = inferlet.raw.kv
-QUEUES = inferlet.raw.queues
-PRIORITY = inferlet.raw.types.Priority
 
-
-# contexts decoding side by side: the SDK's helpers for fork-based inferlets
-from inferlet.branches import step_sampler, submit, Branch, decode_all, truncate, Trace
 
 # ---- tree of thought ----------------------------------------------------------------------------------
 

@@ -1,29 +1,11 @@
-"""Fixtures of the example-inferlet tests: one engine and one runtime per session (the same as
-tests/runtime/conftest.py, which a sibling directory cannot import), and `run_inferlet`, which runs a
-bundled example or a guest source and checks that every KV page is back in the pool afterwards."""
+"""Fixtures of the example-inferlet tests: `run_inferlet`, which runs a bundled example or a guest source
+and checks that every KV page is back in the pool afterwards (`engine`, `runtime`: tests/conftest.py)."""
 
 import json
 import textwrap
 from dataclasses import dataclass
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def engine():
-    from pie.engine.generate import Engine
-
-    return Engine(progress=False)
-
-
-@pytest.fixture(scope="session")
-def runtime(engine):
-    from pie.runtime import Runtime, RuntimeConfig
-
-    rt = Runtime(engine, RuntimeConfig(deadline_s=120))
-    rt.python_runtime()  # build / load once
-    yield rt
-    rt.close()
 
 
 @dataclass

@@ -1,29 +1,11 @@
-"""Fixtures of the fork-, prefix- and agent-inferlet tests: one engine and one runtime per session (as in
-tests/runtime/conftest.py, which a sibling directory cannot import), and `measure`, which runs a bundled
-example and reports the model work the engine did meanwhile (run these tests one at a time: the engine's
+"""Fixtures of the fork-, prefix- and agent-inferlet tests (`engine`, `runtime`: tests/conftest.py):
+`measure`, which runs a bundled example and reports the model work the engine did meanwhile (run these tests one at a time: the engine's
 counters are global)."""
 
 import json
 from dataclasses import dataclass
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def engine():
-    from pie.engine.generate import Engine
-
-    return Engine(progress=False)
-
-
-@pytest.fixture(scope="session")
-def runtime(engine):
-    from pie.runtime import Runtime, RuntimeConfig
-
-    rt = Runtime(engine, RuntimeConfig(deadline_s=120))
-    rt.python_runtime()  # build / load once
-    yield rt
-    rt.close()
 
 
 @dataclass

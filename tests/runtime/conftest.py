@@ -1,26 +1,8 @@
-"""Fixtures of the application-layer tests: one engine and one runtime per session (the Python runtime
-component is built once and cached under $PIE_HOME/python-runtime, compiled under $PIE_HOME/components)."""
+"""Fixtures of the application-layer tests (the session's `engine` and `runtime` are in tests/conftest.py)."""
 
 import textwrap
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def engine():
-    from pie.engine.generate import Engine
-
-    return Engine(progress=False)
-
-
-@pytest.fixture(scope="session")
-def runtime(engine):
-    from pie.runtime import Runtime, RuntimeConfig
-
-    rt = Runtime(engine, RuntimeConfig(deadline_s=120))
-    rt.python_runtime()  # build / load once
-    yield rt
-    rt.close()
 
 
 @pytest.fixture
