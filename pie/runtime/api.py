@@ -100,12 +100,9 @@ def kv_export_pages(inst: "Instance", name: str, pages: list[int]) -> None:
 def kv_import_pages(inst: "Instance", name: str) -> list[int] | None:
     from pie.control import InvalidHandle
 
-    pool = _kv_pool(inst)
-    if name not in pool.export_names():
-        return None
     try:
-        return pool.import_pages(inst.id, name)
-    except InvalidHandle:  # unexported in between
+        return _kv_pool(inst).import_pages(inst.id, name)
+    except InvalidHandle:  # no export of that name
         return None
 
 
