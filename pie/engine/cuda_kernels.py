@@ -39,6 +39,7 @@ __all__ = [
     "available",
     "unavailable_reason",
     "AttentionPlan",
+    "decode_split",
     "plan_attention",
     "paged_attention",
     "rope_append_kv",
@@ -211,6 +212,21 @@ def _mask_runs(
     return runs, offsets, row_len
 
 
+def decode_split(num_decode: int, max_kv: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                 num_sms: int) -> tuple[int, int]:
+    """(num_chunks, chunk_tokens) of the split-KV decode kernel for `num_decode` requests whose
+    longest sequence is `max_kv` tokens: about two waves of CTAs, chunks of >= 128 tokens, each a
+    whole number of CTA iterations. plan_attention's automatic choice."""
+    head_groups = -(-(num_q_heads // num_kv_heads) // 4)
+    base_ctas = num_decode * num_kv_heads * head_groups
+    step = 32 if head_dim == 128 else 64  # tokens per CTA iteration (slots x unroll)
+    want = max(1, -(-2 * num_sms // base_ctas))  # about two waves of CTAs
+    num_chunks = max(1, min(want, -(-max_kv // 128)))  # chunks of >= 128 tokens
+    chunk_tokens = -(-max_kv // num_chunks)
+    chunk_tokens = -(-chunk_tokens // step) * step
+    return -(-max_kv // chunk_tokens), chunk_tokens
+
+
 def plan_attention(
     qo_indptr,
     kv_page_indptr,
@@ -315,15 +331,20 @@ def plan_attention(
         ) if num_tokens else torch.zeros(0, dtype=torch.int64)
         mask = torch.empty(max(total_words, 1), dtype=torch.int32, device=dev)
         mask_indptr = mask_indptr_cpu.to(dev, torch.int32)
+        # Every device input is bound to a name until the launch: a temporary freed before it would
+        # hand its block to the next allocation, and the kernel would read that tensor instead.
         runs_d = torch.tensor(runs if runs else [0], dtype=torch.int32, device=dev)
+        run_offsets_d = torch.tensor(run_offsets, dtype=torch.int64, device=dev)
+        row_len_d = torch.tensor(row_len if row_len else [0], dtype=torch.int32, device=dev)
+        row_word_offset_d = row_word_offset.to(dev, torch.int32)
         with torch.cuda.device(dev):
             _check(
                 _lib().expand_brle_bits(
                     runs_d.data_ptr(),
-                    torch.tensor(run_offsets, dtype=torch.int64, device=dev).data_ptr(),
+                    run_offsets_d.data_ptr(),
                     len(row_len),
-                    torch.tensor(row_len if row_len else [0], dtype=torch.int32, device=dev).data_ptr(),
-                    row_word_offset.to(dev, torch.int32).data_ptr() if num_tokens else 0,
+                    row_len_d.data_ptr(),
+                    row_word_offset_d.data_ptr() if num_tokens else 0,
                     mask.data_ptr(),
                     0,
                     _stream(dev),
@@ -360,14 +381,7 @@ def plan_attention(
                 if dev.type != "cuda":
                     raise ValueError("num_sms is required when planning for a non-CUDA device")
                 num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
-            head_groups = -(-(num_q_heads // num_kv_heads) // 4)
-            base_ctas = num_decode * num_kv_heads * head_groups
-            step = 32 if head_dim == 128 else 64  # tokens per CTA iteration (slots x unroll)
-            want = max(1, -(-2 * num_sms // base_ctas))  # about two waves of CTAs
-            num_chunks = max(1, min(want, -(-max_kv // 128)))  # chunks of >= 128 tokens
-            chunk_tokens = -(-max_kv // num_chunks)
-            chunk_tokens = -(-chunk_tokens // step) * step
-            num_chunks = -(-max_kv // chunk_tokens)
+            num_chunks, chunk_tokens = decode_split(num_decode, max_kv, num_q_heads, num_kv_heads, head_dim, num_sms)
 
     if reuse is not None:
         return _refill(reuse, qo, kp, ki, kl, work_req, work_tile, decode_req, num_chunks, chunk_tokens,

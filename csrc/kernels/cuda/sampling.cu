@@ -135,6 +135,7 @@ __device__ __forceinline__ uint32_t radix_select(int32_t vocab, float target, Ke
       for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) lowest = min(lowest, __shfl_xor_sync(0xffffffffu, lowest, o));
+      __syncwarp();  // every lane has read s.above (above_lane) before one lane rewrites it
       if (best >= 0) {
         if (found == best) {  // exactly one lane owns it
           s.bin = best;
