@@ -13,7 +13,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     from pie.engine.model_store import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or cuda:N (default auto: the first CUDA device when there is one, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV cache (default auto: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--page-size", type=int, default=16, help="KV page size in tokens")
     p.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache size in MiB")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -22,7 +25,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _engine_config(args: argparse.Namespace):
     from pie.engine.config import EngineConfig
 
-    return EngineConfig(dtype=args.dtype, page_size=args.page_size, kv_cache_mb=args.kv_cache_mb, threads=args.threads)
+    from pie.engine.config import resolve_device
+
+    device = resolve_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    return EngineConfig(dtype=dtype, device=device, page_size=args.page_size, kv_cache_mb=args.kv_cache_mb,
+                        threads=args.threads)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -52,6 +52,14 @@ class AttentionPlan:
     groups: list[PaddedGroup]
     decode: DecodeGroup | None = None
 
+    def to(self, device: torch.device) -> "AttentionPlan":
+        """The plan with its index and mask tensors on `device` (the model's, when not the CPU)."""
+        groups = [PaddedGroup(*(t.to(device) for t in (g.q_index, g.kv_index, g.mask, g.valid, g.rows)))
+                  for g in self.groups]
+        decode = None if self.decode is None else DecodeGroup(
+            *(t.to(device) for t in (self.decode.q_rows, self.decode.kv_indptr, self.decode.kv_slots)))
+        return AttentionPlan(dense=self.dense, groups=groups, decode=decode)
+
 
 @dataclass
 class RequestLayout:
@@ -59,7 +67,7 @@ class RequestLayout:
 
     start: int  # first row in the flattened batch
     num_tokens: int  # T
-    slots: torch.Tensor  # (kv_len,) int64 cache slots of its sequence, in order
+    slots: torch.Tensor | None  # (kv_len,) int64 cache slots of its sequence, in order (None: not built)
     mask: torch.Tensor | None  # (T, kv_len) bool from its BRLE rows, or None for the default
 
 

@@ -19,7 +19,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class UnsupportedModelError(ValueError):
@@ -162,6 +162,21 @@ class ModelConfig:
             raise UnsupportedModelError(f"{path}: not valid JSON ({e})") from None
 
 
+def resolve_device(name: str) -> str:
+    """"auto" -> "cuda" when torch sees a CUDA device, else "cpu"; other names are checked and kept."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device name (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: torch sees no CUDA device here (torch {torch.__version__})")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: only cpu and cuda are supported")
+    return name
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Settings of the model runner. `num_pages` None sizes the KV cache from `kv_cache_mb`."""
@@ -174,6 +189,8 @@ class EngineConfig:
     max_batch_tokens: int = 8192
     max_batch_requests: int = 1024
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    cuda_kernels: bool = True  # on CUDA devices, run pie.engine.cuda_forward (False: the PyTorch path)
+    cuda_graphs: bool = True  # on the CUDA kernel path, replay decode batches as CUDA graphs
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

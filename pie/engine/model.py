@@ -105,6 +105,10 @@ class Transformer:
         """
         c = self.config
         n = token_ids.shape[0]
+        if self.device.type != "cpu":  # the batch is described on the host
+            token_ids, positions, write_slots, output_rows = (
+                t.to(self.device, non_blocking=True) for t in (token_ids, positions, write_slots, output_rows))
+            plan = plan.to(self.device)
         x = self.embed[token_ids]  # (N, H)
         if input_embeds is not None:  # (R,) rows and their (R, H) embeddings replace the token embeddings
             x[input_embeds[0]] = input_embeds[1].to(x.dtype)

@@ -44,6 +44,22 @@ class ModelRunner:
         self.max_batch_requests = engine_config.max_batch_requests
         self.sampling = Sampling(seed)
         self.use_decode_kernel = decode_attention_supported(engine_config.torch_dtype, engine_config.device)
+        # CUDA devices run the kernel path (pie.engine.cuda_forward) when it supports the model;
+        # otherwise, and everywhere else, Transformer.forward (PyTorch ops, the reference) runs.
+        self.cuda_forward = None
+        self.cuda_path_reason = None
+        if torch.device(engine_config.device).type == "cuda":
+            from pie.engine.cuda_forward import CudaForward, cuda_forward_unsupported
+            from pie.engine.cuda_sampling import DeviceSampling
+
+            if engine_config.cuda_kernels:
+                self.cuda_path_reason = cuda_forward_unsupported(model_config, engine_config.torch_dtype,
+                                                                 torch.device(engine_config.device))
+            else:
+                self.cuda_path_reason = "turned off (EngineConfig.cuda_kernels=False)"
+            if self.cuda_path_reason is None:
+                self.cuda_forward = CudaForward(self.model, self.cache, use_graphs=engine_config.cuda_graphs)
+                self.device_sampling = DeviceSampling(self.sampling)
         self.num_forward_passes = 0
         self.num_tokens_processed = 0
 
@@ -68,9 +84,11 @@ class ModelRunner:
         """Checks one request; returns its layout (start row 0). Raises BatchError naming the field."""
         return self._validate(request, index)[0]
 
-    def _validate(self, request: ForwardRequest, index: int) -> tuple[RequestLayout, list[np.ndarray | None] | None]:
+    def _validate(self, request: ForwardRequest, index: int,
+                  with_slots: bool = True) -> tuple[RequestLayout, list[np.ndarray | None] | None]:
         """validate(), also returning the checked output masks: None when the request has none,
-        else per output None or its (R,) int64 run array (see check_vocab_mask)."""
+        else per output None or its (R,) int64 run array (see check_vocab_mask). with_slots=False
+        leaves the layout's slots None (the CUDA path never reads them)."""
         def fail(field_name: str, message: str) -> BatchError:
             return BatchError(index, field_name, message)
 
@@ -97,8 +115,10 @@ class ModelRunner:
         kv_len = (len(pages) - 1) * self.page_size + request.kv_last_page_len
         if kv_len < t:
             raise fail("kv_page_ids", f"the sequence holds {kv_len} tokens, fewer than the {t} input tokens")
-        page_tensor = torch.tensor(pages, dtype=torch.int64)
-        slots = (page_tensor[:, None] * self.page_size + torch.arange(self.page_size)).flatten()[:kv_len]
+        slots = None
+        if with_slots:
+            page_tensor = torch.tensor(pages, dtype=torch.int64)
+            slots = (page_tensor[:, None] * self.page_size + torch.arange(self.page_size)).flatten()[:kv_len]
         if request.write_slots is not None:
             if len(request.write_slots) != t:
                 raise fail("write_slots", f"{len(request.write_slots)} slots for {t} tokens")
@@ -147,7 +167,8 @@ class ModelRunner:
         if len(requests) > self.max_batch_requests:
             raise BatchError(self.max_batch_requests, "batch",
                              f"{len(requests)} requests exceed max_batch_requests {self.max_batch_requests}")
-        checked = [self._validate(r, i) for i, r in enumerate(requests)]
+        on_cuda = self.cuda_forward is not None
+        checked = [self._validate(r, i, with_slots=not on_cuda) for i, r in enumerate(requests)]
         layouts = [lay for lay, _ in checked]
         num_tokens = sum(l.num_tokens for l in layouts)
         if num_tokens > self.max_batch_tokens:
@@ -170,7 +191,12 @@ class ModelRunner:
             if req.input_embeddings is not None:
                 embed_rows.append(torch.arange(start, start + lay.num_tokens))
                 embed_values.append(req.input_embeddings)
-            if req.write_slots is None:
+            if req.write_slots is None and on_cuda:  # the sequence's last T slots, from its pages
+                ps, pages = self.page_size, req.kv_page_ids
+                kv_len = (len(pages) - 1) * ps + req.kv_last_page_len
+                write_slots.append(torch.tensor([pages[i // ps] * ps + i % ps
+                                                 for i in range(kv_len - lay.num_tokens, kv_len)], dtype=torch.int64))
+            elif req.write_slots is None:
                 write_slots.append(lay.slots[-lay.num_tokens:])
             else:
                 write_slots.append(torch.tensor(list(req.write_slots), dtype=torch.int64))
@@ -183,6 +209,9 @@ class ModelRunner:
                 output_rows.append(start + pos)
                 samplers.append(sampler)
             start += lay.num_tokens
+        if on_cuda:
+            return self._execute_cuda(requests, checked, token_ids, positions, write_slots, output_rows,
+                                      samplers, embed_rows, embed_values, mask_rows, mask_runs)
         plan = build_plan(layouts, self.model_config.sliding_window, self.use_decode_kernel)
         threads = torch.get_num_threads()
         single = (self.single_torch_thread and threads > 1
@@ -202,10 +231,36 @@ class ModelRunner:
         if mask_rows:  # unmasked batches skip this entirely
             apply_vocab_masks(logits, mask_rows, vocab_mask_bias(mask_runs, self.model_config.vocab_size))
         outputs = self.sampling(logits, samplers) if samplers else []
-        results = []
-        k = 0
-        for req in requests:
-            n = len(req.outputs)
-            results.append(ForwardResult(outputs=outputs[k:k + n]))
-            k += n
-        return results
+        return _split_outputs(requests, outputs)
+
+    def _execute_cuda(self, requests, checked, token_ids, positions, write_slots, output_rows, samplers,
+                      embed_rows, embed_values, mask_rows, mask_runs) -> list[ForwardResult]:
+        """execute() on the CUDA kernel path: the batch flattened as BatchLayout, logits kept on the
+        device, Greedy / Sample drawn there."""
+        from pie.engine.cuda_forward import BatchLayout
+
+        batch = BatchLayout(
+            token_ids=token_ids, positions=positions, write_slots=torch.cat(write_slots), output_rows=output_rows,
+            qo_lens=[lay.num_tokens for lay, _ in checked], pages=[list(r.kv_page_ids) for r in requests],
+            last_page_len=[r.kv_last_page_len for r in requests],
+            masks=[None if r.mask is None else [list(row) for row in r.mask] for r in requests],
+            embed_rows=torch.cat(embed_rows) if embed_rows else None,
+            embed_values=torch.cat(embed_values) if embed_values else None)
+        logits = self.cuda_forward.forward(batch)  # (M, V) float32 on the device
+        self.num_forward_passes += 1
+        self.num_tokens_processed += len(token_ids)
+        if mask_rows:
+            apply_vocab_masks(logits, mask_rows, vocab_mask_bias(mask_runs, self.model_config.vocab_size))
+        outputs = self.device_sampling(logits, samplers) if samplers else []
+        return _split_outputs(requests, outputs)
+
+
+def _split_outputs(requests: list[ForwardRequest], outputs: list) -> list[ForwardResult]:
+    """The flat list of sampler outputs, cut back into one ForwardResult per request."""
+    results = []
+    k = 0
+    for req in requests:
+        n = len(req.outputs)
+        results.append(ForwardResult(outputs=outputs[k:k + n]))
+        k += n
+    return results

@@ -91,8 +91,8 @@ class ModelSection:
     threads: int = 0  # torch threads; 0 = torch's choice
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.page_size <= 0 or self.num_pages < 0 or self.kv_cache_mb <= 0 or self.max_batch_tokens <= 0 \
                 or self.threads < 0:
             raise ConfigError("model.page_size, kv_cache_mb and max_batch_tokens must be positive; "

@@ -1,0 +1,48 @@
+"""A stand-in for pie.engine.cuda_kernels built on pie.engine.cuda_reference: the same functions and
+keyword arguments, PyTorch ops on any device and dtype. With it, CudaForward's plumbing (plans,
+residual stream, cache writes, masks, sampling dispatch) is checked on machines without a GPU; the
+kernels themselves are checked against the same references in test_cuda_kernels.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pie.engine import cuda_reference as ref
+
+
+@dataclass
+class ReferencePlan:
+    qo_indptr: torch.Tensor  # (R+1,) int64
+    kv_page_indptr: torch.Tensor  # (R+1,) int64
+    kv_page_indices: torch.Tensor  # (P,) int64
+    kv_last_page_len: torch.Tensor  # (R,) int64
+    masks: list | None
+
+
+def plan_attention(qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, *, page_size, num_q_heads,
+                   num_kv_heads, head_dim, masks=None, device=None, num_sms=None, split=None, page_capacity=None,
+                   reuse=None, use_decode_kernel=True) -> ReferencePlan:
+    def t(x):
+        return torch.as_tensor(x, dtype=torch.int64).reshape(-1)
+
+    return ReferencePlan(t(qo_indptr), t(kv_page_indptr), t(kv_page_indices), t(kv_last_page_len), masks)
+
+
+def paged_attention(q, k_cache, v_cache, plan: ReferencePlan, *, sm_scale=None, out=None):
+    return ref.paged_attention(q, k_cache, v_cache, plan.qo_indptr, plan.kv_page_indptr, plan.kv_page_indices,
+                               plan.kv_last_page_len, plan.masks, sm_scale)
+
+
+rope_append_kv = ref.rope_append_kv
+fused_add_rms_norm = ref.fused_add_rms_norm
+argmax = ref.argmax
+
+
+def rms_norm(x, weight, eps, out=None):
+    return ref.rms_norm(x, weight, eps)
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, seeds=None, generator=None):
+    return ref.sample(logits, temperature, top_k, top_p, min_p, seeds.tolist())
