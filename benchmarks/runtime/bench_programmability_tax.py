@@ -112,10 +112,17 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--overhead-requests", type=int, default=300)
+    p.add_argument("--model", default=None, help="model name or folder (default: the default model)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the tax on the GPU path)")
+    p.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "programmability_tax.json"))
     a = p.parse_args()
 
-    engine = Engine(progress=False)
+    from pie.engine.config import EngineConfig
+    from pie.engine.model_store import DEFAULT_MODEL
+
+    dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
+    engine = Engine(a.model or DEFAULT_MODEL, EngineConfig(dtype=dtype, device=a.device), progress=False)
     prompt_ids = engine.prompt_ids(PROMPT)
     rows = []
     for conc in (1, a.concurrency):
@@ -151,7 +158,8 @@ def main() -> None:
         assert r.error is None, r.error
         noop_us = json.loads(r.output)["ns"] / (a.overhead_requests * 5) / 1e3
 
-    table = {"rows": [{"path": path, "concurrency": c, "tpot_ms": tpot * 1e3} for path, c, tpot in rows],
+    table = {"model": engine.model_name, "device": a.device, "dtype": dtype,
+             "rows": [{"path": path, "concurrency": c, "tpot_ms": tpot * 1e3} for path, c, tpot in rows],
              "overhead": {"round_trip_us": per_request_us, "runner_execute_us": runner_us,
                           "runtime_overhead_us": per_request_us - runner_us, "noop_model_round_trip_us": noop_us}}
     print(f"{'path':<10} {'concurrent':>10} {'TPOT ms':>9} {'tax':>8}")
