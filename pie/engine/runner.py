@@ -176,7 +176,7 @@ class ModelRunner:
                              f"{num_tokens} tokens exceed max_batch_tokens {self.max_batch_tokens}")
         token_ids: list[int] = []
         positions: list[int] = []
-        write_slots: list[torch.Tensor] = []
+        write_slots: list = []  # per request: (T,) int64 tensor (PyTorch path) or T ints (CUDA path)
         output_rows: list[int] = []
         samplers: list[Sampler] = []
         embed_rows: list[torch.Tensor] = []  # rows of the flattened batch given as input embeddings
@@ -191,11 +191,13 @@ class ModelRunner:
             if req.input_embeddings is not None:
                 embed_rows.append(torch.arange(start, start + lay.num_tokens))
                 embed_values.append(req.input_embeddings)
-            if req.write_slots is None and on_cuda:  # the sequence's last T slots, from its pages
-                ps, pages = self.page_size, req.kv_page_ids
-                kv_len = (len(pages) - 1) * ps + req.kv_last_page_len
-                write_slots.append(torch.tensor([pages[i // ps] * ps + i % ps
-                                                 for i in range(kv_len - lay.num_tokens, kv_len)], dtype=torch.int64))
+            if on_cuda:  # plain ints: one tensor for the whole batch later (a tensor each costs ~7 us)
+                if req.write_slots is None:  # the sequence's last T slots, from its pages
+                    ps, pages = self.page_size, req.kv_page_ids
+                    kv_len = (len(pages) - 1) * ps + req.kv_last_page_len
+                    write_slots.append([pages[i // ps] * ps + i % ps for i in range(kv_len - lay.num_tokens, kv_len)])
+                else:
+                    write_slots.append(req.write_slots)
             elif req.write_slots is None:
                 write_slots.append(lay.slots[-lay.num_tokens:])
             else:
@@ -240,7 +242,8 @@ class ModelRunner:
         from pie.engine.cuda_forward import BatchLayout
 
         batch = BatchLayout(
-            token_ids=token_ids, positions=positions, write_slots=torch.cat(write_slots), output_rows=output_rows,
+            token_ids=token_ids, positions=positions, output_rows=output_rows,
+            write_slots=torch.tensor([slot for part in write_slots for slot in part], dtype=torch.int64),
             qo_lens=[lay.num_tokens for lay, _ in checked], pages=[list(r.kv_page_ids) for r in requests],
             last_page_len=[r.kv_last_page_len for r in requests],
             masks=[None if r.mask is None else [list(row) for row in r.mask] for r in requests],
