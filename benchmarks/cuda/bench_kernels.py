@@ -18,12 +18,9 @@ several sets where one set would fit in L2. Writes benchmarks/results/cuda_kerne
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
-import re
-import shutil
 import statistics
 import sys
 import time
@@ -37,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from pie.engine import cuda_kernels as ck  # noqa: E402
 from pie.engine import cuda_reference as ref  # noqa: E402
+from results import write_results  # noqa: E402  (benchmarks/cuda/results.py)
 
 L2_DEFEAT_BYTES = 256 << 20  # rotate inputs until this many bytes are touched per cycle
 
@@ -271,7 +269,6 @@ def main() -> int:
         "copy_bandwidth": copy,
         "results": rows,
     }
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_").lower()
     table = [
         f"# pie CUDA kernels on {device} ({props.multi_processor_count} SMs), torch {torch.__version__}",
         "",
@@ -281,15 +278,7 @@ def main() -> int:
         "| --- | --- | --- | --- | --- |",
         *[fmt(r) for r in rows],
     ]
-    results_dir = ROOT / "benchmarks" / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    paths = [results_dir / f"cuda_kernels_{slug}.json", results_dir / f"cuda_kernels_{slug}.md"]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text("\n".join(table) + "\n")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        for p in paths:
-            shutil.copy(p, Path(args.out) / p.name)
+    write_results("cuda_kernels", device, result, table, args.out)
     print("\n".join(table))
     return 1 if any("error" in r for r in rows) else 0
 

@@ -20,8 +20,6 @@ import argparse
 import gc
 import json
 import os
-import re
-import shutil
 import statistics
 import sys
 import time
@@ -35,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from pie.engine.batch import ForwardRequest, Greedy  # noqa: E402
 from pie.engine.config import EngineConfig, ModelConfig  # noqa: E402
 from pie.engine.runner import ModelRunner  # noqa: E402
+from results import write_results  # noqa: E402  (benchmarks/cuda/results.py)
 
 SHAPES = {  # name: (hidden, layers, heads, kv_heads, head_dim, intermediate, vocab, tied)
     "1b": ("Llama-3.2-1B", 2048, 16, 32, 8, 64, 8192, 128256, True),
@@ -150,15 +149,7 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['pie_ms']:.2f} | {r['pie_eager_ms']:.2f} | "
                      f"{r['hf_static_ms']:.2f} | {r['speedup']:.2f}x | {r['tokens_per_s']:.0f} |")
-    slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    paths = [results / f"tpot_{slug}.json", results / f"tpot_{slug}.md"]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text("\n".join(lines) + "\n")
-    if args.out:
-        for p in paths:
-            shutil.copy(p, args.out)
+    write_results("tpot", device, result, lines, args.out)
     print("\n".join(lines))
     return 0
 
