@@ -23,9 +23,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_config(args: argparse.Namespace):
-    from pie.engine.config import EngineConfig
-
-    from pie.engine.config import resolve_device
+    from pie.engine.config import EngineConfig, resolve_device
 
     device = resolve_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")

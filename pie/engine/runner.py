@@ -212,58 +212,54 @@ class ModelRunner:
                 samplers.append(sampler)
             start += lay.num_tokens
         if on_cuda:
-            return self._execute_cuda(requests, checked, token_ids, positions, write_slots, output_rows,
-                                      samplers, embed_rows, embed_values, mask_rows, mask_runs)
+            logits = self._forward_cuda(requests, layouts, token_ids, positions, write_slots, output_rows,
+                                        embed_rows, embed_values)  # (M, V) float32 on the device
+            sampling = self.device_sampling
+        else:
+            logits = self._forward_torch(layouts, token_ids, positions, write_slots, output_rows,
+                                         embed_rows, embed_values)  # (M, V) float32
+            sampling = self.sampling
+        self.num_forward_passes += 1
+        self.num_tokens_processed += num_tokens
+        if mask_rows:  # unmasked batches skip this entirely
+            apply_vocab_masks(logits, mask_rows, vocab_mask_bias(mask_runs, self.model_config.vocab_size))
+        outputs = sampling(logits, samplers) if samplers else []
+        results = []
+        k = 0
+        for req in requests:
+            n = len(req.outputs)
+            results.append(ForwardResult(outputs=outputs[k:k + n]))
+            k += n
+        return results
+
+    def _forward_torch(self, layouts, token_ids, positions, write_slots, output_rows, embed_rows,
+                       embed_values) -> torch.Tensor:
+        """Transformer.forward (the PyTorch path) over the flattened batch."""
         plan = build_plan(layouts, self.model_config.sliding_window, self.use_decode_kernel)
         threads = torch.get_num_threads()
         single = (self.single_torch_thread and threads > 1
-                  and num_tokens <= linear_kernel_max_rows(self.engine_config.torch_dtype))
+                  and len(token_ids) <= linear_kernel_max_rows(self.engine_config.torch_dtype))
         if single:
             torch.set_num_threads(1)
         try:
-            logits = self.model.forward(
+            return self.model.forward(
                 torch.tensor(token_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
                 torch.cat(write_slots), torch.tensor(output_rows, dtype=torch.int64), plan, self.cache,
                 input_embeds=(torch.cat(embed_rows), torch.cat(embed_values)) if embed_rows else None)
         finally:
             if single:
                 torch.set_num_threads(threads)
-        self.num_forward_passes += 1
-        self.num_tokens_processed += num_tokens
-        if mask_rows:  # unmasked batches skip this entirely
-            apply_vocab_masks(logits, mask_rows, vocab_mask_bias(mask_runs, self.model_config.vocab_size))
-        outputs = self.sampling(logits, samplers) if samplers else []
-        return _split_outputs(requests, outputs)
 
-    def _execute_cuda(self, requests, checked, token_ids, positions, write_slots, output_rows, samplers,
-                      embed_rows, embed_values, mask_rows, mask_runs) -> list[ForwardResult]:
-        """execute() on the CUDA kernel path: the batch flattened as BatchLayout, logits kept on the
-        device, Greedy / Sample drawn there."""
+    def _forward_cuda(self, requests, layouts, token_ids, positions, write_slots, output_rows, embed_rows,
+                      embed_values) -> torch.Tensor:
+        """pie.engine.cuda_forward over the batch, described as a BatchLayout."""
         from pie.engine.cuda_forward import BatchLayout
 
-        batch = BatchLayout(
+        return self.cuda_forward.forward(BatchLayout(
             token_ids=token_ids, positions=positions, output_rows=output_rows,
             write_slots=torch.tensor([slot for part in write_slots for slot in part], dtype=torch.int64),
-            qo_lens=[lay.num_tokens for lay, _ in checked], pages=[list(r.kv_page_ids) for r in requests],
+            qo_lens=[lay.num_tokens for lay in layouts], pages=[list(r.kv_page_ids) for r in requests],
             last_page_len=[r.kv_last_page_len for r in requests],
             masks=[None if r.mask is None else [list(row) for row in r.mask] for r in requests],
             embed_rows=torch.cat(embed_rows) if embed_rows else None,
-            embed_values=torch.cat(embed_values) if embed_values else None)
-        logits = self.cuda_forward.forward(batch)  # (M, V) float32 on the device
-        self.num_forward_passes += 1
-        self.num_tokens_processed += len(token_ids)
-        if mask_rows:
-            apply_vocab_masks(logits, mask_rows, vocab_mask_bias(mask_runs, self.model_config.vocab_size))
-        outputs = self.device_sampling(logits, samplers) if samplers else []
-        return _split_outputs(requests, outputs)
-
-
-def _split_outputs(requests: list[ForwardRequest], outputs: list) -> list[ForwardResult]:
-    """The flat list of sampler outputs, cut back into one ForwardResult per request."""
-    results = []
-    k = 0
-    for req in requests:
-        n = len(req.outputs)
-        results.append(ForwardResult(outputs=outputs[k:k + n]))
-        k += n
-    return results
+            embed_values=torch.cat(embed_values) if embed_values else None))
