@@ -113,7 +113,7 @@ class CudaForward:
         self.model = model
         self.cache = cache
         self.config = model.config
-        self.k = kernels
+        self.kernels = kernels
         self.device = model.device
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.graph_batch_sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_graph_batch]
@@ -175,7 +175,7 @@ class CudaForward:
         if c.sliding_window is not None:
             masks = self._sliding_window_masks(batch)
         has_masks = any(m is not None for m in masks)
-        return self.k.plan_attention(
+        return self.kernels.plan_attention(
             qo_indptr, page_indptr, [p for pages in batch.pages for p in pages], batch.last_page_len,
             page_size=self.cache.page_size, num_q_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
             head_dim=c.head_dim, masks=masks if has_masks else None, device=self.device,
@@ -207,7 +207,7 @@ class CudaForward:
                 plan: cuda_kernels.AttentionPlan, embeds=None) -> torch.Tensor:
         """token_ids (N,) int64, positions (N,) int32, slots (N,) int64 on the device -> (N, H) hidden
         states after the final norm. Only device work: capturable in a CUDA graph."""
-        k_ops, c, m = self.k, self.config, self.model
+        k_ops, c, m = self.kernels, self.config, self.model
         n = token_ids.shape[0]
         eps = c.rms_norm_eps
         residual = m.embed[token_ids]  # (N, H), a fresh tensor: updated in place below

@@ -21,7 +21,7 @@ from pie.engine.sampling import Sampling
 class DeviceSampling:
     def __init__(self, host: Sampling, kernels=cuda_kernels):
         self.host = host  # holds the generator for unseeded draws, and runs the host-side samplers
-        self.k = kernels
+        self.kernels = kernels
 
     def __call__(self, logits: torch.Tensor, samplers: list[Sampler]) -> list[SamplerOutput]:
         """logits: (M, V) float32 on the device, one row per sampler."""
@@ -39,7 +39,7 @@ class DeviceSampling:
             ss = [samplers[i] for i in drawn]
             seeds = torch.tensor([s.seed if s.seed is not None else self._fresh_seed() for s in ss],
                                  dtype=torch.int64)
-            ids = self.k.sample(
+            ids = self.kernels.sample(
                 self._rows(logits, drawn),
                 temperature=torch.tensor([s.temperature for s in ss], dtype=torch.float32, device=dev),
                 top_k=torch.tensor([s.top_k for s in ss], dtype=torch.int32, device=dev),
