@@ -116,7 +116,7 @@ def main() -> int:
     args = ap.parse_args()
     device = torch.cuda.get_device_name(0)
     batches = [int(b) for b in args.batches.split(",")]
-    rows = []
+    rows: list[dict] = []
     for key in args.models.split(","):
         model, config = hf_model(key)
         state = model.state_dict()
@@ -136,9 +136,15 @@ def main() -> int:
                        speedup=theirs / ours["graphs"], tokens_per_s=batch / ours["graphs"])
             rows.append(row)
             print(json.dumps(row), flush=True)
+            table = write_table(device, rows, args.out)  # after every row: a run cut short keeps its rows
         del runners, model, state
         gc.collect()
         torch.cuda.empty_cache()
+    print("\n".join(table))
+    return 0
+
+
+def write_table(device: str, rows: list[dict], out: str | None) -> list[str]:
     import transformers
 
     result = dict(device=device, torch=torch.__version__, transformers=transformers.__version__,
@@ -149,9 +155,8 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['pie_ms']:.2f} | {r['pie_eager_ms']:.2f} | "
                      f"{r['hf_static_ms']:.2f} | {r['speedup']:.2f}x | {r['tokens_per_s']:.0f} |")
-    write_results("tpot", device, result, lines, args.out)
-    print("\n".join(lines))
-    return 0
+    write_results("tpot", device, result, lines, out)
+    return lines
 
 
 if __name__ == "__main__":
