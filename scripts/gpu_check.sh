@@ -18,6 +18,11 @@
 #             call may carry (64 MiB), so it travels in two halves on a warm machine: each call copies
 #             the ignored folder .gpu_carry/ (a half, and the gguf wheel) into /root/stash; this stage
 #             joins /root/stash/smollm2.part*, converts the GGUF and runs the test.
+#   tax       the programmability tax on the GPU (benchmarks/runtime/bench_programmability_tax.py
+#             --device cuda) on SmolLM2's shape and tokenizer with random weights. Needs the ignored folder
+#             .gpu_carry_tax/ carried (scripts/stage_gpu_tax.sh fills it: the wasmtime and componentize-py
+#             wheels for the device's Python, SmolLM2's config and tokenizer); builds every extension.
+#             (PIE_TAX_DEVICE=cpu PIE_TAX_ARGS="--short 2 --long 6 ..." rehearses it on a machine without one.)
 #   quick     build + the small tests only (a first smoke check)
 # Everything worth keeping lands in $OUT (at most 8 files come back): env.txt, build.log,
 # resource_usage.txt, pytest.log, junit.xml, sanitizer.log, cuda_kernels_<device>.{json,md}.
@@ -39,7 +44,7 @@ want() {  # want STAGE: is STAGE requested (directly or through all/quick)?
   local s
   for s in "${stages[@]}"; do
     [ "$s" = "$1" ] && return 0
-    [ "$s" = all ] && [ "$1" != quick ] && [ "$1" != sanitize ] && [ "$1" != smollm2 ] && return 0
+    [ "$s" = all ] && [ "$1" != quick ] && [ "$1" != sanitize ] && [ "$1" != smollm2 ] && [ "$1" != tax ] && return 0
     [ "$s" = quick ] && [ "$1" = build ] && return 0
   done
   return 1
@@ -166,6 +171,20 @@ print('converted')"
   status[smollm2]="rc=$rc $((SECONDS - t0))s"
 }
 
+tax() {
+  local t0=$SECONDS rc=0 carry=$ROOT/.gpu_carry_tax
+  {
+    $PY -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site "$carry"/*.whl &&
+      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} &&
+      PYTHON=$PY PIE_CUDA=1 bash scripts/dev_build.sh "$BUILD/full" &&
+      $PY scripts/random_model.py "$carry/smollm2" /tmp/smollm2-random &&
+      PIE_HOME=/tmp/pie_home $PY benchmarks/runtime/bench_programmability_tax.py --device "${PIE_TAX_DEVICE:-cuda}" \
+        --model /tmp/smollm2-random --out "$OUT/programmability_tax_gpu.json" ${PIE_TAX_ARGS:-}
+  } >"$OUT/tax.log" 2>&1 || rc=$?
+  tail -12 "$OUT/tax.log"
+  status[tax]="rc=$rc $((SECONDS - t0))s"
+}
+
 env_report
 if want build; then
   build || { echo "build failed: see build.log"; tail -40 "$OUT/build.log"; exit 1; }
@@ -176,11 +195,12 @@ want sanitize && sanitize
 want bench && bench
 want tpot && tpot
 want smollm2 && smollm2
+want tax && tax
 
 echo
 echo "| stage | result |"
 echo "| --- | --- |"
-for s in build test sanitize bench tpot smollm2; do
+for s in build test sanitize bench tpot smollm2 tax; do
   [ -n "${status[$s]:-}" ] && echo "| $s | ${status[$s]} |"
 done
 echo "files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
