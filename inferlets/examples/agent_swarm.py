@@ -36,7 +36,8 @@ import argparse
 import json
 
 import inferlet
-from inferlet import Context, Grammar
+from inferlet import Context
+from inferlet.branches import numbered_lines
 
 MSG = inferlet.raw.messaging
 STORE = inferlet.raw.kv_store
@@ -71,18 +72,6 @@ def worker(args):
     MSG.unsubscribe(tasks)
 
 
-def numbered_lines(ctx, count, max_tokens, sampler):
-    """Writes `count` numbered lines ("1. ...\\n") into ctx, each of at most max_tokens tokens (a regex
-    grammar keeps each one a single non-empty line); returns their texts."""
-    grammar = Grammar.regex(" [^\\n]+\\n")
-    lines = []
-    for i in range(1, count + 1):
-        ctx.fill(f"{i}.")
-        text = ctx.generate(max_tokens=max_tokens, sampler=sampler, grammar=grammar)
-        if not text.endswith("\n"):  # cut off by the token limit
-            ctx.fill("\n")
-        lines.append(text.strip())
-    return lines
 
 
 def split(question, count, max_tokens):

@@ -29,37 +29,15 @@ queues.create / destroy, kv.allocate / free.
 
 import argparse
 import json
-import math
 
 import inferlet
 from inferlet import Context
-from inferlet.branches import step_sampler, submit, Branch, decode_all, truncate, Trace
-
-F = inferlet.raw.forward
+from inferlet.branches import step_sampler, Branch, decode_all, score_yes_no, Trace
 
 
 # ---- graph of thought -----------------------------------------------------------------------------------
 
 QUESTION = " Is this answer correct? Answer yes or no:"
-
-
-def score_all(contexts, trace):
-    """P(yes) / (P(yes) + P(no)) of each context after QUESTION; one pass each, all submitted before any
-    is waited on. The question is dropped again (truncated), the contexts' own tokens stay computed."""
-    yes, no = inferlet.encode(" yes", False)[0], inferlet.encode(" no", False)[0]
-    question = inferlet.encode(QUESTION, False)
-    futures = []
-    for ctx in contexts:
-        keep = len(ctx.tokens)
-        ctx.fill_tokens(question)
-        futures.append((ctx, keep, submit(ctx, [inferlet.logprobs([yes, no])])))
-    scores = []
-    for ctx, keep, future in futures:
-        lp_yes, lp_no = F.wait(future)[0].values
-        scores.append(1.0 / (1.0 + math.exp(lp_no - lp_yes)))
-        trace.discard(ctx, len(ctx.tokens) - keep)
-        truncate(ctx, keep)
-    return scores
 
 
 def main():
@@ -97,7 +75,7 @@ def main():
     decode_all(drafts)
 
     # Score every draft; aggregate the best `merge` of them onto a fork of the best one.
-    scores = score_all([b.ctx for b in drafts], trace)
+    scores = score_yes_no([b.ctx for b in drafts], QUESTION, trace)
     order = sorted(range(args.drafts), key=lambda i: -scores[i])[:merge]
     [merged] = trace.fork(drafts[order[0]].ctx, 1, "merged")
     trace.nodes[trace.node(merged)]["parents"] = [trace.node(drafts[i].ctx) for i in order]

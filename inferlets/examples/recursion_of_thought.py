@@ -31,24 +31,12 @@ import argparse
 import json
 
 import inferlet
-from inferlet import Context, Grammar
-from inferlet.branches import Branch, decode_all, Trace
+from inferlet import Context
+from inferlet.branches import Branch, decode_all, numbered_lines, Trace
 
 
 # ---- recursion of thought -------------------------------------------------------------------------------
 
-def numbered_lines(ctx, count, max_tokens, sampler):
-    """Writes `count` numbered lines ("1. ...\\n") into ctx, each of at most max_tokens tokens (a regex
-    grammar keeps each one a single non-empty line); returns their texts."""
-    grammar = Grammar.regex(" [^\\n]+\\n")
-    lines = []
-    for i in range(1, count + 1):
-        ctx.fill(f"{i}.")
-        text = ctx.generate(max_tokens=max_tokens, sampler=sampler, grammar=grammar)
-        if not text.endswith("\n"):  # cut off by the token limit
-            ctx.fill("\n")
-        lines.append(text.strip())
-    return lines
 
 
 class Solver:

@@ -30,37 +30,15 @@ queues.create / destroy, kv.allocate / free.
 
 import argparse
 import json
-import math
 
 import inferlet
 from inferlet import Context
-from inferlet.branches import step_sampler, submit, Branch, decode_all, truncate, Trace
-
-F = inferlet.raw.forward
+from inferlet.branches import step_sampler, Branch, decode_all, score_yes_no, Trace
 
 
 # ---- tree of thought ----------------------------------------------------------------------------------
 
 QUESTION = " Is this step correct? Answer yes or no:"
-
-
-def score_all(contexts, trace):
-    """P(yes) / (P(yes) + P(no)) of each context after QUESTION; one pass each, all submitted before any
-    is waited on. The question is dropped again (truncated), the contexts' own tokens stay computed."""
-    yes, no = inferlet.encode(" yes", False)[0], inferlet.encode(" no", False)[0]
-    question = inferlet.encode(QUESTION, False)
-    futures = []
-    for ctx in contexts:
-        keep = len(ctx.tokens)
-        ctx.fill_tokens(question)
-        futures.append((ctx, keep, submit(ctx, [inferlet.logprobs([yes, no])])))
-    scores = []
-    for ctx, keep, future in futures:
-        lp_yes, lp_no = F.wait(future)[0].values
-        scores.append(1.0 / (1.0 + math.exp(lp_no - lp_yes)))
-        trace.discard(ctx, len(ctx.tokens) - keep)
-        truncate(ctx, keep)
-    return scores
 
 
 def main():
@@ -102,7 +80,7 @@ def main():
                 branch.accept([out])
                 proposals.append((node, branch))
         decode_all([b for _, b in proposals])
-        scores = score_all([b.ctx for _, b in proposals], trace)
+        scores = score_yes_no([b.ctx for _, b in proposals], QUESTION, trace)
         order = sorted(range(len(proposals)), key=lambda i: -scores[i])[:args.beam]
         level = []
         for i, ((parent, branch), score) in enumerate(zip(proposals, scores)):

@@ -5,7 +5,9 @@ tree / graph / skeleton / recursion of thought, prefix_tree).
 - `Branch` + `decode_all(branches)`: every live branch's pass submitted (one queue per branch) before any
   is waited on, so the server batches the branches into one forward pass per step;
 - `truncate(ctx, length)`: drops tokens and the pages only they used;
-- `Trace`: which context was forked from which, and what each inherited and computed (for reports).
+- `Trace`: which context was forked from which, and what each inherited and computed (for reports);
+- `score_yes_no(contexts, question, trace)`: a verifier's P(yes) for each context, all passes in flight;
+- `numbered_lines(ctx, count, max_tokens, sampler)`: a plan of numbered one-line items (grammar-bound).
 
     from inferlet.branches import Branch, decode_all
 """
@@ -13,7 +15,7 @@ tree / graph / skeleton / recursion of thought, prefix_tree).
 import math
 
 import inferlet
-from inferlet import step_sampler  # noqa: F401  (re-exported for the inferlets)
+from inferlet import Grammar, step_sampler  # noqa: F401  (step_sampler re-exported for the inferlets)
 
 F = inferlet.raw.forward
 KV = inferlet.raw.kv
@@ -182,3 +184,37 @@ class Trace:
                 self.close(node["ctx"])
         return {"contexts": self.nodes, "computed": sum(n["computed"] for n in self.nodes),
                 "computed_unshared": sum(n["inherited"] + n["computed"] for n in self.nodes)}
+
+
+def score_yes_no(contexts, question, trace):
+    """P(yes) / (P(yes) + P(no)) of each context after `question` (text); one pass each, all submitted
+    before any is waited on. The question is dropped again (truncated), the contexts' own tokens stay
+    computed; `trace` records the discarded tokens."""
+    yes, no = inferlet.encode(" yes", False)[0], inferlet.encode(" no", False)[0]
+    question_ids = inferlet.encode(question, False)
+    futures = []
+    for ctx in contexts:
+        keep = len(ctx.tokens)
+        ctx.fill_tokens(question_ids)
+        futures.append((ctx, keep, submit(ctx, [inferlet.logprobs([yes, no])])))
+    scores = []
+    for ctx, keep, future in futures:
+        lp_yes, lp_no = F.wait(future)[0].values
+        scores.append(1.0 / (1.0 + math.exp(lp_no - lp_yes)))
+        trace.discard(ctx, len(ctx.tokens) - keep)
+        truncate(ctx, keep)
+    return scores
+
+
+def numbered_lines(ctx, count, max_tokens, sampler):
+    """Writes `count` numbered lines ("1. ...\\n") into ctx, each of at most max_tokens tokens (a regex
+    grammar keeps each one a single non-empty line); returns their texts."""
+    grammar = Grammar.regex(" [^\\n]+\\n")
+    lines = []
+    for i in range(1, count + 1):
+        ctx.fill(f"{i}.")
+        text = ctx.generate(max_tokens=max_tokens, sampler=sampler, grammar=grammar)
+        if not text.endswith("\n"):  # cut off by the token limit
+            ctx.fill("\n")
+        lines.append(text.strip())
+    return lines
