@@ -5,7 +5,8 @@ paged cache with:
 - one attention plan per batch (`plan_attention`), used by every layer;
 - RoPE of q and k fused with the K/V append into the paged cache (`rope_append_kv`);
 - paged attention over ragged requests (decode kernel for one-token requests, tiled prefill for the
-  rest, custom BRLE masks on the device);
+  rest, custom BRLE masks on the device), except fresh causal prefill of at least
+  `min_sdpa_prefill_tokens` tokens, which runs through torch SDPA (pie.engine.sdpa_prefill);
 - the residual add fused into RMSNorm (`fused_add_rms_norm`): x + residual is rounded to the model
   dtype before the norm, as HF does;
 - cuBLAS (torch) for the linear layers.
@@ -33,10 +34,14 @@ from pie.engine import cuda_kernels
 from pie.engine.config import ModelConfig
 from pie.engine.kv_cache import PagedKVCache
 from pie.engine.model import Transformer, rms_norm as torch_rms_norm
+from pie.engine.sdpa_prefill import SdpaPrefillGroup, fresh_sequence_slots, plan_sdpa_prefill, sdpa_prefill_attention
 
 # Decode batches are padded up to one of these sizes for graph replay; larger batches run eagerly.
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 MIN_GRAPH_KV_BUCKET = 256  # KV-length buckets are powers of two from here
+# Fresh causal requests at least this long run through SDPA; shorter ones fit one prefill tile of the
+# kernel (PREFILL_TILE rows), where one launch for all of them beats a few torch ops per request.
+MIN_SDPA_PREFILL_TOKENS = 128
 
 
 def cuda_forward_unsupported(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> str | None:
@@ -106,10 +111,13 @@ class CudaForward:
 
     kernels: the module providing the kernel functions (pie.engine.cuda_kernels); tests on machines
     without a GPU substitute a PyTorch stand-in to check the plumbing.
+    min_sdpa_prefill_tokens: fresh causal requests this long or longer run through SDPA
+    (None: every request through the kernels).
     """
 
     def __init__(self, model: Transformer, cache: PagedKVCache, *, use_graphs: bool = True,
-                 max_graph_batch: int = 128, kernels=cuda_kernels):
+                 max_graph_batch: int = 128, kernels=cuda_kernels,
+                 min_sdpa_prefill_tokens: int | None = MIN_SDPA_PREFILL_TOKENS):
         self.model = model
         self.cache = cache
         self.config = model.config
@@ -124,8 +132,10 @@ class CudaForward:
         self._rope_rows = 0
         self.cos = self.sin = torch.empty(0)
         self._ensure_rope(max(self.config.max_position_embeddings, cache.num_slots))
+        self.min_sdpa_prefill_tokens = min_sdpa_prefill_tokens
         self.num_graph_replays = 0
         self.num_graph_captures = 0
+        self.num_sdpa_prefill_requests = 0
 
     # ---- tables -----------------------------------------------------------------------------
     def _ensure_rope(self, num_positions: int) -> None:
@@ -163,6 +173,28 @@ class CudaForward:
             masks[r] = rows
         return masks
 
+    def _sdpa_requests(self, batch: BatchLayout) -> list[int]:
+        """Requests for SDPA: default mask, KV sequence exactly its input tokens (within the sliding
+        window), at least min_sdpa_prefill_tokens of them."""
+        if self.min_sdpa_prefill_tokens is None:
+            return []
+        ps, window = self.cache.page_size, self.config.sliding_window
+        chosen = []
+        for r, (qo_len, pages, last, mask) in enumerate(zip(batch.qo_lens, batch.pages, batch.last_page_len,
+                                                            batch.masks)):
+            kv_len = (len(pages) - 1) * ps + last
+            if (mask is None and qo_len == kv_len and qo_len >= max(2, self.min_sdpa_prefill_tokens)
+                    and (window is None or kv_len <= window)):
+                chosen.append(r)
+        return chosen
+
+    def _plan_sdpa(self, batch: BatchLayout, requests: list[int]) -> list[SdpaPrefillGroup]:
+        starts = np.cumsum([0] + batch.qo_lens[:-1]).tolist()
+        ps = self.cache.page_size
+        return plan_sdpa_prefill(
+            [starts[r] for r in requests], [batch.qo_lens[r] for r in requests],
+            [fresh_sequence_slots(batch.pages[r], batch.qo_lens[r], ps) for r in requests], self.device)
+
     def plan(self, batch: BatchLayout, **kwargs) -> cuda_kernels.AttentionPlan:
         c = self.config
         qo_indptr = [0]
@@ -192,21 +224,26 @@ class CudaForward:
             if graphed is not None:
                 return graphed
         dev = self.device
-        plan = self.plan(batch)
+        sdpa_requests = self._sdpa_requests(batch)
+        sdpa_groups = self._plan_sdpa(batch, sdpa_requests) if sdpa_requests else []
+        self.num_sdpa_prefill_requests += len(sdpa_requests)
+        plan = self.plan(batch, exclude=sdpa_requests) if sdpa_requests else self.plan(batch)
         token_ids = torch.tensor(batch.token_ids, dtype=torch.int64).to(dev, non_blocking=True)
         positions = torch.tensor(batch.positions, dtype=torch.int32).to(dev, non_blocking=True)
         slots = batch.write_slots.to(dev, torch.int64, non_blocking=True)
         embeds = None
         if batch.embed_rows is not None:
             embeds = (batch.embed_rows.to(dev), batch.embed_values.to(dev, self.model.dtype))
-        hidden = self._layers(token_ids, positions, slots, plan, embeds)  # (N, H), final-normed
+        hidden = self._layers(token_ids, positions, slots, plan, embeds, sdpa_groups)  # (N, H), final-normed
         rows = torch.tensor(batch.output_rows, dtype=torch.int64).to(dev, non_blocking=True)
         return F.linear(hidden[rows], self.model.lm_head).float()
 
     def _layers(self, token_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                plan: cuda_kernels.AttentionPlan, embeds=None) -> torch.Tensor:
+                plan: cuda_kernels.AttentionPlan, embeds=None,
+                sdpa_groups: Sequence[SdpaPrefillGroup] = ()) -> torch.Tensor:
         """token_ids (N,) int64, positions (N,) int32, slots (N,) int64 on the device -> (N, H) hidden
-        states after the final norm. Only device work: capturable in a CUDA graph."""
+        states after the final norm. sdpa_groups: the requests `plan` excludes, attended by SDPA.
+        Only device work: capturable in a CUDA graph."""
         k_ops, c, m = self.kernels, self.config, self.model
         n = token_ids.shape[0]
         eps = c.rms_norm_eps
@@ -225,6 +262,8 @@ class CudaForward:
             k_cache, v_cache = self._cache_views(li)
             q = k_ops.rope_append_kv(q, k, v, positions, self.cos, self.sin, k_cache, v_cache, slots)
             attn = k_ops.paged_attention(q, k_cache, v_cache, plan, sm_scale=m.scale)  # (N, Hq, D)
+            if sdpa_groups:  # their rows of attn are unwritten until here
+                sdpa_prefill_attention(q, self.cache.k[li], self.cache.v[li], sdpa_groups, m.scale, attn)
             o = F.linear(attn.view(n, c.q_size), lw.o)
             h, residual = k_ops.fused_add_rms_norm(o, residual, lw.post_attention_norm, eps)
             gate, up = F.linear(h, lw.gate_up).chunk(2, dim=-1)

@@ -244,6 +244,7 @@ def plan_attention(
     split: tuple[int, int] | None = None,
     page_capacity: int | None = None,
     reuse: AttentionPlan | None = None,
+    exclude: Sequence[int] | None = None,
 ) -> AttentionPlan:
     """Plan one ragged batch's attention; the index arrays are CPU lists/arrays/tensors.
 
@@ -270,6 +271,9 @@ def plan_attention(
         requests, decode requests and prefill tiles, same split, no masks, pages within capacity)
         and returned. For CUDA graphs: plan once with a fixed `split` and `page_capacity`, capture
         `paged_attention` with that plan, then before each replay re-plan with `reuse=plan`.
+    exclude : request indices the kernels skip: no decode work, no prefill tiles, their rows of
+        `out` left as they were. For callers that attend those requests themselves (CudaForward runs
+        fresh causal prefill through torch SDPA).
 
     Returns
     -------
@@ -353,9 +357,15 @@ def plan_attention(
             )
 
     # Split: one-token requests -> decode kernel; the rest -> PREFILL_TILE-row tiles, heaviest first.
-    is_decode = (qo_lens_t == 1) if use_decode_kernel else torch.zeros(num_requests, dtype=torch.bool)
+    active = torch.ones(num_requests, dtype=torch.bool)
+    if exclude is not None and len(exclude):
+        skipped = _cpu_i64(exclude)
+        if ((skipped < 0) | (skipped >= num_requests)).any():
+            raise ValueError(f"exclude: request indices must be in 0..{num_requests - 1}, got {skipped.tolist()}")
+        active[skipped] = False
+    is_decode = ((qo_lens_t == 1) if use_decode_kernel else torch.zeros(num_requests, dtype=torch.bool)) & active
     decode_req = torch.nonzero(is_decode).reshape(-1)
-    prefill_req = torch.nonzero(~is_decode & (qo_lens_t > 0)).reshape(-1)
+    prefill_req = torch.nonzero(~is_decode & (qo_lens_t > 0) & active).reshape(-1)
     tiles = (qo_lens_t[prefill_req] + PREFILL_TILE - 1) // PREFILL_TILE
     work_req = torch.repeat_interleave(prefill_req, tiles)
     first = torch.repeat_interleave(torch.cumsum(tiles, 0) - tiles, tiles)

@@ -19,20 +19,27 @@ class ReferencePlan:
     kv_page_indices: torch.Tensor  # (P,) int64
     kv_last_page_len: torch.Tensor  # (R,) int64
     masks: list | None
+    exclude: list[int]  # requests the caller attends itself (their rows come back NaN, as a check)
 
 
 def plan_attention(qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, *, page_size, num_q_heads,
                    num_kv_heads, head_dim, masks=None, device=None, num_sms=None, split=None, page_capacity=None,
-                   reuse=None, use_decode_kernel=True) -> ReferencePlan:
+                   reuse=None, use_decode_kernel=True, exclude=None) -> ReferencePlan:
     def t(x):
         return torch.as_tensor(x, dtype=torch.int64).reshape(-1)
 
-    return ReferencePlan(t(qo_indptr), t(kv_page_indptr), t(kv_page_indices), t(kv_last_page_len), masks)
+    return ReferencePlan(t(qo_indptr), t(kv_page_indptr), t(kv_page_indices), t(kv_last_page_len), masks,
+                         list(exclude or []))
 
 
 def paged_attention(q, k_cache, v_cache, plan: ReferencePlan, *, sm_scale=None, out=None):
-    return ref.paged_attention(q, k_cache, v_cache, plan.qo_indptr, plan.kv_page_indptr, plan.kv_page_indices,
-                               plan.kv_last_page_len, plan.masks, sm_scale)
+    """The kernels leave excluded requests' rows unwritten; here they are NaN, so a caller that
+    forgets to fill them fails every comparison."""
+    result = ref.paged_attention(q, k_cache, v_cache, plan.qo_indptr, plan.kv_page_indptr, plan.kv_page_indices,
+                                 plan.kv_last_page_len, plan.masks, sm_scale)
+    for r in plan.exclude:
+        result[plan.qo_indptr[r]:plan.qo_indptr[r + 1]] = float("nan")
+    return result
 
 
 rope_append_kv = ref.rope_append_kv

@@ -45,21 +45,23 @@ def request(ids, start, pages, outputs=None, mask=None, embeddings=None, page_si
                           input_embeddings=embeddings)
 
 
-def with_stand_in(runner: ModelRunner) -> ModelRunner:
-    """The runner, switched to CudaForward over the PyTorch stand-in kernels (its own weights/cache)."""
-    runner.cuda_forward = CudaForward(runner.model, runner.cache, use_graphs=False, kernels=reference_kernels)
+def with_stand_in(runner: ModelRunner, min_sdpa_prefill_tokens: int | None = None) -> ModelRunner:
+    """The runner, switched to CudaForward over the PyTorch stand-in kernels (its own weights/cache).
+    Fresh causal requests of min_sdpa_prefill_tokens or more go through SDPA (None: none do)."""
+    runner.cuda_forward = CudaForward(runner.model, runner.cache, use_graphs=False, kernels=reference_kernels,
+                                      min_sdpa_prefill_tokens=min_sdpa_prefill_tokens)
     runner.device_sampling = DeviceSampling(runner.sampling, kernels=reference_kernels)
     return runner
 
 
-def stand_in_pair(arch: str, sliding_window: int | None = None):
+def stand_in_pair(arch: str, sliding_window: int | None = None, min_sdpa_prefill_tokens: int | None = None):
     hf, cfg = tiny_hf_model(arch)
     config = ModelConfig.from_hf(cfg)
     if sliding_window is not None:
         config = dataclasses.replace(config, sliding_window=sliding_window)
     engine = EngineConfig(num_pages=64, page_size=PAGE)
     reference = ModelRunner(config, hf.state_dict(), engine)
-    return reference, with_stand_in(ModelRunner(config, hf.state_dict(), engine))
+    return reference, with_stand_in(ModelRunner(config, hf.state_dict(), engine), min_sdpa_prefill_tokens)
 
 
 def max_diff(a: list, b: list) -> float:
@@ -67,10 +69,11 @@ def max_diff(a: list, b: list) -> float:
     return (torch.stack(a).float().cpu() - torch.stack(b).float().cpu()).abs().max().item()
 
 
+@pytest.mark.parametrize("sdpa", [None, 2], ids=["kernels-only", "sdpa-prefill"])
 @pytest.mark.parametrize("arch,window", [("llama", None), ("llama3", None), ("qwen2", None), ("qwen3", None),
                                          ("mistral", 6)])
-def test_stand_in_forward_matches_torch_path(arch, window):
-    reference, path = stand_in_pair(arch, window)
+def test_stand_in_forward_matches_torch_path(arch, window, sdpa):
+    reference, path = stand_in_pair(arch, window, sdpa)
     g = torch.Generator().manual_seed(7)
     a, b, c = (torch.randint(0, 211, (n,), generator=g).tolist() for n in (13, 9, 5))
     pages_a, pages_b, pages_c = [9, 2, 30, 4, 11], [20, 21, 5], [40, 41]
@@ -87,6 +90,29 @@ def test_stand_in_forward_matches_torch_path(arch, window):
         for k, (w, o) in enumerate(zip(want, got)):
             diff = max_diff(w.outputs, o.outputs)
             assert diff <= 1e-4, f"{arch}: step {i} request {k}: max |logit diff| {diff}"
+    # fresh causal prefill took the SDPA route: a[:12] (unless past mistral's window of 6) and c
+    assert path.cuda_forward.num_sdpa_prefill_requests == (0 if sdpa is None else 2 if window is None else 1)
+
+
+def test_stand_in_sdpa_prefill_in_ragged_batches():
+    """Fresh requests of many lengths (padded SDPA groups) beside cached-prefix prefill, decode and a
+    masked fresh request (the kernels' share) in one batch; the stand-in poisons rows the kernels
+    skip, so a row neither side writes shows up as NaN logits."""
+    reference, path = stand_in_pair("llama3", None, 2)
+    g = torch.Generator().manual_seed(11)
+    seqs = [torch.randint(0, 211, (n,), generator=g).tolist() for n in (23, 21, 2, 19, 8, 30, 6)]
+    pages = [list(range(8 * i, 8 * i + 8))[::-1] for i in range(8)]  # pages in falling order
+    first = [request(seqs[0], 0, pages[0]), request(seqs[1], 0, pages[1]), request(seqs[2], 0, pages[2]),
+             request(seqs[3], 0, pages[3]), request(seqs[4][:7], 0, pages[4]),
+             request(seqs[5][:20], 0, pages[5]),
+             request(seqs[6], 0, pages[6], mask=[[i + 1, 5 - i] for i in range(6)])]  # causal, spelled out
+    second = [request(seqs[4], 7, pages[4]), request(seqs[5], 20, pages[5]),  # decode, prefill over a prefix
+              request(seqs[1] + [5, 6], 0, pages[7])]  # fresh again, elsewhere
+    for step, batch in enumerate([first, second]):
+        for k, (w, o) in enumerate(zip(reference.execute(batch), path.execute(batch))):
+            diff = max_diff(w.outputs, o.outputs)
+            assert diff <= 1e-4, f"step {step} request {k}: max |logit diff| {diff}"
+    assert path.cuda_forward.num_sdpa_prefill_requests == 7  # six fresh unmasked in the first, one in the second
 
 
 def test_stand_in_sampler_dispatch():
@@ -256,6 +282,32 @@ def test_gpu_graph_replay_matches_eager():
     for (t1, l1), (t2, l2) in zip(ours, ref):
         assert t1 == t2
         assert max((a - b).abs().max().item() for a, b in zip(l1, l2)) < 0.05
+
+
+@needs_gpu
+def test_gpu_sdpa_prefill_matches_kernel_prefill():
+    """Fresh prompts of ragged lengths (padded SDPA groups, one under the 128-token threshold) beside
+    a cached-prefix prefill: the SDPA route against pie's prefill kernel, every row's logits."""
+    hf, config = _tiny_wide(head_dim=128)
+    state = hf.state_dict()
+    routed = cuda_runner(config, state)
+    kernels = cuda_runner(config, state)
+    kernels.cuda_forward.min_sdpa_prefill_tokens = None
+    g = torch.Generator().manual_seed(6)
+    seqs = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (511, 129, 128, 200, 40, 450)]
+    span = 40  # pages per request
+    batch = [request(s, 0, list(range(i * span, (i + 1) * span)), page_size=16) for i, s in enumerate(seqs[:5])]
+    for runner in (routed, kernels):  # the last prompt's first 300 tokens, cached before the batch
+        runner.execute([request(seqs[5][:300], 0, list(range(5 * span, 6 * span)), outputs=[], page_size=16)])
+    batch.append(request(seqs[5], 300, list(range(5 * span, 6 * span)), page_size=16))
+    got, want = routed.execute(batch), kernels.execute(batch)
+    # the 300-token prefix and the four fresh prompts of >= 128 tokens; the 40-token one stays on the kernel
+    assert routed.cuda_forward.num_sdpa_prefill_requests == 5 and kernels.cuda_forward.num_sdpa_prefill_requests == 0
+    for k, (o, w) in enumerate(zip(got, want)):
+        a, b = torch.stack(o.outputs).float(), torch.stack(w.outputs).float()
+        assert torch.isfinite(a).all()
+        rel = ((a - b).norm() / b.norm()).item()
+        assert rel < 0.03, f"request {k}: relative logit difference {rel:.4f}"
 
 
 @needs_gpu

@@ -47,7 +47,7 @@ def tol(dtype: torch.dtype) -> float:
 
 
 def run_attention(qo_lens, kv_lens, *, page_size, num_q_heads, num_kv_heads, head_dim, dtype, seed,
-                  masks=None, use_decode_kernel=True):
+                  masks=None, use_decode_kernel=True, exclude=None):
     g = gen(seed)
     batch = ref.make_paged_batch(qo_lens, kv_lens, page_size, generator=g)
     num_tokens = sum(qo_lens)
@@ -57,7 +57,8 @@ def run_attention(qo_lens, kv_lens, *, page_size, num_q_heads, num_kv_heads, hea
     v_cache = torch.randn(cache_shape, generator=g).to(DEV, dtype)
     args = (batch["qo_indptr"], batch["kv_page_indptr"], batch["kv_page_indices"], batch["kv_last_page_len"])
     plan = ck.plan_attention(*args, page_size=page_size, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-                             head_dim=head_dim, masks=masks, use_decode_kernel=use_decode_kernel)
+                             head_dim=head_dim, masks=masks, use_decode_kernel=use_decode_kernel,
+                             exclude=exclude)
     out = torch.full_like(q, float("nan"))
     ck.paged_attention(q, k_cache, v_cache, plan, out=out)
     torch.cuda.synchronize()
@@ -109,6 +110,25 @@ def test_prefill_small_mixed_batch(dtype, head_dim, page_size, heads):
     assert plan.num_work > 0 and plan.num_decode == 2
     assert torch.isfinite(out).all()
     assert rel_err(out, want) < tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", ATTN_DTYPES)
+def test_excluded_requests_are_left_untouched(dtype):
+    # a decode and two prefills excluded (what CudaForward hands to SDPA); the others still attended
+    qo_lens = [7, 1, 129, 300, 1, 3]
+    kv_lens = [7, 40, 129, 400, 1, 131]
+    exclude = [1, 2, 3]
+    out, want, plan = run_attention(qo_lens, kv_lens, page_size=16, num_q_heads=32, num_kv_heads=8,
+                                    head_dim=128, dtype=dtype, seed=16, exclude=exclude)
+    bounds = [0]
+    for n in qo_lens:
+        bounds.append(bounds[-1] + n)
+    skipped = torch.zeros(out.shape[0], dtype=torch.bool, device=DEV)
+    for r in exclude:
+        skipped[bounds[r]:bounds[r + 1]] = True
+    assert plan.num_decode == 1 and plan.num_work == 2  # request 4 decodes; requests 0 and 5 one tile each
+    assert torch.isnan(out[skipped]).all()  # the NaN poison survives: nothing written there
+    assert rel_err(out[~skipped], want[~skipped]) < tol(dtype)
 
 
 @pytest.mark.parametrize("dtype", ATTN_DTYPES)

@@ -35,7 +35,7 @@ def naive_attention(q, k_cache, v_cache, batch, masks, scale):
         qo_len = qo[r + 1] - qo[r]
         for i in range(qo_len):
             if masks is not None and masks[r] is not None:
-                allowed, pos, attend = [], 0, True
+                allowed, attend = [], True
                 for n in masks[r][i]:
                     allowed += [attend] * n
                     attend = not attend
@@ -297,6 +297,20 @@ def test_plan_schedule_on_cpu_covers_every_token_once():
     # heaviest tiles first
     costs = [int(batch["kv_page_indptr"][r + 1] - batch["kv_page_indptr"][r]) for r in plan.work_req.tolist()]
     assert costs[0] == max(costs)
+
+
+def test_plan_exclude_drops_requests_from_the_schedule():
+    qo_lens, kv_lens = [1, 130, 1, 64, 300], [1, 130, 5000, 64, 300]
+    batch = ref.make_paged_batch(qo_lens, kv_lens, 16, generator=gen(13))
+    args = (batch["qo_indptr"], batch["kv_page_indptr"], batch["kv_page_indices"], batch["kv_last_page_len"])
+    kw = dict(page_size=16, num_q_heads=32, num_kv_heads=8, head_dim=128, device="cpu", num_sms=132)
+    plan = ck.plan_attention(*args, exclude=[1, 2, 4], **kw)
+    assert plan.decode_req.tolist() == [0]
+    assert sorted(set(plan.work_req.tolist())) == [3] and plan.num_work == 1
+    everything = ck.plan_attention(*args, **kw)
+    assert sorted(set(everything.work_req.tolist())) == [1, 3, 4] and everything.num_decode == 2
+    with pytest.raises(ValueError, match="exclude"):
+        ck.plan_attention(*args, exclude=[5], **kw)
 
 
 def test_plan_rejects_malformed_batches():
