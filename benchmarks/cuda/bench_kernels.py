@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from pie.engine import cuda_kernels as ck  # noqa: E402
 from pie.engine import cuda_reference as ref  # noqa: E402
-from pie.engine.sdpa_prefill import fresh_sequence_slots, plan_sdpa_prefill, sdpa_prefill_attention  # noqa: E402
+from pie.engine.kv_cache import sequence_slots  # noqa: E402
+from pie.engine.sdpa_prefill import plan_sdpa_prefill, sdpa_prefill_attention  # noqa: E402
 from results import write_results  # noqa: E402  (benchmarks/cuda/results.py)
 
 L2_DEFEAT_BYTES = 256 << 20  # rotate inputs until this many bytes are touched per cycle
@@ -135,7 +136,7 @@ def prefill_case(name, batch, seq, hq, hkv, d, page_size=16, dtype=torch.bfloat1
     theirs = time_ms(sdpa, reps=20)
     # the runner's route for fresh prompts: gather each request's K/V from its pages, then SDPA
     groups = plan_sdpa_prefill([b * seq for b in range(batch)], [seq] * batch,
-                               [fresh_sequence_slots(range(b * pages_per, (b + 1) * pages_per), seq, page_size)
+                               [sequence_slots(range(b * pages_per, (b + 1) * pages_per), seq, page_size)
                                 for b in range(batch)], torch.device("cuda"))
     routed = torch.empty_like(q)
     k_slots, v_slots = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)

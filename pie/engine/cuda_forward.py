@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 from pie.engine import cuda_kernels
 from pie.engine.config import ModelConfig
-from pie.engine.kv_cache import PagedKVCache
+from pie.engine.kv_cache import PagedKVCache, sequence_slots
 from pie.engine.model import Transformer, rms_norm as torch_rms_norm
-from pie.engine.sdpa_prefill import SdpaPrefillGroup, fresh_sequence_slots, plan_sdpa_prefill, sdpa_prefill_attention
+from pie.engine.sdpa_prefill import SdpaPrefillGroup, plan_sdpa_prefill, sdpa_prefill_attention
 
 # Decode batches are padded up to one of these sizes for graph replay; larger batches run eagerly.
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
@@ -193,7 +193,7 @@ class CudaForward:
         ps = self.cache.page_size
         return plan_sdpa_prefill(
             [starts[r] for r in requests], [batch.qo_lens[r] for r in requests],
-            [fresh_sequence_slots(batch.pages[r], batch.qo_lens[r], ps) for r in requests], self.device)
+            [sequence_slots(batch.pages[r], batch.qo_lens[r], ps) for r in requests], self.device)
 
     def plan(self, batch: BatchLayout, **kwargs) -> cuda_kernels.AttentionPlan:
         c = self.config
@@ -227,7 +227,7 @@ class CudaForward:
         sdpa_requests = self._sdpa_requests(batch)
         sdpa_groups = self._plan_sdpa(batch, sdpa_requests) if sdpa_requests else []
         self.num_sdpa_prefill_requests += len(sdpa_requests)
-        plan = self.plan(batch, exclude=sdpa_requests) if sdpa_requests else self.plan(batch)
+        plan = self.plan(batch, exclude=sdpa_requests)
         token_ids = torch.tensor(batch.token_ids, dtype=torch.int64).to(dev, non_blocking=True)
         positions = torch.tensor(batch.positions, dtype=torch.int32).to(dev, non_blocking=True)
         slots = batch.write_slots.to(dev, torch.int64, non_blocking=True)

@@ -6,7 +6,16 @@ flat slot of token `o` of page `p` is `p * page_size + o`. Allocated once; kerne
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
+
+
+def sequence_slots(pages: Sequence[int], num_tokens: int, page_size: int) -> np.ndarray:
+    """(num_tokens,) int64 flat cache slots of sequence positions 0..num_tokens-1 laid out over `pages`."""
+    per_page = np.asarray(pages, dtype=np.int64)[:, None] * page_size + np.arange(page_size, dtype=np.int64)
+    return per_page.reshape(-1)[:num_tokens]
 
 
 class PagedKVCache:

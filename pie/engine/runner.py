@@ -18,7 +18,7 @@ from pie.engine.attention import RequestLayout, build_plan
 from pie.engine.batch import BatchError, ForwardRequest, ForwardResult, Sampler
 from pie.engine.config import EngineConfig, ModelConfig
 from pie.engine.kernels import MaskError, decode_attention_supported, expand_brle, linear_kernel_max_rows
-from pie.engine.kv_cache import PagedKVCache
+from pie.engine.kv_cache import PagedKVCache, sequence_slots
 from pie.engine.model import Transformer
 from pie.engine.sampling import Sampling, apply_vocab_masks, check_sampler, check_vocab_mask, vocab_mask_bias
 
@@ -117,8 +117,7 @@ class ModelRunner:
             raise fail("kv_page_ids", f"the sequence holds {kv_len} tokens, fewer than the {t} input tokens")
         slots = None
         if with_slots:
-            page_tensor = torch.tensor(pages, dtype=torch.int64)
-            slots = (page_tensor[:, None] * self.page_size + torch.arange(self.page_size)).flatten()[:kv_len]
+            slots = torch.from_numpy(sequence_slots(pages, kv_len, self.page_size))
         if request.write_slots is not None:
             if len(request.write_slots) != t:
                 raise fail("write_slots", f"{len(request.write_slots)} slots for {t} tokens")

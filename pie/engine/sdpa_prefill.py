@@ -39,12 +39,6 @@ class SdpaPrefillGroup:
     out_rows: torch.Tensor
 
 
-def fresh_sequence_slots(pages: Sequence[int], num_tokens: int, page_size: int) -> np.ndarray:
-    """(num_tokens,) int64 cache slots of sequence positions 0..num_tokens-1 laid out over `pages`."""
-    per_page = np.asarray(pages, dtype=np.int64)[:, None] * page_size + np.arange(page_size, dtype=np.int64)
-    return per_page.reshape(-1)[:num_tokens]
-
-
 def plan_sdpa_prefill(starts: Sequence[int], lengths: Sequence[int], slots: Sequence[np.ndarray],
                       device: torch.device, max_padding: float = MAX_PADDING) -> list[SdpaPrefillGroup]:
     """Groups of fresh causal requests: request i's tokens are batch rows starts[i]..+lengths[i],

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pie.engine import cuda_reference as ref
-from pie.engine.sdpa_prefill import MAX_PADDING, fresh_sequence_slots, plan_sdpa_prefill, sdpa_prefill_attention
+from pie.engine.kv_cache import sequence_slots
+from pie.engine.sdpa_prefill import MAX_PADDING, plan_sdpa_prefill, sdpa_prefill_attention
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -33,7 +34,7 @@ def fresh_batch(lengths, page_size, seed, extra_rows=()):
         if mine:
             starts.append(qo[r])
             lens.append(qo_lens[r])
-            slots.append(fresh_sequence_slots(pages[kp[r]:kp[r + 1]], qo_lens[r], page_size))
+            slots.append(sequence_slots(pages[kp[r]:kp[r + 1]], qo_lens[r], page_size))
     return batch, starts, lens, slots
 
 
@@ -57,8 +58,8 @@ def test_groups_cover_each_request_once_with_bounded_padding():
     assert [g.rows.shape[1] for g in groups] == sorted((g.rows.shape[1] for g in groups), reverse=True)
 
 
-def test_fresh_sequence_slots_follow_the_pages():
-    assert fresh_sequence_slots([7, 2, 9], 9, 4).tolist() == [28, 29, 30, 31, 8, 9, 10, 11, 36]
+def test_sequence_slots_follow_the_pages():
+    assert sequence_slots([7, 2, 9], 9, 4).tolist() == [28, 29, 30, 31, 8, 9, 10, 11, 36]
 
 
 @pytest.mark.parametrize("device", DEVICES)
