@@ -85,6 +85,10 @@ class BatchLayout:
         return (all(n == 1 for n in self.qo_lens) and all(m is None for m in self.masks)
                 and self.embed_rows is None)
 
+    def kv_lens(self, page_size: int) -> list[int]:
+        """Each request's KV sequence length: its full pages plus its last page's tokens."""
+        return [(len(p) - 1) * page_size + last for p, last in zip(self.pages, self.last_page_len)]
+
 
 @dataclass
 class _DecodeGraph:
@@ -159,10 +163,8 @@ class CudaForward:
     def _sliding_window_masks(self, batch: BatchLayout) -> list:
         """BRLE rows for requests whose sequence is longer than the sliding window (else their mask)."""
         window = self.config.sliding_window
-        ps = self.cache.page_size
         masks = list(batch.masks)
-        for r, (qo_len, pages, last) in enumerate(zip(batch.qo_lens, batch.pages, batch.last_page_len)):
-            kv_len = (len(pages) - 1) * ps + last
+        for r, (qo_len, kv_len) in enumerate(zip(batch.qo_lens, batch.kv_lens(self.cache.page_size))):
             if masks[r] is not None or kv_len <= window:
                 continue
             rows = []
@@ -178,11 +180,10 @@ class CudaForward:
         window), at least min_sdpa_prefill_tokens of them."""
         if self.min_sdpa_prefill_tokens is None:
             return []
-        ps, window = self.cache.page_size, self.config.sliding_window
+        window = self.config.sliding_window
         chosen = []
-        for r, (qo_len, pages, last, mask) in enumerate(zip(batch.qo_lens, batch.pages, batch.last_page_len,
-                                                            batch.masks)):
-            kv_len = (len(pages) - 1) * ps + last
+        for r, (qo_len, kv_len, mask) in enumerate(zip(batch.qo_lens, batch.kv_lens(self.cache.page_size),
+                                                       batch.masks)):
             if (mask is None and qo_len == kv_len and qo_len >= max(2, self.min_sdpa_prefill_tokens)
                     and (window is None or kv_len <= window)):
                 chosen.append(r)
@@ -289,8 +290,7 @@ class CudaForward:
         has no bucket (too many requests, a sequence past the largest KV bucket, a sliding window)."""
         ps = self.cache.page_size
         b = len(batch.qo_lens)
-        kv_lens = [(len(p) - 1) * ps + last for p, last in zip(batch.pages, batch.last_page_len)]
-        max_kv = max(kv_lens)
+        max_kv = max(batch.kv_lens(ps))
         if self.config.sliding_window is not None and max_kv > self.config.sliding_window:
             return None  # the window becomes a mask: eager path
         key = self._graph_key(b, max_kv)
