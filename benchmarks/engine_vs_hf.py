@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pie.engine.batch import ForwardRequest, Greedy  # noqa: E402
 from pie.engine.config import EngineConfig  # noqa: E402
-from pie.engine.generate import Engine, GenerationParams  # noqa: E402
+from pie.control import ControlPlane  # noqa: E402
+from pie.control.generate import GenerationParams, generate_batch  # noqa: E402
+from pie.engine.model import Model  # noqa: E402
 from pie.engine.kernels import set_skinny_linear  # noqa: E402
 from pie.engine.model_store import DEFAULT_MODEL, KNOWN_MODELS, ModelStore  # noqa: E402
 
@@ -71,16 +73,16 @@ def main() -> None:
         gguf = fetch_gguf(Path(tmp))
         for dtype in args.dtypes.split(","):
             tdtype = getattr(torch, dtype)
-            engine = Engine(config=EngineConfig(dtype=dtype, kv_cache_mb=512), progress=False)
+            model = Model(config=EngineConfig(dtype=dtype, kv_cache_mb=512), progress=False)
             if args.hf_weights == "gguf":  # transformers keeps the GGUF's quantized weights packed
                 hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=tdtype)
             else:  # the same dense weights we run, from the model cache's safetensors folder
                 hf = AutoModelForCausalLM.from_pretrained(str(ModelStore().resolve(DEFAULT_MODEL).path), dtype=tdtype)
             hf.eval()
-            ids = engine.prompt_ids(PROMPT)
+            ids = model.prompt_ids(PROMPT)
 
             def ours(bs: int, new: int):
-                return lambda: engine.generate_batch([ids] * bs, GenerationParams(max_tokens=new, temperature=0,
+                return lambda: generate_batch(model, [ids] * bs, GenerationParams(max_tokens=new, temperature=0,
                                                                                   ignore_eos=True))
 
             def theirs(bs: int, new: int):
@@ -94,24 +96,27 @@ def main() -> None:
 
                 def fn():
                     set_skinny_linear(False)
-                    engine.runner.use_decode_kernel = False
-                    engine.runner.single_torch_thread = False
+                    model.runner.use_decode_kernel = False
+                    model.runner.single_torch_thread = False
                     try:
                         run()
                     finally:
                         set_skinny_linear(True)
-                        engine.runner.use_decode_kernel = decode_kernel
-                        engine.runner.single_torch_thread = single
+                        model.runner.use_decode_kernel = decode_kernel
+                        model.runner.single_torch_thread = single
                 return fn
 
-            decode_kernel = engine.runner.use_decode_kernel
-            single = engine.runner.single_torch_thread
-            long_ids = (engine.tokenizer.encode(PROMPT * 60))[: args.prefill]
-            pages = engine.pages.allocate(-(-len(long_ids) // engine.runner.page_size))
+            decode_kernel = model.runner.use_decode_kernel
+            single = model.runner.single_torch_thread
+            long_ids = (model.tokenizer.encode(PROMPT * 60))[: args.prefill]
+            plane = ControlPlane.serving(model.runner)  # pages from the runner's pool, accounted as any client's
+            instance = plane.open_instance()
+            pages = plane.kv_pages.resolve(
+                instance, plane.kv_pages.allocate(instance, -(-len(long_ids) // model.runner.page_size)))
 
             def ours_prefill():
-                engine.runner.execute([ForwardRequest(long_ids, list(range(len(long_ids))), pages,
-                                                      len(long_ids) - (len(pages) - 1) * engine.runner.page_size,
+                model.runner.execute([ForwardRequest(long_ids, list(range(len(long_ids))), pages,
+                                                      len(long_ids) - (len(pages) - 1) * model.runner.page_size,
                                                       outputs=[(len(long_ids) - 1, Greedy())])])
 
             def theirs_prefill():
@@ -137,8 +142,8 @@ def main() -> None:
             rows.append({"what": f"{len(long_ids)}-token prefill, s", "dtype": dtype,
                          "ours": statistics.median(po), "hf": statistics.median(ph)})
             print(rows[-1], flush=True)
-            engine.pages.free(pages)
-            del hf, engine
+            plane.end_instance(instance)
+            del hf, model
 
     hf1 = {r["dtype"]: r["hf"] for r in rows if r["what"] == "decode tok/s, batch 1"}
     print(f"\nSmolLM2-135M, {_cpu_name()}, {args.threads} threads, {n} new tokens, torch {torch.__version__}, "

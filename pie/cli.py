@@ -32,19 +32,20 @@ def _engine_config(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pie.engine.generate import Engine, GenerationParams
+    from pie.control.generate import GenerationParams, generate
+    from pie.engine.model import Model
 
     params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop or ()),
                               ignore_eos=args.ignore_eos)
     if args.prompts_file is not None and not os.path.isfile(args.prompts_file):
         raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
-    engine = Engine(args.model, _engine_config(args), seed=args.seed)
+    model = Model(args.model, _engine_config(args), seed=args.seed)
     if args.prompts_file is not None:
         from pie.control.generate import run_prompts_file
 
-        return run_prompts_file(engine, args.prompts_file, params, sys.stdout, system=args.system, raw=args.raw)
-    out = engine.generate(args.prompt, params, system=args.system, raw=args.raw)
+        return run_prompts_file(model, args.prompts_file, params, sys.stdout, system=args.system, raw=args.raw)
+    out = generate(model, args.prompt, params, system=args.system, raw=args.raw)
     print(out.text)
     return 0
 
@@ -69,14 +70,14 @@ def expand_file_arguments(arguments: list[str]) -> list[str]:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.server is not None:
         return _run_on_server(args)
-    from pie.engine.generate import Engine
+    from pie.engine.model import Model
     from pie.runtime import Runtime, RuntimeConfig, resolve_inferlet
 
     path = resolve_inferlet(args.inferlet)  # fail fast, before loading the model
     inferlet_args = expand_file_arguments(args.inferlet_args)
     config = RuntimeConfig(deadline_s=args.deadline, memory_mb=args.memory_mb,
                            http_allow=tuple(args.http_allow or ()))
-    engine = Engine(args.model, _engine_config(args))
+    model = Model(args.model, _engine_config(args))
 
     def out(message: str) -> None:
         sys.stdout.write(message)
@@ -86,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stderr.write(message)
         sys.stderr.flush()
 
-    with Runtime(engine, config) as runtime:
+    with Runtime(model, config) as runtime:
         instance = runtime.launch(path, inferlet_args, on_output=out, on_log=log)
 
         def forward_stdin() -> None:  # each line is a client message; "" marks the end of input

@@ -38,20 +38,20 @@ def smollm2_gguf(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine():
+def model():
     """The default model's engine, shared by the runtime, inferlet and server tests."""
-    from pie.engine.generate import Engine
+    from pie.engine.model import Model
 
-    return Engine(progress=False)
+    return Model(progress=False)
 
 
 @pytest.fixture(scope="session")
-def runtime(engine):
+def runtime(model):
     """One runtime for the session (the Python runtime component is built once and cached under
     $PIE_HOME/python-runtime, compiled under $PIE_HOME/components)."""
     from pie.runtime import Runtime, RuntimeConfig
 
-    rt = Runtime(engine, RuntimeConfig(deadline_s=120))
+    rt = Runtime(model, RuntimeConfig(deadline_s=120))
     rt.python_runtime()  # build / load once
     yield rt
     rt.close()

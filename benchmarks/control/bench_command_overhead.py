@@ -20,7 +20,7 @@ import platform
 import threading
 import time
 
-from pie.control import EngineLoop, SchedulerConfig, drive_native_producers, wakeup_round_trip_ns
+from pie.control import BatchLoop, SchedulerConfig, drive_native_producers, wakeup_round_trip_ns
 
 
 def noop(payloads):
@@ -29,7 +29,7 @@ def noop(payloads):
 
 def run_native(config: SchedulerConfig, producers: int, per_producer: int, window: int):
     scheduler = config.build(max_batch_requests=1024, max_batch_tokens=1 << 20)
-    loop = EngineLoop(scheduler, {0: noop})
+    loop = BatchLoop(scheduler, {0: noop})
     with loop:
         result = drive_native_producers(scheduler, producers, per_producer, window=window)
     scheduler.stop()
@@ -64,7 +64,7 @@ def run_python(config: SchedulerConfig, producers: int, per_producer: int, windo
     threads = [threading.Thread(target=produce, args=(i,)) for i in range(producers)]
     for thread in threads:
         thread.start()
-    loop = EngineLoop(scheduler, {0: noop})
+    loop = BatchLoop(scheduler, {0: noop})
     with loop:
         start_line.wait()
         start = time.perf_counter()

@@ -32,7 +32,8 @@ def policy_configs(concurrency: int) -> dict[str, SchedulerConfig]:
 
 def main() -> None:
     from pie.engine.config import EngineConfig
-    from pie.engine.generate import Engine, GenerationParams
+    from pie.engine.model import Model
+    from pie.control.generate import GenerationParams, generate_batch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -42,21 +43,21 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+", default=None, help="subset of: adaptive eager k=8 k_or_t(8, 5 ms)")
     args = parser.parse_args()
 
-    engine = Engine(args.model, EngineConfig(dtype=args.dtype, kv_cache_mb=2048), progress=False)
+    model = Model(args.model, EngineConfig(dtype=args.dtype, kv_cache_mb=2048), progress=False)
     params = GenerationParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     print(f"# {args.model} {args.dtype}, {os.cpu_count()} CPUs, {args.max_tokens} new tokens per request, greedy")
     print("| concurrent | policy | wall s | tok/s | mean batch |")
     print("| ---: | --- | ---: | ---: | ---: |")
     for concurrency in args.concurrency:
-        prompts = [engine.prompt_ids(PROMPTS[i % len(PROMPTS)]) for i in range(concurrency)]
+        prompts = [model.prompt_ids(PROMPTS[i % len(PROMPTS)]) for i in range(concurrency)]
         for name, config in policy_configs(concurrency).items():
             if args.policies and name not in args.policies:
                 continue
-            plane = ControlPlane.for_runner(engine.runner, config)
+            plane = ControlPlane.for_runner(model.runner, config)
             plane.loop.record_batch_sizes = True
             with plane:
                 start = time.perf_counter()
-                outs = generate_concurrently(engine, prompts, params, plane=plane)
+                outs = generate_concurrently(model, prompts, params, plane=plane)
                 seconds = time.perf_counter() - start
             tokens = sum(len(o.token_ids) for o in outs)
             sizes = plane.loop.batch_sizes
@@ -64,16 +65,16 @@ def main() -> None:
                   f"{sum(sizes) / max(len(sizes), 1):.1f} |", flush=True)
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(32)]
-    ids = [engine.prompt_ids(p) for p in prompts]
+    ids = [model.prompt_ids(p) for p in prompts]
     start = time.perf_counter()
     for one in ids:
-        engine.generate_batch([one], params)
+        generate_batch(model, [one], params)
     sequential = time.perf_counter() - start
     start = time.perf_counter()
-    engine.generate_batch(ids, params)
+    generate_batch(model, ids, params)
     built_in = time.perf_counter() - start
     start = time.perf_counter()
-    generate_concurrently(engine, ids, params)
+    generate_concurrently(model, ids, params)
     concurrent = time.perf_counter() - start
     print()
     print("| 32 prompts | wall s |")

@@ -121,11 +121,11 @@ def main() -> int:
         model, config = hf_model(key)
         state = model.state_dict()
         max_batch = max(batches)
-        engine = dict(dtype="bfloat16", device="cuda", page_size=PAGE,
+        engine_kwargs = dict(dtype="bfloat16", device="cuda", page_size=PAGE,
                       num_pages=max_batch * -(-(PROMPT + NEW) // PAGE), max_batch_requests=max(256, max_batch),
                       max_batch_tokens=max_batch * PROMPT)
-        runners = {"graphs": ModelRunner(config, state, EngineConfig(**engine)),
-                   "eager": ModelRunner(config, state, EngineConfig(**engine, cuda_graphs=False))}
+        runners = {"graphs": ModelRunner(config, state, EngineConfig(**engine_kwargs)),
+                   "eager": ModelRunner(config, state, EngineConfig(**engine_kwargs, cuda_graphs=False))}
         for batch in batches:
             g = torch.Generator().manual_seed(batch)
             prompts = torch.randint(1, config.vocab_size, (batch, PROMPT), generator=g)

@@ -272,7 +272,7 @@ def _rows(rows: list, app: str, baseline_name: str, c: int, base: dict, inf: dic
 
 def run(stack, tools, p, rows: list, log, item: str) -> None:
     """One application (react | codeact | swarm) at every concurrency level of p.agent_concurrency."""
-    engine = stack.engine
+    model = stack.engine
     tok = stack.count_tokens
     # warm (not measured): the inferlet's grammars compiled once, the endpoint and the client's HTTP path
     _client_side(stack, 1, lambda ep, s: ep.complete("Hello", 1))
@@ -281,7 +281,7 @@ def run(stack, tools, p, rows: list, log, item: str) -> None:
         launch_all(stack.runtime, react_inferlet_jobs(1, tools.base, tools.port, [REACT_FINISH], 2))
         script = react_script(p.react_tool_calls)
         for c in p.agent_concurrency:
-            with Meter(engine) as mi:
+            with Meter(model) as mi:
                 res = launch_all(stack.runtime, react_inferlet_jobs(c, tools.base, tools.port, script,
                                                                     p.react_thought_tokens))
             reports = [r.json() for r in res]
@@ -290,7 +290,7 @@ def run(stack, tools, p, rows: list, log, item: str) -> None:
             inf = latency_summary([r.latency_s for r in res], mi.wall, gen_tok_per_s=gen_i / mi.wall,
                                   generated_tokens_approx=gen_i, **mi.record())
             calls0 = tools.calls
-            with Meter(engine) as mb:
+            with Meter(model) as mb:
                 lats, outs, ep, wall = _client_side(
                     stack, c, lambda ep, s: react_client(ep, stack, s, tools.base, script, p.react_thought_tokens))
             assert all(o["tool_calls"] == p.react_tool_calls for o in outs)
@@ -310,7 +310,7 @@ def run(stack, tools, p, rows: list, log, item: str) -> None:
         for c in p.agent_concurrency:
             args = ["--task", CODEACT_TASK, "--max-steps", p.codeact_steps, "--code-tokens", p.codeact_code_tokens,
                     "--answer-tokens", p.codeact_answer_tokens, "--json"]
-            with Meter(engine) as mi:
+            with Meter(model) as mi:
                 res = launch_all(stack.runtime, [("codeact_agent", args, {})] * c)
             reports = [r.json() for r in res]
             gen_i = sum(tok(s["code"]) + 1 for r in reports for s in r["steps"]) + \
@@ -318,7 +318,7 @@ def run(stack, tools, p, rows: list, log, item: str) -> None:
             execs_i = sum(len(r["steps"]) for r in reports)
             inf = latency_summary([r.latency_s for r in res], mi.wall, gen_tok_per_s=gen_i / mi.wall,
                                   generated_tokens_approx=gen_i, executions=execs_i, **mi.record())
-            with Meter(engine) as mb:
+            with Meter(model) as mb:
                 lats, outs, ep, wall = _client_side(stack, c, lambda ep, s: codeact_client(
                     ep, stack, p.codeact_steps, p.codeact_code_tokens, p.codeact_answer_tokens))
             execs_b = sum(len(o["steps"]) for o in outs)
@@ -338,7 +338,7 @@ def run(stack, tools, p, rows: list, log, item: str) -> None:
         n = p.swarm_workers
         for c in p.agent_concurrency:
             jobs, _ = swarm_jobs(c, n, p.swarm_tokens, p.swarm_summary_tokens)
-            with Meter(engine) as mi:
+            with Meter(model) as mi:
                 res = launch_all(stack.runtime, jobs)
             # a swarm's latency: its coordinator's, launch to end (its workers are launched right after it)
             coord = [res[k] for k in range(0, len(res), n + 1)]
@@ -347,7 +347,7 @@ def run(stack, tools, p, rows: list, log, item: str) -> None:
                 + sum(tok(r["summary"]) for r in reports)
             inf = latency_summary([r.latency_s for r in coord], mi.wall, gen_tok_per_s=gen_i / mi.wall,
                                   generated_tokens_approx=gen_i, instances=len(jobs), **mi.record())
-            with Meter(engine) as mb:
+            with Meter(model) as mb:
                 lats, outs, ep, wall = _client_side(stack, c, lambda ep, s: swarm_client(
                     ep, stack, n, p.swarm_tokens, p.swarm_summary_tokens))
             base = latency_summary(lats, wall, gen_tok_per_s=ep.completion_tokens / wall,

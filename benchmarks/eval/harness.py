@@ -90,8 +90,8 @@ class Meter:
     """with Meter(engine) as m: ...  ->  m.wall, m.tokens (computed by the model), m.passes, m.others
     (cores' worth of CPU used by other processes meanwhile)."""
 
-    def __init__(self, engine: Any):
-        self.runner = engine.runner
+    def __init__(self, model: Any):
+        self.runner = model.runner
 
     def __enter__(self) -> "Meter":
         self.cpu = CpuWatch()
@@ -113,17 +113,17 @@ class Meter:
 # ---- the stack: engine, embedded runtime, endpoint -------------------------------------------------------------
 
 class Stack:
-    def __init__(self, engine: Any, http_allow: Sequence[str] = ()):
+    def __init__(self, model: Any, http_allow: Sequence[str] = ()):
         from pie.runtime import Runtime, RuntimeConfig
         from pie.server import ServerThread, load_config
 
-        self.engine = engine
-        self.runtime = Runtime(engine, RuntimeConfig(deadline_s=900, http_allow=tuple(http_allow)))
+        self.engine = model
+        self.runtime = Runtime(model, RuntimeConfig(deadline_s=900, http_allow=tuple(http_allow)))
         self.runtime.python_runtime()
         self.config = load_config().replace(server={"port": 0})
         self.server = ServerThread(self.config, runtime=self.runtime).start()
         self.base_url = self.server.url + "/v1"
-        self.model = self.server.server.model_name
+        self.model_name = self.server.server.model_name
         self.api_key = self.config.auth.token or "unused"
         self.tokenizer = self.runtime.tokenizer
 
@@ -220,7 +220,7 @@ class Endpoint:
             kwargs["logprobs"] = logprobs
         if seed is not None:
             kwargs["seed"] = seed
-        resp = await self.client.completions.create(model=self.model, prompt=prompt, max_tokens=max_tokens,
+        resp = await self.client.completions.create(model=self.model_name, prompt=prompt, max_tokens=max_tokens,
                                                     temperature=temperature, n=n, **kwargs)
         self._count(resp)
         return resp
@@ -228,7 +228,7 @@ class Endpoint:
     async def chat(self, messages: list[dict], max_tokens: int, *, stop: Sequence[str] = ()) -> str:
         """/v1/chat/completions, greedy; the reply's text."""
         kwargs = {"stop": list(stop)} if stop else {}
-        resp = await self.client.chat.completions.create(model=self.model, messages=messages, temperature=0,
+        resp = await self.client.chat.completions.create(model=self.model_name, messages=messages, temperature=0,
                                                          max_tokens=max_tokens, **kwargs)
         self._count(resp)
         return resp.choices[0].message.content or ""

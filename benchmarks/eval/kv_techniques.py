@@ -57,28 +57,28 @@ def _row(rows, app, metric, baseline_name, base, inf, higher_is_better, details,
 # ---- prefix cache --------------------------------------------------------------------------------------------
 
 def run_prefix(stack, p, rows, log) -> None:
-    rt, engine = stack.runtime, stack.engine
+    rt, model = stack.runtime, stack.engine
     prompts = PREFIX_PROMPTS[:p.prefix_prompts]
     common = ["--system", PREFIX_SYSTEM, "--max-tokens", p.prefix_max_tokens, "--temperature", "0"]
     launch_all(rt, [("prefix_cache", ["--system", PREFIX_SYSTEM, "--drop"], {})])  # no stale export
     try:
-        with Meter(engine) as cold:
+        with Meter(model) as cold:
             first = launch_all(rt, [("prefix_cache", common + ["--prompt", prompts[0], "--json"], {})])[0]
         first_report = first.json()
         inf_seq, base_seq, inf_tok, base_tok, same = [], [], [], [], True
         for prompt in prompts[1:]:
-            with Meter(engine) as mi:
+            with Meter(model) as mi:
                 r = launch_all(rt, [("prefix_cache", common + ["--prompt", prompt, "--json"], {})])[0]
-            with Meter(engine) as mb:
+            with Meter(model) as mb:
                 b = launch_all(rt, [("text_completion", common + ["--prompt", prompt], {})])[0]
             report = r.json()
             assert report["imported"], report
             same &= report["text"] == b.output.removesuffix("\n")
             inf_seq.append(r.latency_s), base_seq.append(b.latency_s)
             inf_tok.append(mi.tokens), base_tok.append(mb.tokens)
-        with Meter(engine) as mi_burst:
+        with Meter(model) as mi_burst:
             launch_all(rt, [("prefix_cache", common + ["--prompt", q], {}) for q in prompts[1:]])
-        with Meter(engine) as mb_burst:
+        with Meter(model) as mb_burst:
             launch_all(rt, [("text_completion", common + ["--prompt", q], {}) for q in prompts[1:]])
     finally:
         launch_all(rt, [("prefix_cache", ["--system", PREFIX_SYSTEM, "--drop"], {})])
@@ -121,10 +121,10 @@ async def beam_client(ep: Endpoint, prompt: str, beams: int, steps: int) -> dict
 
 
 def run_beam(stack, p, rows, log) -> None:
-    engine = stack.engine
+    model = stack.engine
     args = ["--prompt", BEAM_PROMPT, "--raw", "--beams", p.beams, "--max-tokens", p.beam_tokens, "--ignore-eos",
             "--json", "--stats"]
-    with Meter(engine) as mi:
+    with Meter(model) as mi:
         r = launch_all(stack.runtime, [("beam_search", args, {})])[0]
     report = r.json()
 
@@ -132,7 +132,7 @@ def run_beam(stack, p, rows, log) -> None:
         async with Endpoint(stack.base_url, stack.model, stack.api_key) as ep:
             return await beam_client(ep, BEAM_PROMPT, p.beams, p.beam_tokens), ep.requests
 
-    with Meter(engine) as mb:
+    with Meter(model) as mb:
         (out, requests) = asyncio.run(client())
     details = {"beams": p.beams, "tokens": p.beam_tokens, "prompt_tokens": len(report["prompt_tokens"]),
                "same_best_beam": out["text"] == report["text"],
@@ -177,11 +177,11 @@ async def tot_client(ep: Endpoint, stack, p) -> dict:
 
 
 def run_tot(stack, p, rows, log) -> None:
-    engine = stack.engine
+    model = stack.engine
     args = ["--problem", TOT_PROBLEM, "--breadth", p.tot_breadth, "--depth", p.tot_depth, "--beam", p.tot_beam,
             "--step-tokens", p.tot_step_tokens, "--answer-tokens", p.tot_answer_tokens, "--temperature", "0.8",
             "--seed", p.seed, "--json"]
-    with Meter(engine) as mi:
+    with Meter(model) as mi:
         r = launch_all(stack.runtime, [("tree_of_thought", args, {})])[0]
     report = r.json()
 
@@ -189,7 +189,7 @@ def run_tot(stack, p, rows, log) -> None:
         async with Endpoint(stack.base_url, stack.model, stack.api_key) as ep:
             return await tot_client(ep, stack, p), ep.requests
 
-    with Meter(engine) as mb:
+    with Meter(model) as mb:
         out, requests = asyncio.run(client())
     app = f"tree of thought ({p.tot_breadth}x{p.tot_depth}, beam {p.tot_beam})"
     details = {"breadth": p.tot_breadth, "depth": p.tot_depth, "beam": p.tot_beam, "step_tokens": p.tot_step_tokens,
@@ -206,13 +206,13 @@ def run_tot(stack, p, rows, log) -> None:
 # ---- speculative decoding --------------------------------------------------------------------------------------
 
 def run_spec(stack, p, rows, log) -> None:
-    engine = stack.engine
+    model = stack.engine
     args = ["--prompt", SPEC_PROMPT, "--max-tokens", p.spec_tokens, "--temperature", "0"]
     best_i = best_b = None
     for _ in range(p.repeats):
-        with Meter(engine) as mb:
+        with Meter(model) as mb:
             b = launch_all(stack.runtime, [("text_completion", args, {})])[0]
-        with Meter(engine) as mi:
+        with Meter(model) as mi:
             r = launch_all(stack.runtime, [("speculative_decoding", args + ["--stats"], {})])[0]
         if best_b is None or mb.wall < best_b[0].wall:
             best_b = (mb, b)

@@ -21,18 +21,18 @@ import bench_programmability_tax as tax  # noqa: E402
 from harness import CpuWatch  # noqa: E402
 
 
-def run(engine, p, rows: list, log) -> None:
+def run(model, p, rows: list, log) -> None:
     from pie.runtime import Runtime, RuntimeConfig
 
-    prompt_ids = engine.prompt_ids(tax.PROMPT)
+    prompt_ids = model.prompt_ids(tax.PROMPT)
     span = p.plain_long - p.plain_short
     for conc in p.plain_concurrency:
         best = {"b_short": math.inf, "b_long": math.inf, "i_short": math.inf, "i_long": math.inf}
         cpu = CpuWatch()
         for _ in range(p.repeats):
-            best["b_short"] = min(best["b_short"], tax.builtin_time(engine, prompt_ids, p.plain_short, conc))
-            best["b_long"] = min(best["b_long"], tax.builtin_time(engine, prompt_ids, p.plain_long, conc))
-            with Runtime(engine, RuntimeConfig(deadline_s=0)) as rt:
+            best["b_short"] = min(best["b_short"], tax.builtin_time(model, prompt_ids, p.plain_short, conc))
+            best["b_long"] = min(best["b_long"], tax.builtin_time(model, prompt_ids, p.plain_long, conc))
+            with Runtime(model, RuntimeConfig(deadline_s=0)) as rt:
                 rt.python_runtime()
                 tax.inferlet_time(rt, 2, 1)  # the component instantiated once
                 best["i_short"] = min(best["i_short"], tax.inferlet_time(rt, p.plain_short, conc)[0])

@@ -186,10 +186,10 @@ def main() -> int:
     started = datetime.datetime.now().astimezone()
     t_start = time.perf_counter()
     cpu_total = CpuWatch()
-    from pie.engine.generate import Engine
+    from pie.engine.model import Model
 
     log(f"{'quick' if args.quick else 'default'} run of {', '.join(i for i in ITEMS if i in only)}")
-    engine = Engine(progress=False)
+    model = Model(progress=False)
     rows: list[dict] = []
     errors: list[str] = []
 
@@ -206,14 +206,14 @@ def main() -> int:
     if "plain" in only:  # before the shared Runtime exists: the built-in loop needs the KV pages to itself
         import plain
 
-        attempt("plain", plain.run, engine, p, rows, log)
+        attempt("plain", plain.run, model, p, rows, log)
 
     if only - {"plain"}:
         import agentic
         import kv_techniques as kv
 
         tools = ToolServer()
-        stack = Stack(engine, http_allow=[f"127.0.0.1:{tools.port}"])
+        stack = Stack(model, http_allow=[f"127.0.0.1:{tools.port}"])
         try:
             for item in SECTIONS["agentic"]:
                 if item in only:

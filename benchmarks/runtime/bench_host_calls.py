@@ -27,7 +27,7 @@ from wasmtime.component import Linker
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "runtime"))
 from wat_guests import HOT_CALLS, STOCK_CALLS  # noqa: E402
 
-from pie.engine.generate import Engine  # noqa: E402
+from pie.engine.generate import Model  # noqa: E402
 from pie.runtime import Runtime, api  # noqa: E402
 
 PY_GUEST = """
@@ -105,7 +105,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=100_000)
     p.add_argument("--launches", type=int, default=20)
     a = p.parse_args()
-    rt = Runtime(Engine(progress=False))
+    rt = Runtime(Model(progress=False))
     results: dict[str, float] = {}
 
     # launch -> first host call (runtime.log from the user's script, after the runtime's own calls)

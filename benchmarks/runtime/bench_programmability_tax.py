@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pie  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
 from pie.control.generate import generate_concurrently
-from pie.engine.generate import Engine, GenerationParams
+from pie.engine.model import Model
+from pie.control.generate import GenerationParams, generate, generate_batch
 from pie.runtime import Runtime, RuntimeConfig
 
 PROMPT = "Write a long story about a lighthouse keeper."
@@ -82,13 +83,13 @@ def best(fn, repeats: int) -> float:
     return min(fn() for _ in range(repeats))
 
 
-def builtin_time(engine: Engine, prompt_ids: list[int], n: int, concurrency: int) -> float:
+def builtin_time(model: Model, prompt_ids: list[int], n: int, concurrency: int) -> float:
     params = GenerationParams(max_tokens=n, temperature=0, ignore_eos=True)
     t = time.perf_counter()
     if concurrency == 1:
-        out = engine.generate_batch([prompt_ids], params)
+        out = generate_batch(model, [prompt_ids], params)
     else:
-        out = generate_concurrently(engine, [prompt_ids] * concurrency, params)
+        out = generate_concurrently(model, [prompt_ids] * concurrency, params)
     dt = time.perf_counter() - t
     assert all(len(g.token_ids) == n for g in out), [len(g.token_ids) for g in out]
     return dt
@@ -122,25 +123,25 @@ def main() -> None:
     from pie.engine.model_store import DEFAULT_MODEL
 
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
-    engine = Engine(a.model or DEFAULT_MODEL, EngineConfig(dtype=dtype, device=a.device), progress=False)
-    prompt_ids = engine.prompt_ids(PROMPT)
+    model = Model(a.model or DEFAULT_MODEL, EngineConfig(dtype=dtype, device=a.device), progress=False)
+    prompt_ids = model.prompt_ids(PROMPT)
     rows = []
     for conc in (1, a.concurrency):
         span = a.long - a.short
-        b_short = best(lambda: builtin_time(engine, prompt_ids, a.short, conc), a.repeats)
-        b_long = best(lambda: builtin_time(engine, prompt_ids, a.long, conc), a.repeats)
+        b_short = best(lambda: builtin_time(model, prompt_ids, a.short, conc), a.repeats)
+        b_long = best(lambda: builtin_time(model, prompt_ids, a.long, conc), a.repeats)
         rows.append(("built-in", conc, (b_long - b_short) / span))
-        with Runtime(engine, RuntimeConfig(deadline_s=0)) as rt:
+        with Runtime(model, RuntimeConfig(deadline_s=0)) as rt:
             rt.python_runtime()
             inferlet_time(rt, 2, 1)  # warm: the component instantiated once
             i_short = best(lambda: inferlet_time(rt, a.short, conc)[0], a.repeats)
             i_long = best(lambda: inferlet_time(rt, a.long, conc)[0], a.repeats)
             text = inferlet_time(rt, a.short, 1)[1]
         rows.append(("inferlet", conc, (i_long - i_short) / span))
-        builtin_text = engine.generate(PROMPT, GenerationParams(max_tokens=a.short, temperature=0, ignore_eos=True)).text
+        builtin_text = generate(model, PROMPT, GenerationParams(max_tokens=a.short, temperature=0, ignore_eos=True)).text
         assert text.rstrip("\n") == builtin_text, (text, builtin_text)
 
-    with Runtime(engine, RuntimeConfig(deadline_s=0)) as rt:
+    with Runtime(model, RuntimeConfig(deadline_s=0)) as rt:
         handler = rt.plane.loop._execute[0].__self__  # the ForwardHandler (its bound execute)
         timed = TimedRunner(handler.runner)
         handler.runner = timed
@@ -151,14 +152,14 @@ def main() -> None:
         runner_us = timed.seconds / timed.requests * 1e6
 
     # the same loop over a no-op model: what the runtime and control layer cost alone
-    with Runtime(engine, RuntimeConfig(deadline_s=0)) as rt:
+    with Runtime(model, RuntimeConfig(deadline_s=0)) as rt:
         handler = rt.plane.loop._execute[0].__self__
         handler.runner = NoopRunner(handler.runner)
         r = rt.run_source(OVERHEAD_GUEST, [str(a.overhead_requests * 5)])
         assert r.error is None, r.error
         noop_us = json.loads(r.output)["ns"] / (a.overhead_requests * 5) / 1e3
 
-    table = {"model": engine.model_name, "device": a.device, "dtype": dtype,
+    table = {"model": model.name, "device": a.device, "dtype": dtype,
              "rows": [{"path": path, "concurrency": c, "tpot_ms": tpot * 1e3} for path, c, tpot in rows],
              "overhead": {"round_trip_us": per_request_us, "runner_execute_us": runner_us,
                           "runtime_overhead_us": per_request_us - runner_us, "noop_model_round_trip_us": noop_us}}

@@ -1,7 +1,9 @@
 // The one binding file of the control layer: it only lists exports and converts Python values.
-// Payloads and results are Python objects held by reference (None travels as "no payload").
+// Payloads and results are Python objects held by reference (None travels as "no payload"), except
+// forward passes and page copies, which travel as the control layer's own commands (forward_command.h).
 // Every blocking call (Scheduler.take, Future.wait/result, drive_native_producers) releases the GIL.
 #include <pybind11/functional.h>
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -15,6 +17,7 @@
 
 #include "control_api.h"
 #include "errors.h"
+#include "forward_command.h"
 #include "future.h"
 #include "native_load.h"
 #include "page_pool.h"
@@ -87,13 +90,32 @@ Payload to_payload(const py::handle& object) {
   return Payload(object.inc_ref().ptr(), &release_pyobject);
 }
 
-// A Python object, or (for a payload submitted through the C API) its address as an int.
+// Forward and copy commands travel as a heap shared_ptr of the command (the submitter keeps its own).
+template <typename CommandT>
+void release_command(void* payload) {
+  delete static_cast<std::shared_ptr<CommandT>*>(payload);
+}
+
+template <typename CommandT>
+Payload command_payload(std::shared_ptr<CommandT> command) {
+  return Payload(new std::shared_ptr<CommandT>(std::move(command)), &release_command<CommandT>);
+}
+
+// A Python object; a ForwardCommand or PageCopyCommand for those commands; for any other payload
+// submitted through the C API, its address as an int.
 py::object from_payload(const Payload& payload) {
   if (!payload) return py::none();
-  if (payload.release_function() != &release_pyobject) {
-    return py::int_(reinterpret_cast<uintptr_t>(payload.get()));
+  Payload::Release release = payload.release_function();
+  if (release == &release_pyobject) {
+    return py::reinterpret_borrow<py::object>(static_cast<PyObject*>(payload.get()));
   }
-  return py::reinterpret_borrow<py::object>(static_cast<PyObject*>(payload.get()));
+  if (release == &release_command<ForwardCommand>) {
+    return py::cast(*static_cast<std::shared_ptr<ForwardCommand>*>(payload.get()));
+  }
+  if (release == &release_command<PageCopyCommand>) {
+    return py::cast(*static_cast<std::shared_ptr<PageCopyCommand>*>(payload.get()));
+  }
+  return py::int_(reinterpret_cast<uintptr_t>(payload.get()));
 }
 
 // ---- the C API (control_api.h) ----
@@ -121,6 +143,37 @@ PieControlFuture* api_submit(PieControlQueue* queue, int32_t kind, void* payload
   Payload owned(payload, release);
   try {
     return new PieControlFuture{queue->queue->submit(kind, std::move(owned), num_tokens, depends_on_previous != 0)};
+  } catch (const std::exception& failure) {
+    copy_error(failure.what(), error, error_size);
+    return nullptr;
+  }
+}
+
+PieControlFuture* api_submit_forward(PieControlQueue* queue, const void* command, int depends_on_previous, char* error,
+                                     size_t error_size) {
+  try {
+    const auto& shared = *static_cast<const std::shared_ptr<ForwardCommand>*>(command);
+    const uint32_t num_tokens = shared->num_tokens();
+    return new PieControlFuture{queue->queue->submit(static_cast<int32_t>(CommandKind::kForward),
+                                                     command_payload(shared), num_tokens, depends_on_previous != 0)};
+  } catch (const std::exception& failure) {
+    copy_error(failure.what(), error, error_size);
+    return nullptr;
+  }
+}
+
+PieControlFuture* api_submit_copies(PieControlQueue* queue, const uint32_t* spans, size_t count, char* error,
+                                    size_t error_size) {
+  try {
+    auto copies = std::make_shared<PageCopyCommand>();
+    copies->spans.reserve(count);
+    for (size_t i = 0; i < count; ++i) {
+      const uint32_t* s = spans + 5 * i;
+      copies->spans.push_back(CopySpan{s[0], s[1], s[2], s[3], s[4]});
+    }
+    // Depends on the previous command: a copy reads what earlier passes of the queue wrote.
+    return new PieControlFuture{queue->queue->submit(static_cast<int32_t>(CommandKind::kCopyPages),
+                                                     command_payload(std::move(copies)), 0, true)};
   } catch (const std::exception& failure) {
     copy_error(failure.what(), error, error_size);
     return nullptr;
@@ -256,7 +309,8 @@ const PieControlApi kControlApi = {
     PIE_CONTROL_API_VERSION, &api_queue_from_python, &api_queue_release, &api_submit, &api_synchronize,
     &api_future_wait, &api_future_status, &api_future_command_id, &api_future_result, &api_future_error,
     &api_future_release, &api_future_to_python, &api_pool_from_python, &api_pool_release, &api_pool_allocate,
-    &api_pool_free, &api_pool_resolve, &api_pool_fork, &api_pool_prepare_write,
+    &api_pool_free, &api_pool_resolve, &api_pool_fork, &api_pool_prepare_write, &api_submit_forward,
+    &api_submit_copies,
 };
 
 std::optional<Clock::duration> to_timeout(std::optional<double> seconds) {
@@ -347,6 +401,162 @@ PYBIND11_MODULE(_control, m) {
       .value("FIXED_T", Policy::kFixedT)
       .value("K_OR_T", Policy::kKOrT);
 
+  // ---- forward passes and page copies (forward_command.h) ----
+  py::enum_<CommandKind>(m, "CommandKind", "What a command asks of the engine; a batch holds one kind.")
+      .value("FORWARD", CommandKind::kForward)
+      .value("COPY_PAGES", CommandKind::kCopyPages);
+
+  py::enum_<SamplerKind>(m, "SamplerKind", "What an output asks of its logits row (one enum for C++ and Python).")
+      .value("GREEDY", SamplerKind::kGreedy)
+      .value("SAMPLE", SamplerKind::kSample)
+      .value("TOP_K_DISTRIBUTION", SamplerKind::kTopKDistribution)
+      .value("LOGPROBS", SamplerKind::kLogprobs)
+      .value("RAW_LOGITS", SamplerKind::kRawLogits);
+
+  py::class_<Sampler>(m, "Sampler", "How one output is chosen from its logits row (see forward_command.h).")
+      .def(py::init([](SamplerKind kind, float temperature, uint32_t top_k, float top_p, float min_p,
+                       std::optional<uint64_t> seed, std::vector<uint32_t> token_ids) {
+             return Sampler{kind, temperature, top_k, top_p, min_p, seed, std::move(token_ids)};
+           }),
+           py::arg("kind"), py::arg("temperature") = 1.0f, py::arg("top_k") = 0u, py::arg("top_p") = 1.0f,
+           py::arg("min_p") = 0.0f, py::arg("seed") = py::none(), py::arg("token_ids") = std::vector<uint32_t>{})
+      .def_readwrite("kind", &Sampler::kind)
+      .def_readwrite("temperature", &Sampler::temperature)
+      .def_readwrite("top_k", &Sampler::top_k, "top-k filter of SAMPLE (0: none); k of TOP_K_DISTRIBUTION")
+      .def_readwrite("top_p", &Sampler::top_p)
+      .def_readwrite("min_p", &Sampler::min_p)
+      .def_readwrite("seed", &Sampler::seed)
+      .def_readwrite("token_ids", &Sampler::token_ids, "the tokens of LOGPROBS")
+      .def("__eq__",
+           [](const Sampler& a, const Sampler& b) {
+             return a.kind == b.kind && a.temperature == b.temperature && a.top_k == b.top_k && a.top_p == b.top_p &&
+                    a.min_p == b.min_p && a.seed == b.seed && a.token_ids == b.token_ids;
+           })
+      .def("__repr__", [](const Sampler& s) {
+        return "<Sampler " + py::str(py::cast(s.kind)).cast<std::string>() + ">";
+      });
+
+  py::class_<ForwardOutput>(m, "ForwardOutput", "One output a pass asks for: an input row and its sampler.")
+      .def(py::init([](uint32_t index, Sampler sampler, std::optional<std::vector<uint32_t>> vocab_mask) {
+             return ForwardOutput{index, std::move(sampler), vocab_mask.value_or(std::vector<uint32_t>{})};
+           }),
+           py::arg("index"), py::arg("sampler"), py::arg("vocab_mask") = py::none())
+      .def_readwrite("index", &ForwardOutput::index)
+      .def_readwrite("sampler", &ForwardOutput::sampler)
+      .def_property(
+          "vocab_mask",
+          [](const ForwardOutput& o) -> py::object { return o.vocab_mask.empty() ? py::none() : py::cast(o.vocab_mask); },
+          [](ForwardOutput& o, std::optional<std::vector<uint32_t>> runs) { o.vocab_mask = runs.value_or(std::vector<uint32_t>{}); },
+          "BRLE runs over the vocabulary (allowed first), or None");
+
+  py::class_<OutputValue>(m, "OutputValue", "What the engine wrote for one output.")
+      .def_readonly("ids", &OutputValue::ids)
+      .def_property_readonly("values", [](const OutputValue& v) {
+        return py::array_t<float>(static_cast<py::ssize_t>(v.values.size()), v.values.data());
+      }, "(n,) float32 copy");
+
+  py::class_<ForwardLimits>(m, "ForwardLimits", "What forward commands are checked against (the model and engine).")
+      .def(py::init([](uint32_t vocab_size, uint32_t page_size, uint32_t num_pages, uint32_t max_tokens,
+                       uint32_t num_embed_slots) {
+             return ForwardLimits{vocab_size, page_size, num_pages, max_tokens, num_embed_slots};
+           }),
+           py::arg("vocab_size"), py::arg("page_size"), py::arg("num_pages"), py::arg("max_tokens"),
+           py::arg("num_embed_slots") = 0u)
+      .def_readonly("vocab_size", &ForwardLimits::vocab_size)
+      .def_readonly("page_size", &ForwardLimits::page_size)
+      .def_readonly("num_pages", &ForwardLimits::num_pages)
+      .def_readonly("max_tokens", &ForwardLimits::max_tokens)
+      .def_readonly("num_embed_slots", &ForwardLimits::num_embed_slots);
+
+  py::class_<ForwardCommand, std::shared_ptr<ForwardCommand>>(
+      m, "ForwardCommand",
+      "One forward pass: input tokens at positions over a paged KV sequence, the outputs it asks for, and "
+      "the results the engine writes (see forward_command.h).")
+      .def(py::init([](std::vector<uint32_t> token_ids, std::vector<uint32_t> positions,
+                       std::vector<uint32_t> kv_page_ids, uint32_t kv_last_page_len,
+                       std::optional<std::vector<std::vector<uint32_t>>> mask, std::vector<ForwardOutput> outputs,
+                       std::optional<std::vector<uint32_t>> embed_slots) {
+             auto c = std::make_shared<ForwardCommand>();
+             c->token_ids = std::move(token_ids);
+             c->positions = std::move(positions);
+             c->kv_page_ids = std::move(kv_page_ids);
+             c->kv_last_page_len = kv_last_page_len;
+             if (mask) c->mask = std::move(*mask);
+             c->outputs = std::move(outputs);
+             if (embed_slots) c->embed_slots = std::move(*embed_slots);
+             return c;
+           }),
+           py::arg("token_ids"), py::arg("positions"), py::arg("kv_page_ids"), py::arg("kv_last_page_len"),
+           py::arg("mask") = py::none(), py::arg("outputs") = std::vector<ForwardOutput>{},
+           py::arg("embed_slots") = py::none())
+      .def_readwrite("token_ids", &ForwardCommand::token_ids)
+      .def_readwrite("positions", &ForwardCommand::positions)
+      .def_readwrite("kv_page_ids", &ForwardCommand::kv_page_ids)
+      .def_readwrite("kv_last_page_len", &ForwardCommand::kv_last_page_len)
+      .def_property(
+          "mask", [](const ForwardCommand& c) -> py::object { return c.mask.empty() ? py::none() : py::cast(c.mask); },
+          [](ForwardCommand& c, std::optional<std::vector<std::vector<uint32_t>>> rows) {
+            c.mask = rows.value_or(std::vector<std::vector<uint32_t>>{});
+          },
+          "T BRLE rows over the KV sequence, or None (causal)")
+      .def_property(
+          "embed_slots",
+          [](const ForwardCommand& c) -> py::object { return c.embed_slots.empty() ? py::none() : py::cast(c.embed_slots); },
+          [](ForwardCommand& c, std::optional<std::vector<uint32_t>> slots) {
+            c.embed_slots = slots.value_or(std::vector<uint32_t>{});
+          },
+          "(T,) physical input-embedding slots read instead of the tokens, or None")
+      .def_readwrite("outputs", &ForwardCommand::outputs)
+      .def_readonly("results", &ForwardCommand::results, "One OutputValue per output once the pass has run.")
+      .def_property_readonly("num_tokens", &ForwardCommand::num_tokens)
+      .def("kv_len", &ForwardCommand::kv_len, py::arg("page_size"), "Tokens in the KV sequence.")
+      .def(
+          "check",
+          [](const ForwardCommand& c, const ForwardLimits& limits) {
+            if (auto error = check_forward(c, limits)) throw std::invalid_argument(describe(*error, FieldNaming::kPython));
+          },
+          py::arg("limits"), "Raise ValueError naming the field when the command may not run under `limits`.")
+      .def(
+          "set_results",
+          [](ForwardCommand& c, std::vector<std::pair<std::vector<uint32_t>, py::array_t<float, py::array::c_style | py::array::forcecast>>> results) {
+            if (results.size() != c.outputs.size()) {
+              throw std::invalid_argument(std::to_string(results.size()) + " results for " +
+                                          std::to_string(c.outputs.size()) + " outputs");
+            }
+            c.results.resize(results.size());
+            for (size_t j = 0; j < results.size(); ++j) {
+              c.results[j].ids = std::move(results[j].first);
+              const auto& values = results[j].second;
+              c.results[j].values.assign(values.data(), values.data() + values.size());
+            }
+          },
+          py::arg("results"), "The engine's results: one (ids, values) pair per output, in order.")
+      .def("__repr__", [](const ForwardCommand& c) {
+        return "<ForwardCommand " + std::to_string(c.num_tokens()) + " tokens over " +
+               std::to_string(c.kv_page_ids.size()) + " pages, " + std::to_string(c.outputs.size()) + " outputs>";
+      });
+
+  py::class_<CopySpan>(m, "CopySpan", "Copy `count` token slots of every layer: src_page[src_offset:] -> dst_page[dst_offset:].")
+      .def(py::init([](uint32_t src_page, uint32_t src_offset, uint32_t dst_page, uint32_t dst_offset, uint32_t count) {
+             return CopySpan{src_page, src_offset, dst_page, dst_offset, count};
+           }),
+           py::arg("src_page"), py::arg("src_offset"), py::arg("dst_page"), py::arg("dst_offset"), py::arg("count"))
+      .def_readonly("src_page", &CopySpan::src_page)
+      .def_readonly("src_offset", &CopySpan::src_offset)
+      .def_readonly("dst_page", &CopySpan::dst_page)
+      .def_readonly("dst_offset", &CopySpan::dst_offset)
+      .def_readonly("count", &CopySpan::count);
+
+  py::class_<PageCopyCommand, std::shared_ptr<PageCopyCommand>>(m, "PageCopyCommand",
+                                                                "Copies of KV slots, run in order.")
+      .def(py::init([](std::vector<CopySpan> spans) {
+             auto c = std::make_shared<PageCopyCommand>();
+             c->spans = std::move(spans);
+             return c;
+           }),
+           py::arg("spans"))
+      .def_readonly("spans", &PageCopyCommand::spans);
+
   // ---- Future ----
   py::class_<FutureState, std::shared_ptr<FutureState>>(m, "Future",
                                                         "The completion of one command; wait on it without the GIL.")
@@ -407,6 +617,37 @@ PYBIND11_MODULE(_control, m) {
           py::arg("depends_on_previous") = false,
           "Submit one command; returns its Future. `depends_on_previous` keeps it out of the batch of "
           "the command before it.")
+      .def(
+          "submit_forward",
+          [](CommandQueue& q, std::shared_ptr<ForwardCommand> command, const ForwardLimits& limits,
+             bool depends_on_previous) {
+            if (auto error = check_forward(*command, limits)) throw std::invalid_argument(describe(*error, FieldNaming::kPython));
+            const uint32_t num_tokens = command->num_tokens();
+            return q.submit(static_cast<int32_t>(CommandKind::kForward), command_payload(std::move(command)), num_tokens,
+                            depends_on_previous);
+          },
+          py::arg("command"), py::arg("limits"), py::arg("depends_on_previous") = false,
+          "Check a ForwardCommand against `limits` (ValueError naming the field) and submit it; returns its "
+          "Future, resolved once the engine has written the command's results.")
+      .def(
+          "submit_forward_all",
+          [](CommandQueue& q, std::vector<std::shared_ptr<ForwardCommand>> commands, const ForwardLimits& limits) {
+            std::vector<CommandQueue::Submission> submissions;
+            submissions.reserve(commands.size());
+            for (size_t i = 0; i < commands.size(); ++i) {
+              if (auto error = check_forward(*commands[i], limits)) {
+                throw std::invalid_argument("commands[" + std::to_string(i) + "]: " +
+                                            describe(*error, FieldNaming::kPython));
+              }
+              const uint32_t num_tokens = commands[i]->num_tokens();
+              submissions.push_back({static_cast<int32_t>(CommandKind::kForward), command_payload(commands[i]),
+                                     num_tokens, false});
+            }
+            return q.submit_all(std::move(submissions));
+          },
+          py::arg("commands"), py::arg("limits"),
+          "Check every ForwardCommand (ValueError naming the command and field; nothing is submitted then) "
+          "and submit them in one push, so that they can share one batch; returns their Futures.")
       .def("synchronize", &CommandQueue::synchronize,
            "A Future resolved (with None) once every command submitted before it has finished.")
       .def("close", &CommandQueue::close, py::arg("reason") = "closed",

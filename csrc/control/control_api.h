@@ -11,6 +11,11 @@
  * this API appears as its address (an int); payloads submitted from Python appear as the object.
  * A result set from Python is a PyObject* (borrowed from the future; read it with the GIL), NULL for
  * None.
+ *
+ * Forward passes and page copies are not opaque: submit_forward / submit_copies take the control layer's
+ * own command types (forward_command.h), which Python sees as pie.control.ForwardCommand and
+ * PageCopyCommand. Functions are only ever appended to the table (the runtime and the control module are
+ * built together, from one tree).
  */
 #ifndef PIE_CONTROL_API_H
 #define PIE_CONTROL_API_H
@@ -81,6 +86,16 @@ typedef struct PieControlApi {
   int (*pool_prepare_write)(PieControlPool* pool, uint64_t instance_id, const uint32_t* handles, size_t count,
                             uint32_t* out_src_pages, uint32_t* out_dst_pages, size_t* out_num_copies, char* error,
                             size_t error_size);
+
+  /* A FORWARD command. `command` points to a std::shared_ptr<pie::control::ForwardCommand>, checked by
+   * the caller (check_forward); the control layer shares it. The engine writes the results into the
+   * command before the future resolves READY. */
+  PieControlFuture* (*submit_forward)(PieControlQueue* queue, const void* command, int depends_on_previous,
+                                      char* error, size_t error_size);
+  /* A COPY_PAGES command of `count` spans, five uint32 each (pie::control::CopySpan: src_page, src_offset,
+   * dst_page, dst_offset, count), run after every earlier command of the queue has finished. */
+  PieControlFuture* (*submit_copies)(PieControlQueue* queue, const uint32_t* spans, size_t count, char* error,
+                                     size_t error_size);
 } PieControlApi;
 
 #ifdef __cplusplus

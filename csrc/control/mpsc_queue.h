@@ -24,10 +24,14 @@ class MpscQueue {
   MpscQueue(const MpscQueue&) = delete;
   MpscQueue& operator=(const MpscQueue&) = delete;
 
-  void push(MpscNode* node) {
-    node->next.store(nullptr, std::memory_order_relaxed);
-    MpscNode* previous = head_.exchange(node, std::memory_order_acq_rel);
-    previous->next.store(node, std::memory_order_release);
+  void push(MpscNode* node) { push_chain(node, node); }
+
+  // Pushes first..last, already linked through `next` (last's is overwritten): the consumer pops them
+  // in order and never sees the first without the others (they enter with one exchange).
+  void push_chain(MpscNode* first, MpscNode* last) {
+    last->next.store(nullptr, std::memory_order_relaxed);
+    MpscNode* previous = head_.exchange(last, std::memory_order_acq_rel);
+    previous->next.store(first, std::memory_order_release);
   }
 
   // The oldest node, or nullptr when empty or when the oldest push is still in progress.

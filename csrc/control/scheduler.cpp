@@ -63,8 +63,8 @@ CommandQueue::~CommandQueue() {
   }
 }
 
-std::shared_ptr<FutureState> CommandQueue::submit(int32_t kind, Payload payload, uint32_t num_tokens,
-                                                  bool depends_on_previous) {
+CommandPtr CommandQueue::make_command(int32_t kind, Payload payload, uint32_t num_tokens,
+                                      bool depends_on_previous) const {
   if (kind < 0) {
     throw std::invalid_argument(queue_label(id_, instance_id_) + ": command kind must be >= 0, got " +
                                 std::to_string(kind));
@@ -79,7 +79,20 @@ std::shared_ptr<FutureState> CommandQueue::submit(int32_t kind, Payload payload,
   command->num_tokens = num_tokens;
   command->depends_on_previous = depends_on_previous;
   command->payload = std::move(payload);
-  return push(std::move(command));
+  return command;
+}
+
+std::shared_ptr<FutureState> CommandQueue::submit(int32_t kind, Payload payload, uint32_t num_tokens,
+                                                  bool depends_on_previous) {
+  return push(make_command(kind, std::move(payload), num_tokens, depends_on_previous));
+}
+
+std::vector<std::shared_ptr<FutureState>> CommandQueue::submit_all(std::vector<Submission> submissions) {
+  std::vector<CommandPtr> commands;
+  commands.reserve(submissions.size());
+  for (Submission& s : submissions)
+    commands.push_back(make_command(s.kind, std::move(s.payload), s.num_tokens, s.depends_on_previous));
+  return push_all(std::move(commands));
 }
 
 std::shared_ptr<FutureState> CommandQueue::synchronize() {
@@ -89,21 +102,38 @@ std::shared_ptr<FutureState> CommandQueue::synchronize() {
 }
 
 std::shared_ptr<FutureState> CommandQueue::push(CommandPtr command) {
+  std::vector<CommandPtr> one;
+  one.push_back(std::move(command));
+  return push_all(std::move(one)).front();
+}
+
+std::vector<std::shared_ptr<FutureState>> CommandQueue::push_all(std::vector<CommandPtr> commands) {
   if (closed()) throw QueueClosed(queue_label(id_, instance_id_) + " is closed (" + close_reason_ + ")");
-  command->id = scheduler_->next_command_id_.fetch_add(1, std::memory_order_relaxed);
-  command->queue_id = id_;
-  command->instance_id = instance_id_;
-  command->queue = this;
-  command->submitted_at = Clock::now();
-  command->future = std::make_shared<FutureState>(command->id);
-  std::shared_ptr<FutureState> future = command->future;
-  scheduler_->num_submitted_.fetch_add(1, std::memory_order_relaxed);
-  inbox_.push(command.release());
+  std::vector<std::shared_ptr<FutureState>> futures;
+  if (commands.empty()) return futures;
+  futures.reserve(commands.size());
+  const Clock::time_point now = Clock::now();
+  for (size_t i = 0; i < commands.size(); ++i) {
+    Command& command = *commands[i];
+    command.id = scheduler_->next_command_id_.fetch_add(1, std::memory_order_relaxed);
+    command.queue_id = id_;
+    command.instance_id = instance_id_;
+    command.queue = this;
+    command.submitted_at = now;
+    command.future = std::make_shared<FutureState>(command.id);
+    futures.push_back(command.future);
+    if (i > 0) commands[i - 1]->next.store(&command, std::memory_order_relaxed);
+  }
+  scheduler_->num_submitted_.fetch_add(commands.size(), std::memory_order_relaxed);
+  MpscNode* first = commands.front().get();
+  MpscNode* last = commands.back().get();
+  for (CommandPtr& command : commands) command.release();  // owned by the inbox from here
+  inbox_.push_chain(first, last);
   scheduler_->announce(this);
   // Dekker pairing with close_queue_locked: either its drain sees this push, or we see closed_.
   std::atomic_thread_fence(std::memory_order_seq_cst);
   if (closed_.load(std::memory_order_relaxed)) scheduler_->drain_after_late_push();
-  return future;
+  return futures;
 }
 
 uint64_t CommandQueue::close(const std::string& reason) {

@@ -95,6 +95,15 @@ class CommandQueue : public std::enable_shared_from_this<CommandQueue> {
   // num_tokens above the batch token budget.
   std::shared_ptr<FutureState> submit(int32_t kind, Payload payload, uint32_t num_tokens,
                                       bool depends_on_previous);
+  struct Submission {
+    int32_t kind = 0;
+    Payload payload;
+    uint32_t num_tokens = 0;
+    bool depends_on_previous = false;
+  };
+  // Several commands in one lock-free push: the scheduler sees all of them or none, so consecutive
+  // independent ones can share one batch. Checks every one (as submit) before pushing any.
+  std::vector<std::shared_ptr<FutureState>> submit_all(std::vector<Submission> submissions);
   // A barrier future: resolves (with no result) once everything submitted before it has finished.
   std::shared_ptr<FutureState> synchronize();
   // Cancels the pending commands and the in-flight futures of this queue; later submits throw.
@@ -114,6 +123,9 @@ class CommandQueue : public std::enable_shared_from_this<CommandQueue> {
   };
 
   std::shared_ptr<FutureState> push(CommandPtr command);
+  CommandPtr make_command(int32_t kind, Payload payload, uint32_t num_tokens, bool depends_on_previous) const;
+  // Numbers the commands, links them and pushes them as one chain; returns their futures in order.
+  std::vector<std::shared_ptr<FutureState>> push_all(std::vector<CommandPtr> commands);
 
   const std::shared_ptr<Scheduler> scheduler_;
   const uint64_t id_;

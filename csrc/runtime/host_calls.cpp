@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "host.h"
+#include "instance_state.h"
 #include "wasmtime_c.h"
 
 namespace pie_wt {
@@ -54,7 +54,7 @@ void* trap(const std::string& message) { return api().error_new(message.c_str())
 
 // The calling thread's instance, or a trap naming the call.
 #define PIE_INSTANCE(call)                                                          \
-  Instance* inst = current_instance();                                              \
+  InstanceState* inst = current_instance();                                         \
   if (!inst) return trap(call ": no inferlet instance is bound to this thread");    \
   if (inst->terminated()) return trap(call ": " + inst->terminate_reason());
 
@@ -134,7 +134,7 @@ void* runtime_instance_id(void*, void*, const void*, val_t* args, size_t nargs, 
 void* kv_page_size(void*, void*, const void*, val_t* args, size_t nargs, val_t* results, size_t nresults) {
   PIE_SIGNATURE("kv.page-size", 1)
   PIE_INSTANCE("kv.page-size")
-  set_u32(&results[0], inst->host().page_size());
+  set_u32(&results[0], inst->limits().page_size);
   return nullptr;
 }
 
@@ -174,7 +174,7 @@ void* kv_copy_tokens(void*, void*, const void*, val_t* args, size_t nargs, val_t
   PIE_INSTANCE("kv.copy-tokens")
   const uint32_t src = args[0].of.u32, dst = args[1].of.u32;
   const uint32_t src_off = args[2].of.u32, dst_off = args[3].of.u32, count = args[4].of.u32;
-  const uint64_t ps = inst->host().page_size();
+  const uint64_t ps = inst->limits().page_size;
   if (src_off + uint64_t(count) > ps)
     return trap("kv.copy-tokens: src-offset + count = " + std::to_string(src_off + uint64_t(count)) +
                 " exceeds the page size " + std::to_string(ps));
@@ -201,7 +201,7 @@ void* kv_mask_page(void*, void*, const void*, val_t* args, size_t nargs, val_t* 
   PIE_INSTANCE("kv.mask-page")
   std::vector<uint32_t> runs;
   if (!get_u32_list(args[1], runs)) return trap("kv.mask-page: mask: expected list<u32>");
-  const uint32_t ps = inst->host().page_size();
+  const uint32_t ps = inst->limits().page_size;
   std::vector<uint8_t> hidden;
   hidden.reserve(ps);
   bool hide = false;  // runs alternate visible / hidden, starting with visible
@@ -227,7 +227,12 @@ enum PassField {
   F_TOKENS, F_EMBEDS, F_POSITIONS, F_PAGES, F_LAST_LEN, F_MASK, F_OUT_IDX, F_SAMPLERS, F_OUT_MASKS, F_COUNT
 };
 
-bool parse_sampler(const val_t& v, OutputSpec& spec, std::string& error) {
+using pie::control::Sampler;
+using pie::control::SamplerKind;
+
+// The sampler variant -> Sampler. Checks the WIT shape of its payload and the WIT's own rule that a
+// sample has temperature > 0 (greedy is its own case); the values are checked with the whole pass.
+bool parse_sampler(const val_t& v, Sampler& spec, std::string& error) {
   if (v.kind != K_VARIANT) {
     error = "expected a sampler variant";
     return false;
@@ -235,9 +240,9 @@ bool parse_sampler(const val_t& v, OutputSpec& spec, std::string& error) {
   const wasm_byte_vec_t& d = v.of.variant.discriminant;
   const val_t* payload = v.of.variant.val;
   if (name_is(d, "greedy")) {
-    spec.kind = S_GREEDY;
+    spec.kind = SamplerKind::kGreedy;
   } else if (name_is(d, "sample")) {
-    spec.kind = S_SAMPLE;
+    spec.kind = SamplerKind::kSample;
     if (!payload || payload->kind != K_RECORD || payload->of.record.size != 5) {
       error = "sample: expected sample-params";
       return false;
@@ -257,47 +262,28 @@ bool parse_sampler(const val_t& v, OutputSpec& spec, std::string& error) {
     spec.top_k = r.data[1].val.of.u32;
     spec.top_p = r.data[2].val.of.f32;
     spec.min_p = r.data[3].val.of.f32;
-    const val_t* seed = r.data[4].val.of.option;
-    spec.has_seed = seed != nullptr;
-    if (seed) spec.seed = seed->of.u64;
-    if (!(spec.temperature > 0) || !std::isfinite(spec.temperature)) {
+    if (const val_t* seed = r.data[4].val.of.option) spec.seed = seed->of.u64;
+    if (!(spec.temperature > 0)) {
       error = "sample: temperature " + std::to_string(spec.temperature) + " must be > 0 (use greedy for 0)";
       return false;
     }
-    if (!(spec.top_p > 0 && spec.top_p <= 1)) {
-      error = "sample: top-p " + std::to_string(spec.top_p) + " is not in (0, 1]";
-      return false;
-    }
-    if (!(spec.min_p >= 0 && spec.min_p <= 1)) {
-      error = "sample: min-p " + std::to_string(spec.min_p) + " is not in [0, 1]";
-      return false;
-    }
   } else if (name_is(d, "top-k-distribution")) {
-    spec.kind = S_TOPK;
+    spec.kind = SamplerKind::kTopKDistribution;
     if (!payload || payload->kind != K_TUPLE || payload->of.tuple.size != 2 ||
         payload->of.tuple.data[0].kind != K_U32 || payload->of.tuple.data[1].kind != K_F32) {
       error = "top-k-distribution: expected tuple<u32, f32>";
       return false;
     }
-    const vallist_t& t = payload->of.tuple;
-    spec.top_k = t.data[0].of.u32;
-    spec.temperature = t.data[1].of.f32;
-    if (spec.top_k == 0) {
-      error = "top-k-distribution: k must be >= 1";
-      return false;
-    }
-    if (!(spec.temperature > 0)) {
-      error = "top-k-distribution: temperature must be > 0";
-      return false;
-    }
+    spec.top_k = payload->of.tuple.data[0].of.u32;
+    spec.temperature = payload->of.tuple.data[1].of.f32;
   } else if (name_is(d, "logprobs")) {
-    spec.kind = S_LOGPROBS;
+    spec.kind = SamplerKind::kLogprobs;
     if (!payload || !get_u32_list(*payload, spec.token_ids)) {
       error = "logprobs: expected list<u32>";
       return false;
     }
   } else if (name_is(d, "raw-logits")) {
-    spec.kind = S_RAW;
+    spec.kind = SamplerKind::kRawLogits;
   } else {
     error = "unknown sampler case";
     return false;
@@ -305,115 +291,70 @@ bool parse_sampler(const val_t& v, OutputSpec& spec, std::string& error) {
   return true;
 }
 
+// forward.submit: the WIT record -> one ForwardCommand (handles resolved to pages, page masks folded
+// into the mask), checked once (pie::control::check_forward), then submitted.
 void* forward_submit(void*, void*, const void*, val_t* args, size_t nargs, val_t* results, size_t nresults) {
   PIE_SIGNATURE("forward.submit", 1, K_U32, K_RECORD)
   PIE_INSTANCE("forward.submit")
-  Host& host = inst->host();
   auto fail = [](const std::string& m) { return trap("forward.submit: " + m); };
   const val_t& pass = args[1];
   if (pass.kind != K_RECORD || pass.of.record.size != F_COUNT) return fail("fwd: expected a forward-pass record");
   const record_entry_t* f = pass.of.record.data;
-  auto cmd = std::make_shared<Command>();
+  auto cmd = std::make_shared<ForwardCommand>();
   std::vector<uint32_t> handles, embeds, out_idx;
-  if (!get_u32_list(f[F_TOKENS].val, cmd->tokens) || !get_u32_list(f[F_EMBEDS].val, embeds) ||
+  if (!get_u32_list(f[F_TOKENS].val, cmd->token_ids) || !get_u32_list(f[F_EMBEDS].val, embeds) ||
       !get_u32_list(f[F_POSITIONS].val, cmd->positions) || !get_u32_list(f[F_PAGES].val, handles) ||
       !get_u32_list(f[F_OUT_IDX].val, out_idx))
     return fail("fwd: malformed forward-pass");
+  if (f[F_LAST_LEN].val.kind != K_U32) return fail("fwd.last-page-len: expected u32");
+  cmd->kv_last_page_len = f[F_LAST_LEN].val.of.u32;
   std::string error;
   if (!embeds.empty()) {
-    if (!cmd->tokens.empty())
+    if (!cmd->token_ids.empty())
       return fail("fwd.tokens: give either tokens or input-embeddings, not both (tokens must be empty)");
     if (!inst->resolve_embeddings(embeds, cmd->embed_slots, error)) return fail("fwd.input-embeddings: " + error);
-    cmd->tokens.assign(embeds.size(), 0);  // placeholders: the runner reads the embedding slots
+    cmd->token_ids.assign(embeds.size(), 0);  // placeholders: the engine reads the embedding slots
   }
-  const size_t t = cmd->tokens.size();
-  if (t == 0) return fail("fwd.tokens: empty: a pass needs at least one input token (or input embedding)");
-  if (t > host.max_batch_tokens())
-    return fail("fwd.tokens: " + std::to_string(t) + " tokens exceed max-batch-tokens " +
-                std::to_string(host.max_batch_tokens()) + " (split the pass)");
-  for (size_t i = 0; i < t; ++i)
-    if (cmd->tokens[i] >= host.vocab_size())
-      return fail("fwd.tokens[" + std::to_string(i) + "]: token id " + std::to_string(cmd->tokens[i]) +
-                  " is outside the vocabulary [0, " + std::to_string(host.vocab_size()) + ")");
-  if (cmd->positions.size() != t)
-    return fail("fwd.positions: " + std::to_string(cmd->positions.size()) + " positions for " + std::to_string(t) +
-                " tokens");
-  if (handles.empty()) return fail("fwd.pages: empty: the sequence must hold at least the input tokens");
-  if (f[F_LAST_LEN].val.kind != K_U32) return fail("fwd.last-page-len: expected u32");
-  cmd->last_page_len = f[F_LAST_LEN].val.of.u32;
-  if (cmd->last_page_len < 1 || cmd->last_page_len > host.page_size())
-    return fail("fwd.last-page-len: " + std::to_string(cmd->last_page_len) + " is not in [1, " +
-                std::to_string(host.page_size()) + "]");
-  const size_t kv_len = (handles.size() - 1) * host.page_size() + cmd->last_page_len;
-  if (kv_len < t)
-    return fail("fwd.pages: the sequence holds " + std::to_string(kv_len) + " tokens, fewer than the " +
-                std::to_string(t) + " input tokens");
   const val_t& mask = f[F_MASK].val;
   if (mask.kind != K_LIST) return fail("fwd.mask: expected list<list<u32>>");
-  if (mask.of.list.size != 0) {
-    if (mask.of.list.size != t)
-      return fail("fwd.mask: " + std::to_string(mask.of.list.size) + " rows for " + std::to_string(t) +
-                  " tokens (one BRLE row per input token, or none for causal)");
-    cmd->mask.resize(t);
-    for (size_t i = 0; i < t; ++i) {
-      if (!get_u32_list(mask.of.list.data[i], cmd->mask[i])) return fail("fwd.mask: expected list<list<u32>>");
-      uint64_t sum = 0;
-      for (uint32_t run : cmd->mask[i]) sum += run;
-      if (sum != kv_len)
-        return fail("fwd.mask[" + std::to_string(i) + "]: runs add up to " + std::to_string(sum) +
-                    ", not the sequence length " + std::to_string(kv_len));
-    }
-  }
+  cmd->mask.resize(mask.of.list.size);
+  for (size_t i = 0; i < mask.of.list.size; ++i)
+    if (!get_u32_list(mask.of.list.data[i], cmd->mask[i])) return fail("fwd.mask: expected list<list<u32>>");
   const val_t& samplers = f[F_SAMPLERS].val;
   if (samplers.kind != K_LIST) return fail("fwd.samplers: expected list<sampler>");
   if (samplers.of.list.size != out_idx.size())
     return fail("fwd.samplers: " + std::to_string(samplers.of.list.size) + " samplers for " +
                 std::to_string(out_idx.size()) + " output indices");
-  cmd->outputs.resize(out_idx.size());
-  for (size_t i = 0; i < out_idx.size(); ++i) {
-    if (out_idx[i] >= t)
-      return fail("fwd.output-indices[" + std::to_string(i) + "]: " + std::to_string(out_idx[i]) + " is not in [0, " +
-                  std::to_string(t) + ")");
-    cmd->outputs[i].index = out_idx[i];
-    if (!parse_sampler(samplers.of.list.data[i], cmd->outputs[i], error))
-      return fail("fwd.samplers[" + std::to_string(i) + "]: " + error);
-    for (uint32_t tok : cmd->outputs[i].token_ids)
-      if (tok >= host.vocab_size())
-        return fail("fwd.samplers[" + std::to_string(i) + "]: logprobs: token id " + std::to_string(tok) +
-                    " is outside the vocabulary");
-    if (cmd->outputs[i].kind == S_TOPK && cmd->outputs[i].top_k > host.vocab_size())
-      return fail("fwd.samplers[" + std::to_string(i) + "]: top-k-distribution: k exceeds the vocabulary");
-  }
   const val_t& out_masks = f[F_OUT_MASKS].val;
   if (out_masks.kind != K_LIST) return fail("fwd.output-masks: expected list<list<u32>>");
-  if (out_masks.of.list.size != 0) {
-    if (out_masks.of.list.size != out_idx.size())
-      return fail("fwd.output-masks: " + std::to_string(out_masks.of.list.size) + " masks for " +
-                  std::to_string(out_idx.size()) + " outputs (one per output, or none)");
-    for (size_t i = 0; i < out_idx.size(); ++i) {
-      OutputSpec& o = cmd->outputs[i];
-      if (!get_u32_list(out_masks.of.list.data[i], o.allowed)) return fail("fwd.output-masks: expected list<list<u32>>");
-      if (o.allowed.empty()) continue;  // an empty row: this output is not masked
-      uint64_t sum = 0, allowed = 0;
-      for (size_t r = 0; r < o.allowed.size(); ++r) {
-        sum += o.allowed[r];
-        if (r % 2 == 0) allowed += o.allowed[r];
-      }
-      if (sum != host.vocab_size())
-        return fail("fwd.output-masks[" + std::to_string(i) + "]: runs add up to " + std::to_string(sum) +
-                    ", not the vocabulary size " + std::to_string(host.vocab_size()));
-      if (allowed == 0) return fail("fwd.output-masks[" + std::to_string(i) + "]: no token is allowed");
-      o.has_mask = true;
-    }
+  if (out_masks.of.list.size != 0 && out_masks.of.list.size != out_idx.size())
+    return fail("fwd.output-masks: " + std::to_string(out_masks.of.list.size) + " masks for " +
+                std::to_string(out_idx.size()) + " outputs (one per output, or none)");
+  cmd->outputs.resize(out_idx.size());
+  for (size_t i = 0; i < out_idx.size(); ++i) {
+    cmd->outputs[i].index = out_idx[i];
+    if (!parse_sampler(samplers.of.list.data[i], cmd->outputs[i].sampler, error))
+      return fail("fwd.samplers[" + std::to_string(i) + "]: " + error);
+    // an empty row: this output is not masked
+    if (out_masks.of.list.size != 0 && !get_u32_list(out_masks.of.list.data[i], cmd->outputs[i].vocab_mask))
+      return fail("fwd.output-masks: expected list<list<u32>>");
   }
+  if (handles.empty()) return fail("fwd.pages: empty: the sequence must hold at least the input tokens");
+  if (!inst->resolve(handles, cmd->kv_page_ids, error)) return fail(error);
+  if (auto problem = pie::control::check_forward(*cmd, inst->limits()))
+    return fail(pie::control::describe(*problem, pie::control::FieldNaming::kWit));
   // The pass writes the last t slots of the sequence: those pages get their own copy first if shared
-  // (fork / import), then every handle resolves to the page the pass reads or writes.
+  // (fork / import); page masks are folded into the mask rows.
+  const uint32_t ps = inst->limits().page_size;
+  const size_t t = cmd->num_tokens(), kv_len = cmd->kv_len(ps);
   const uint32_t q = args[0].of.u32;
-  std::vector<uint32_t> written(handles.begin() + (kv_len - t) / host.page_size(), handles.end());
+  std::vector<uint32_t> written(handles.begin() + (kv_len - t) / ps, handles.end());
   std::vector<CopySpan> copies;
   if (!inst->prepare_write(written, copies, error)) return fail("fwd.pages: " + error);
-  if (!inst->submit_copies(q, std::move(copies), error)) return fail(error);
-  if (!inst->resolve(handles, cmd->pages, error)) return fail(error);
+  if (!copies.empty()) {  // the copies moved some handles to new pages
+    if (!inst->submit_copies(q, copies, error)) return fail(error);
+    if (!inst->resolve(handles, cmd->kv_page_ids, error)) return fail(error);
+  }
   inst->apply_page_masks(handles, kv_len, t, cmd->mask);
   uint64_t future = inst->submit(q, std::move(cmd), error);
   if (future == 0) return fail(error);
@@ -424,21 +365,22 @@ void* forward_submit(void*, void*, const void*, val_t* args, size_t nargs, val_t
 void* forward_wait(void*, void*, const void*, val_t* args, size_t nargs, val_t* results, size_t nresults) {
   PIE_SIGNATURE("forward.wait", 1, K_U64)
   PIE_INSTANCE("forward.wait")
-  std::vector<Output> outputs;
+  std::shared_ptr<ForwardCommand> command;
   std::string error;
   uint64_t f = args[0].of.u64;
-  switch (inst->wait(f, outputs, error)) {
-    case 0:
+  switch (inst->wait(f, command, error)) {
+    case WaitStatus::kDone:
       break;
-    case 1:
+    case WaitStatus::kFailed:
       return trap("forward.wait: the pass failed: " + error);
-    case 2:
+    case WaitStatus::kUnknownFuture:
       return trap("forward.wait: f: " + std::to_string(f) + " is not a pending future of this instance");
-    case 3:
+    case WaitStatus::kDeadline:
       return trap("forward.wait: the instance's deadline passed while waiting");
-    default:
+    case WaitStatus::kTerminated:
       return trap("forward.wait: " + error);
   }
+  const std::vector<pie::control::OutputValue>& outputs = command->results;
   val_t& list = results[0];
   list.kind = K_LIST;
   api().vallist_new_uninit(&list.of.list, outputs.size());

@@ -1,8 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 # distutils: language = c++
 """Cython shim of the application layer (csrc/runtime): host functions registered on wasmtime component
-linker instances through the wasmtime C API, the C++ page/command/future core, and the Python
-conversion of cold calls. Private: used through pie.runtime."""
+linker instances through the wasmtime C API, the C++ state of each instance (csrc/runtime/instance_state.h),
+and the Python conversion of cold calls. Private: used through pie.runtime."""
 
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, int32_t, int8_t, int16_t, uint16_t
@@ -11,7 +11,6 @@ from libc.string cimport strlen
 from libcpp cimport bool as cbool
 from libcpp.memory cimport shared_ptr, make_shared
 from libcpp.string cimport string
-from libcpp.utility cimport move
 from libcpp.vector cimport vector
 
 
@@ -94,59 +93,20 @@ cdef extern from "control_api.h":
     int PIE_CONTROL_API_VERSION
 
 
-cdef extern from "host.h" namespace "pie_rt":
+cdef extern from "forward_command.h" namespace "pie::control":
+    cdef cppclass ForwardLimits:
+        uint32_t vocab_size, page_size, num_pages, max_tokens, num_embed_slots
+
+
+cdef extern from "instance_state.h" namespace "pie_rt":
     cdef cppclass ControlLink:
         const PieControlApi* api
         PieControlQueue* queue
         PieControlPool* pool
         PieControlPool* embed_pool
-        int32_t forward_kind
-        int32_t copy_kind
-    cdef cppclass CopySpan:
-        uint32_t src_page, src_offset, dst_page, dst_offset, count
-    cdef cppclass CopyCommand:
-        vector[CopySpan] spans
-    cdef cppclass OutputSpec:
-        uint32_t index
-        uint8_t kind
-        float temperature
-        uint32_t top_k
-        float top_p
-        float min_p
-        cbool has_seed
-        uint64_t seed
-        vector[uint32_t] token_ids
-        cbool has_mask
-        vector[uint32_t] allowed
-    cdef cppclass Output:
-        vector[uint32_t] ids
-        vector[float] values
-    cdef cppclass Command:
-        uint64_t id
-        uint64_t instance_id
-        vector[uint32_t] tokens
-        vector[uint32_t] positions
-        vector[uint32_t] pages
-        uint32_t last_page_len
-        vector[vector[uint32_t]] mask
-        vector[uint32_t] embed_slots
-        vector[OutputSpec] outputs
-    cdef cppclass CHost "pie_rt::Host":
-        CHost(uint32_t, uint32_t, uint32_t, uint32_t)
-        uint32_t num_pages()
-        uint32_t page_size()
-        uint32_t num_free_pages() nogil
-        vector[shared_ptr[Command]] take(size_t, size_t, double) nogil
-        void complete(const shared_ptr[Command]&, vector[Output]) nogil
-        @staticmethod
-        void set_outputs(const shared_ptr[Command]&, vector[Output]) nogil
-        void fail(const shared_ptr[Command]&, const string&) nogil
-        void stop() nogil
-        uint64_t num_pending() nogil
-    cdef cppclass CInstance "pie_rt::Instance":
-        CInstance(shared_ptr[CHost], uint64_t, double, ControlLink)
+    cdef cppclass CInstanceState "pie_rt::InstanceState":
+        CInstanceState(uint64_t, double, ControlLink, ForwardLimits)
         uint64_t id()
-        size_t num_pages_held() nogil
         void release(const string&) nogil
         void terminate(const string&) nogil
         cbool terminated() nogil
@@ -155,8 +115,8 @@ cdef extern from "host.h" namespace "pie_rt":
         cbool add_queue(uint32_t, PieControlQueue*)
         PieControlQueue* take_queue(uint32_t)
         void* py_owner
-    CInstance* current_instance() nogil
-    void set_current_instance(CInstance*) nogil
+    CInstanceState* current_instance() nogil
+    void set_current_instance(CInstanceState*) nogil
 
 
 cdef extern from "host_calls.h" namespace "pie_rt":
@@ -318,7 +278,7 @@ cdef void _encode(object desc, object value, val_t* out) except *:
 cdef void* _cold_cb(void* env, void* context, const void* func_type, val_t* args, size_t nargs,
                     val_t* results, size_t nresults) noexcept with gil:
     cdef ColdEnv* e = <ColdEnv*>env
-    cdef CInstance* inst = current_instance()
+    cdef CInstanceState* inst = current_instance()
     cdef bytes msg
     call = <object>e.call
     try:
@@ -371,150 +331,7 @@ def register_cold(size_t linker_instance, str name, str call, object func, objec
         raise RuntimeError(f"register {call}: {text}")
 
 
-# ---- the C++ core ---------------------------------------------------------------------------------
-
-cdef class Host:
-    """Pages, commands and futures shared by the instances of one model."""
-    cdef shared_ptr[CHost] ptr
-
-    def __cinit__(self, uint32_t num_pages, uint32_t page_size, uint32_t vocab_size, uint32_t max_batch_tokens):
-        self.ptr = make_shared[CHost](num_pages, page_size, vocab_size, max_batch_tokens)
-
-    @property
-    def num_pages(self):
-        return self.ptr.get().num_pages()
-
-    @property
-    def num_free_pages(self):
-        return self.ptr.get().num_free_pages()
-
-    @property
-    def num_pending(self):
-        return self.ptr.get().num_pending()
-
-    def take(self, size_t max_requests, size_t max_tokens, double timeout):
-        """Up to max_requests queued commands fitting max_tokens; waits up to `timeout` s without the GIL."""
-        cdef vector[shared_ptr[Command]] batch
-        with nogil:
-            batch = self.ptr.get().take(max_requests, max_tokens, timeout)
-        out = []
-        for i in range(batch.size()):
-            c = PendingCommand.__new__(PendingCommand)
-            (<PendingCommand>c).host = self.ptr
-            (<PendingCommand>c).cmd = batch[i]
-            out.append(c)
-        return out
-
-    def stop(self):
-        with nogil:
-            self.ptr.get().stop()
-
-
-cdef class PendingCommand:
-    """A forward command taken by the engine service; resolve it exactly once (complete or fail)."""
-    cdef shared_ptr[CHost] host
-    cdef shared_ptr[Command] cmd
-
-    @property
-    def instance_id(self):
-        return self.cmd.get().instance_id
-
-    @property
-    def tokens(self):
-        return list(self.cmd.get().tokens)
-
-    @property
-    def positions(self):
-        return list(self.cmd.get().positions)
-
-    @property
-    def pages(self):
-        return list(self.cmd.get().pages)
-
-    @property
-    def last_page_len(self):
-        return self.cmd.get().last_page_len
-
-    @property
-    def mask(self):
-        """T BRLE rows, or None (causal)."""
-        m = self.cmd.get().mask
-        return None if m.size() == 0 else [list(row) for row in m]
-
-    @property
-    def embed_slots(self):
-        """(T,) physical embedding slots the pass reads instead of token ids, or None."""
-        e = self.cmd.get().embed_slots
-        return None if e.size() == 0 else list(e)
-
-    @property
-    def outputs(self):
-        """[(input index, kind, temperature, top_k, top_p, min_p, seed | None, token_ids, allowed | None)];
-        kind: 0 greedy, 1 sample, 2 top-k distribution (k = top_k), 3 logprobs, 4 raw logits;
-        allowed: BRLE over the vocabulary (runs allowed / forbidden) or None."""
-        cdef OutputSpec* s
-        out = []
-        for i in range(self.cmd.get().outputs.size()):
-            s = &self.cmd.get().outputs[i]
-            out.append((s.index, s.kind, s.temperature, s.top_k, s.top_p, s.min_p,
-                        s.seed if s.has_seed else None, list(s.token_ids),
-                        list(s.allowed) if s.has_mask else None))
-        return out
-
-    def complete(self, list outputs):
-        """outputs: one (ids, values) pair per output spec, in order. Resolves the future (fallback queue)."""
-        cdef vector[Output] outs = _outputs(outputs)
-        with nogil:
-            self.host.get().complete(self.cmd, move(outs))
-
-    def set_outputs(self, list outputs):
-        """Control-layer backend: stores the outputs; the control future resolves when the handler returns."""
-        cdef vector[Output] outs = _outputs(outputs)
-        CHost.set_outputs(self.cmd, move(outs))
-
-    def fail(self, str message):
-        cdef string m = message.encode("utf-8", "replace")
-        with nogil:
-            self.host.get().fail(self.cmd, m)
-
-
-cdef vector[Output] _outputs(list outputs):
-    cdef vector[Output] outs
-    cdef Output o
-    for ids, values in outputs:
-        o.ids = ids
-        o.values = values
-        outs.push_back(o)
-    return outs
-
-
-def commands_from_payloads(list payloads):
-    """Control-layer backend: the payloads of a FORWARD batch submitted by the hot calls (addresses of
-    heap shared_ptr<Command>, owned by the control layer until it releases them) as PendingCommands."""
-    out = []
-    cdef size_t address
-    for p in payloads:
-        address = p
-        c = PendingCommand.__new__(PendingCommand)
-        (<PendingCommand>c).cmd = (<shared_ptr[Command]*>address)[0]
-        out.append(c)
-    return out
-
-
-def copies_from_payloads(list payloads):
-    """A COPY_PAGES batch submitted by the hot calls (addresses of CopyCommand, owned by the control
-    layer): [(src_page, src_offset, dst_page, dst_offset, count)] of every command, in order."""
-    cdef size_t address
-    cdef CopyCommand* c
-    out = []
-    for p in payloads:
-        address = p
-        c = <CopyCommand*>address
-        for i in range(c.spans.size()):
-            out.append((c.spans[i].src_page, c.spans[i].src_offset, c.spans[i].dst_page, c.spans[i].dst_offset,
-                        c.spans[i].count))
-    return out
-
+# ---- the C++ state of an instance ---------------------------------------------------------------
 
 cdef const PieControlApi* _control_api = NULL
 
@@ -531,36 +348,39 @@ cdef const PieControlApi* control_api() except NULL:
 
 
 cdef class InstanceState:
-    """The C++ state of one running instance: its page handles and futures. `bind()` makes it the
-    instance of the calling thread (the thread that runs its guest)."""
-    cdef shared_ptr[CInstance] ptr
+    """The C++ state of one running instance: its queues, page handles and passes in flight, on the control
+    layer (its queue, the KV page pool and the embedding slot pool, reached through the C API). `bind()`
+    makes it the instance of the calling thread (the thread that runs its guest)."""
+    cdef shared_ptr[CInstanceState] ptr
     cdef object owner
     cdef ControlLink link
-    cdef public object default_queue  # the pie.control CommandQueue behind queue 0 (None: fallback)
+    cdef public object default_queue  # the pie.control CommandQueue behind queue 0
 
-    def __cinit__(self, Host host, uint64_t instance_id, double deadline_s, object owner, object queue=None,
-                  object pool=None, int forward_kind=0, int copy_kind=2, object embed_pool=None):
-        """With `queue` (a pie.control CommandQueue of this instance) and `pool` (the plane's KV PagePool)
-        the hot calls go through the control layer's C API; without them, through `host`'s fallback."""
-        if queue is not None:
-            self.link.api = control_api()
-            self.link.queue = self.link.api.queue_from_python(<PyObject*>queue)
-            if self.link.queue == NULL:
-                raise TypeError("queue: not a pie.control CommandQueue")
-            self.link.pool = self.link.api.pool_from_python(<PyObject*>pool)
-            if self.link.pool == NULL:
-                self.link.api.queue_release(self.link.queue)
-                raise TypeError("pool: not a pie.control PagePool")
-            self.link.forward_kind = forward_kind
-            self.link.copy_kind = copy_kind
-            if embed_pool is not None:
-                self.link.embed_pool = self.link.api.pool_from_python(<PyObject*>embed_pool)
-                if self.link.embed_pool == NULL:
-                    self.link.api.queue_release(self.link.queue)
-                    self.link.api.pool_release(self.link.pool)
-                    raise TypeError("embed_pool: not a pie.control PagePool")
+    def __cinit__(self, uint64_t instance_id, double deadline_s, object owner, object queue, object pool,
+                  object embed_pool, object limits):
+        """queue: a pie.control CommandQueue of this instance; pool / embed_pool: the plane's KV PagePool and
+        embedding-slot PagePool (or None); limits: the pie.control ForwardLimits passes are checked against."""
+        cdef ForwardLimits c_limits
+        c_limits.vocab_size = limits.vocab_size
+        c_limits.page_size = limits.page_size
+        c_limits.num_pages = limits.num_pages
+        c_limits.max_tokens = limits.max_tokens
+        c_limits.num_embed_slots = limits.num_embed_slots
+        self.link.api = control_api()
+        self.link.queue = self.link.api.queue_from_python(<PyObject*>queue)
+        if self.link.queue == NULL:
+            raise TypeError("queue: not a pie.control CommandQueue")
+        self.link.pool = self.link.api.pool_from_python(<PyObject*>pool)
+        if self.link.pool == NULL:
+            self._release_link()
+            raise TypeError("pool: not a pie.control PagePool")
+        if embed_pool is not None:
+            self.link.embed_pool = self.link.api.pool_from_python(<PyObject*>embed_pool)
+            if self.link.embed_pool == NULL:
+                self._release_link()
+                raise TypeError("embed_pool: not a pie.control PagePool")
         self.default_queue = queue
-        self.ptr = make_shared[CInstance](host.ptr, instance_id, deadline_s, self.link)
+        self.ptr = make_shared[CInstanceState](instance_id, deadline_s, self.link, c_limits)
         self.owner = owner
         self.ptr.get().py_owner = <void*>owner   # borrowed: `owner` is kept alive by this object
 
@@ -568,9 +388,10 @@ cdef class InstanceState:
     def id(self):
         return self.ptr.get().id()
 
-    @property
-    def num_pages_held(self):
-        return self.ptr.get().num_pages_held()
+    def set_owner(self, object owner):
+        """The Python-side instance the cold calls receive (kept alive by this object)."""
+        self.owner = owner
+        self.ptr.get().py_owner = <void*>owner
 
     @property
     def terminated(self):
@@ -582,8 +403,6 @@ cdef class InstanceState:
 
     def add_queue(self, uint32_t handle, object queue):
         """Makes the pie.control CommandQueue `queue` this instance's queue `handle` for forward.submit."""
-        if self.link.api == NULL:
-            raise RuntimeError("command queues need the control layer")
         cdef PieControlQueue* q = self.link.api.queue_from_python(<PyObject*>queue)
         if q == NULL:
             raise TypeError("queue: not a pie.control CommandQueue")
@@ -593,7 +412,7 @@ cdef class InstanceState:
 
     def remove_queue(self, uint32_t handle):
         """False if `handle` is not an extra queue of this instance."""
-        cdef PieControlQueue* q = self.ptr.get().take_queue(handle) if self.link.api != NULL else NULL
+        cdef PieControlQueue* q = self.ptr.get().take_queue(handle)
         if q == NULL:
             return False
         self.link.api.queue_release(q)
@@ -611,7 +430,7 @@ cdef class InstanceState:
             self.ptr.get().terminate(r)
 
     def release(self, str reason="ended"):
-        """Frees everything the instance holds (waits for its commands in flight, without the GIL)."""
+        """Drops the instance's futures and queues (its pages are released by the control plane)."""
         cdef string r = reason.encode()
         with nogil:
             self.ptr.get().release(r)
@@ -632,4 +451,5 @@ cdef class InstanceState:
             self.link.embed_pool = NULL
 
     def __dealloc__(self):
+        self.ptr.reset()
         self._release_link()

@@ -1,16 +1,18 @@
-"""The control layer: command queues, the batch scheduler, the KV page pool and the engine loop.
+"""The control layer: command queues, the batch scheduler, the page pools, the batch loop, and the one
+form of a forward pass (`ForwardCommand`).
 
 The compiled core (`pie._ext._control`, C++) holds no tensors and never takes the GIL on its hot
-paths: producers submit commands lock-free, waiting on a Future releases the GIL, and the engine
+paths: producers submit commands lock-free, waiting on a Future releases the GIL, and the batch
 loop waits for batches in `Scheduler.take` without it. Other compiled modules (the runtime's host
 functions) reach the queues, futures and page pools through a C ABI without the GIL:
-`csrc/control/control_api.h`, exported as the capsule `pie._ext._control._C_API`.
+`csrc/control/control_api.h`, exported as the capsule `pie._ext._control._C_API`. What the batch loop
+runs for each command kind on the model runner is in `pie.control.handlers`.
 
->>> from pie.control import Scheduler, EngineLoop, CommandKind
+>>> from pie.control import BatchLoop, Scheduler
 >>> scheduler = Scheduler(max_batch_requests=32, max_batch_tokens=1024)
 >>> queue = scheduler.create_queue(instance_id=1)
->>> future = queue.submit(CommandKind.FORWARD, payload="request", num_tokens=4)
->>> with EngineLoop(scheduler, {CommandKind.FORWARD: lambda payloads: [p.upper() for p in payloads]}):
+>>> future = queue.submit(7, payload="request", num_tokens=4)
+>>> with BatchLoop(scheduler, {7: lambda payloads: [p.upper() for p in payloads]}):
 ...     future.result(timeout=5)
 'REQUEST'
 """
@@ -19,44 +21,61 @@ from pie.control._control import (
     Batch,
     CommandCancelled,
     CommandFailed,
+    CommandKind,
     CommandQueue,
     ControlError,
+    CopySpan,
+    ForwardCommand,
+    ForwardLimits,
+    ForwardOutput,
     Future,
     InstanceTerminated,
     InvalidHandle,
+    OutputValue,
+    PageCopyCommand,
     PagePool,
     Policy,
     Priority,
     QueueClosed,
     QuotaExceeded,
+    Sampler,
+    SamplerKind,
     Scheduler,
     drive_native_producers,
     wakeup_round_trip_ns,
 )
+from pie.control.batch_loop import BatchHandler, BatchLoop
 from pie.control.config import POLICIES, SchedulerConfig
-from pie.control.engine_loop import BatchHandler, EngineLoop
-from pie.control.kinds import CommandKind
-from pie.control.plane import ControlPlane
+from pie.control.plane import ControlPlane, RunnerPools
 
 __all__ = [
     "Batch",
     "BatchHandler",
+    "BatchLoop",
     "CommandCancelled",
     "CommandFailed",
     "CommandKind",
     "CommandQueue",
     "ControlError",
     "ControlPlane",
-    "EngineLoop",
+    "CopySpan",
+    "ForwardCommand",
+    "ForwardLimits",
+    "ForwardOutput",
     "Future",
     "InstanceTerminated",
     "InvalidHandle",
+    "OutputValue",
+    "PageCopyCommand",
     "PagePool",
     "POLICIES",
     "Policy",
     "Priority",
     "QueueClosed",
     "QuotaExceeded",
+    "RunnerPools",
+    "Sampler",
+    "SamplerKind",
     "Scheduler",
     "SchedulerConfig",
     "drive_native_producers",

@@ -188,6 +188,7 @@ class EngineConfig:
     kv_cache_mb: int = 1024
     max_batch_tokens: int = 8192
     max_batch_requests: int = 1024
+    embedding_slots: int = 4096  # rows of the input-embedding table (pie.engine.embedding_table)
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
     cuda_kernels: bool = True  # on CUDA devices, run pie.engine.cuda_forward (False: the PyTorch path)
     cuda_graphs: bool = True  # on the CUDA kernel path, replay decode batches as CUDA graphs
@@ -201,6 +202,8 @@ class EngineConfig:
             raise ValueError(f"num_pages must be positive, got {self.num_pages}")
         if self.kv_cache_mb <= 0 or self.max_batch_tokens <= 0 or self.max_batch_requests <= 0:
             raise ValueError("kv_cache_mb, max_batch_tokens and max_batch_requests must be positive")
+        if self.embedding_slots <= 0:
+            raise ValueError(f"embedding_slots must be positive, got {self.embedding_slots}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from pie.engine import cuda_kernels
 from pie.engine.config import ModelConfig
 from pie.engine.kv_cache import PagedKVCache, sequence_slots
-from pie.engine.model import Transformer, rms_norm as torch_rms_norm
+from pie.engine.transformer import Transformer, rms_norm as torch_rms_norm
 from pie.engine.sdpa_prefill import SdpaPrefillGroup, plan_sdpa_prefill, sdpa_prefill_attention
 
 # Decode batches are padded up to one of these sizes for graph replay; larger batches run eagerly.

@@ -17,9 +17,10 @@ import torch
 from pie.engine.attention import RequestLayout, build_plan
 from pie.engine.batch import BatchError, ForwardRequest, ForwardResult, Sampler
 from pie.engine.config import EngineConfig, ModelConfig
+from pie.engine.embedding_table import EmbeddingTable
 from pie.engine.kernels import MaskError, decode_attention_supported, expand_brle, linear_kernel_max_rows
-from pie.engine.kv_cache import PagedKVCache, sequence_slots
-from pie.engine.model import Transformer
+from pie.engine.kv_cache import PagedKVCache, sequence_length, sequence_slots
+from pie.engine.transformer import Transformer
 from pie.engine.sampling import Sampling, apply_vocab_masks, check_sampler, check_vocab_mask, vocab_mask_bias
 
 
@@ -40,6 +41,8 @@ class ModelRunner:
         self.cache = PagedKVCache(model_config.num_layers, self.num_pages, self.page_size,
                                   model_config.num_kv_heads, model_config.head_dim,
                                   engine_config.torch_dtype, engine_config.device)
+        self.embeddings = EmbeddingTable(engine_config.embedding_slots, model_config.hidden_size,
+                                         engine_config.torch_dtype, engine_config.device)
         self.max_batch_tokens = engine_config.max_batch_tokens
         self.max_batch_requests = engine_config.max_batch_requests
         self.sampling = Sampling(seed)
@@ -79,16 +82,10 @@ class ModelRunner:
         """(T, hidden_size) input embeddings of the tokens (what a pass over them would embed)."""
         return self.model.embed[torch.tensor(token_ids, dtype=torch.int64)].clone()
 
-    # ---- validation -------------------------------------------------------------------------
-    def validate(self, request: ForwardRequest, index: int = 0) -> RequestLayout:
-        """Checks one request; returns its layout (start row 0). Raises BatchError naming the field."""
-        return self._validate(request, index)[0]
-
-    def _validate(self, request: ForwardRequest, index: int,
-                  with_slots: bool = True) -> tuple[RequestLayout, list[np.ndarray | None] | None]:
-        """validate(), also returning the checked output masks: None when the request has none,
-        else per output None or its (R,) int64 run array (see check_vocab_mask). with_slots=False
-        leaves the layout's slots None (the CUDA path never reads them)."""
+    # ---- checking ---------------------------------------------------------------------------
+    def validate(self, request: ForwardRequest, index: int = 0) -> None:
+        """The engine's check of one request (what `execute` runs before a batch). Raises BatchError
+        naming the request and the field."""
         def fail(field_name: str, message: str) -> BatchError:
             return BatchError(index, field_name, message)
 
@@ -112,24 +109,20 @@ class ModelRunner:
                 raise fail("kv_page_ids", f"page id {p} is out of range [0, {self.num_pages})")
         if not 1 <= request.kv_last_page_len <= self.page_size:
             raise fail("kv_last_page_len", f"{request.kv_last_page_len} is not in [1, {self.page_size}]")
-        kv_len = (len(pages) - 1) * self.page_size + request.kv_last_page_len
+        kv_len = sequence_length(len(pages), request.kv_last_page_len, self.page_size)
         if kv_len < t:
             raise fail("kv_page_ids", f"the sequence holds {kv_len} tokens, fewer than the {t} input tokens")
-        slots = None
-        if with_slots:
-            slots = torch.from_numpy(sequence_slots(pages, kv_len, self.page_size))
         if request.write_slots is not None:
             if len(request.write_slots) != t:
                 raise fail("write_slots", f"{len(request.write_slots)} slots for {t} tokens")
             for s in request.write_slots:
                 if not 0 <= s < self.cache.num_slots:
                     raise fail("write_slots", f"slot {s} is out of range [0, {self.cache.num_slots})")
-        mask = None
         if request.mask is not None:
             if len(request.mask) != t:
                 raise fail("mask", f"{len(request.mask)} rows for {t} tokens (one BRLE row per input token)")
             try:
-                mask = torch.from_numpy(expand_brle(request.mask, kv_len))
+                expand_brle(request.mask, kv_len)
             except MaskError as e:
                 raise fail("mask", f"row {e.row}: runs must add up to the sequence length {kv_len}") from None
         for out_index, (pos, sampler) in enumerate(request.outputs):
@@ -141,75 +134,81 @@ class ModelRunner:
         emb = request.input_embeddings
         if emb is not None and tuple(emb.shape) != (t, self.model_config.hidden_size):
             raise fail("input_embeddings", f"shape {tuple(emb.shape)}, expected ({t}, {self.model_config.hidden_size})")
-        output_masks = None
         if request.output_masks is not None:
             if len(request.output_masks) != len(request.outputs):
                 raise fail("output_masks", f"{len(request.output_masks)} masks for {len(request.outputs)} outputs "
                                            "(one entry, a run list or None, per output)")
-            output_masks = []
             for j, runs in enumerate(request.output_masks):
-                if runs is None:
-                    output_masks.append(None)
-                    continue
-                try:
-                    output_masks.append(check_vocab_mask(runs, vocab))
-                except ValueError as e:
-                    raise fail(f"output_masks[{j}]", str(e)) from None
-        return RequestLayout(start=0, num_tokens=t, slots=slots, mask=mask), output_masks
+                if runs is not None:
+                    try:
+                        check_vocab_mask(runs, vocab)
+                    except ValueError as e:
+                        raise fail(f"output_masks[{j}]", str(e)) from None
 
     # ---- execution --------------------------------------------------------------------------
     def execute(self, requests: list[ForwardRequest]) -> list[ForwardResult]:
-        """Runs all requests in one forward pass. Raises BatchError (and changes nothing) when a
-        request is malformed."""
-        if not requests:
-            return []
+        """Checks every request, then runs them all in one forward pass. Raises BatchError (and changes
+        nothing) when a request is malformed or the batch exceeds the runner's limits."""
         if len(requests) > self.max_batch_requests:
             raise BatchError(self.max_batch_requests, "batch",
                              f"{len(requests)} requests exceed max_batch_requests {self.max_batch_requests}")
-        on_cuda = self.cuda_forward is not None
-        checked = [self._validate(r, i, with_slots=not on_cuda) for i, r in enumerate(requests)]
-        layouts = [lay for lay, _ in checked]
-        num_tokens = sum(l.num_tokens for l in layouts)
+        for i, request in enumerate(requests):
+            self.validate(request, i)
+        num_tokens = sum(len(r.token_ids) for r in requests)
         if num_tokens > self.max_batch_tokens:
             raise BatchError(len(requests) - 1, "batch",
                              f"{num_tokens} tokens exceed max_batch_tokens {self.max_batch_tokens}")
+        return self.run(requests)
+
+    def run(self, requests: list[ForwardRequest]) -> list[ForwardResult]:
+        """Runs checked requests in one forward pass: each was checked once before it got here (by
+        `execute`, or as a pie.control ForwardCommand when it was submitted), and the batch is within
+        the runner's limits (the scheduler forms batches within them)."""
+        if not requests:
+            return []
+        on_cuda = self.cuda_forward is not None
+        ps = self.page_size
         token_ids: list[int] = []
         positions: list[int] = []
+        layouts: list[RequestLayout] = []
         write_slots: list = []  # per request: (T,) int64 tensor (PyTorch path) or T ints (CUDA path)
         output_rows: list[int] = []
         samplers: list[Sampler] = []
         embed_rows: list[torch.Tensor] = []  # rows of the flattened batch given as input embeddings
         embed_values: list[torch.Tensor] = []  # their (T_i, hidden_size) embeddings
         mask_rows: list[int] = []  # rows of `logits` (= sampler indices) that have an output mask
-        mask_runs: list[np.ndarray] = []  # their checked run arrays
+        mask_runs: list[np.ndarray] = []  # their run arrays
         start = 0
-        for req, (lay, masks) in zip(requests, checked):
-            lay.start = start
+        for req in requests:
+            t = len(req.token_ids)
+            kv_len = sequence_length(len(req.kv_page_ids), req.kv_last_page_len, ps)
             token_ids.extend(req.token_ids)
             positions.extend(req.positions)
+            slots = None if on_cuda else torch.from_numpy(sequence_slots(req.kv_page_ids, kv_len, ps))
+            mask = None if req.mask is None else torch.from_numpy(expand_brle(req.mask, kv_len))
+            layouts.append(RequestLayout(start=start, num_tokens=t, slots=slots, mask=mask))
             if req.input_embeddings is not None:
-                embed_rows.append(torch.arange(start, start + lay.num_tokens))
+                embed_rows.append(torch.arange(start, start + t))
                 embed_values.append(req.input_embeddings)
             if on_cuda:  # plain ints: one tensor for the whole batch later (a tensor each costs ~7 us)
                 if req.write_slots is None:  # the sequence's last T slots, from its pages
-                    ps, pages = self.page_size, req.kv_page_ids
-                    kv_len = (len(pages) - 1) * ps + req.kv_last_page_len
-                    write_slots.append([pages[i // ps] * ps + i % ps for i in range(kv_len - lay.num_tokens, kv_len)])
+                    pages = req.kv_page_ids
+                    write_slots.append([pages[i // ps] * ps + i % ps for i in range(kv_len - t, kv_len)])
                 else:
                     write_slots.append(req.write_slots)
             elif req.write_slots is None:
-                write_slots.append(lay.slots[-lay.num_tokens:])
+                write_slots.append(slots[-t:])
             else:
                 write_slots.append(torch.tensor(list(req.write_slots), dtype=torch.int64))
-            if masks is not None:
-                for j, runs in enumerate(masks):
+            if req.output_masks is not None:
+                for j, runs in enumerate(req.output_masks):
                     if runs is not None:
                         mask_rows.append(len(samplers) + j)
-                        mask_runs.append(runs)
+                        mask_runs.append(np.asarray(runs, dtype=np.int64))
             for pos, sampler in req.outputs:
                 output_rows.append(start + pos)
                 samplers.append(sampler)
-            start += lay.num_tokens
+            start += t
         if on_cuda:
             logits = self._forward_cuda(requests, layouts, token_ids, positions, write_slots, output_rows,
                                         embed_rows, embed_values)  # (M, V) float32 on the device
@@ -219,7 +218,7 @@ class ModelRunner:
                                          embed_rows, embed_values)  # (M, V) float32
             sampling = self.sampling
         self.num_forward_passes += 1
-        self.num_tokens_processed += num_tokens
+        self.num_tokens_processed += start
         if mask_rows:  # unmasked batches skip this entirely
             apply_vocab_masks(logits, mask_rows, vocab_mask_bias(mask_runs, self.model_config.vocab_size))
         outputs = sampling(logits, samplers) if samplers else []

@@ -42,7 +42,7 @@ def wit_functions() -> dict[str, tuple[str, ...]]:
 # ---- cold calls: f(instance, *args) -> value ----------------------------------------------------------
 
 def _check_token_ids(inst: "Instance", ids: list[int], arg: str) -> None:
-    vocab = inst.runtime.vocab_size
+    vocab = inst.services.model.vocab_size
     for i, t in enumerate(ids):
         if not 0 <= t < vocab:
             raise ValueError(f"{arg}[{i}]: token id {t} is outside the vocabulary [0, {vocab})")
@@ -73,14 +73,11 @@ def runtime_set_return(inst: "Instance", value: str) -> None:
 
 
 def kv_num_free_pages(inst: "Instance") -> int:
-    return inst.runtime.num_free_pages
+    return inst.services.num_free_pages
 
 
 def _kv_pool(inst: "Instance") -> Any:
-    plane = inst.runtime.plane
-    if plane is None:
-        raise RuntimeError("sharing pages needs the control layer (RuntimeConfig.control)")
-    return plane.kv_pages
+    return inst.services.plane.kv_pages
 
 
 def kv_export_pages(inst: "Instance", name: str, pages: list[int]) -> None:
@@ -125,10 +122,10 @@ def _pool_message(e: BaseException) -> str:
 
 
 def _embed_pool(inst: "Instance") -> Any:
-    plane = inst.runtime.plane
-    if plane is None or plane.embed_slots is None:
-        raise RuntimeError("input embeddings need the control layer with embedding slots")
-    return plane.embed_slots
+    pool = inst.services.plane.embed_slots
+    if pool is None:
+        raise RuntimeError("input embeddings need embedding slots (EngineConfig.embedding_slots)")
+    return pool
 
 
 def embeddings_allocate(inst: "Instance", count: int) -> list[int]:
@@ -157,11 +154,11 @@ def embeddings_embed_tokens(inst: "Instance", slots: list[int], tokens: list[int
         physical = _embed_pool(inst).resolve(inst.id, slots)
     except InvalidHandle as e:
         raise ValueError(f"slots: {_pool_message(e)}") from None
-    inst.runtime.embeddings.write(physical, inst.runtime.runner.embed_tokens(tokens))
+    inst.services.embeddings.write(physical, inst.services.embed_tokens(tokens))
 
 
 def embeddings_embed_text(inst: "Instance", slots: list[int], text: str) -> list[int]:
-    tokens = inst.runtime.tokenizer.encode(text, add_bos=False)
+    tokens = inst.services.tokenizer.encode(text, add_bos=False)
     if len(tokens) != len(slots):
         raise ValueError(f"text: it has {len(tokens)} tokens, not one per slot ({len(slots)} slots)")
     embeddings_embed_tokens(inst, slots, tokens)
@@ -170,8 +167,6 @@ def embeddings_embed_text(inst: "Instance", slots: list[int], text: str) -> list
 
 def _control_queue(inst: "Instance", q: int) -> Any:
     """The pie.control CommandQueue behind handle q (0 = the default queue)."""
-    if inst.state.default_queue is None:
-        raise RuntimeError("command queues need the control layer (RuntimeConfig.control)")
     if q == 0:
         return inst.state.default_queue
     queue = inst.queues.get(q)
@@ -187,8 +182,7 @@ def _priority(name: str) -> Any:
 
 
 def queues_create(inst: "Instance", priority: str) -> int:
-    _control_queue(inst, 0)
-    queue = inst.runtime.plane.create_queue(inst.id, _priority(priority))
+    queue = inst.services.plane.create_queue(inst.id, _priority(priority))
     handle = inst.next_queue_handle
     inst.next_queue_handle += 1
     inst.state.add_queue(handle, queue)
@@ -219,82 +213,82 @@ def queues_destroy(inst: "Instance", q: int) -> None:
 
 
 def kv_store_get(inst: "Instance", key: str) -> str | None:
-    return inst.runtime.kv_store.get(key)
+    return inst.services.kv_store.get(key)
 
 
 def kv_store_set(inst: "Instance", key: str, value: str) -> None:
-    inst.runtime.kv_store.set(key, value)
+    inst.services.kv_store.set(key, value)
 
 
 def kv_store_delete(inst: "Instance", key: str) -> bool:
-    return inst.runtime.kv_store.delete(key)
+    return inst.services.kv_store.delete(key)
 
 
 def kv_store_list_keys(inst: "Instance", prefix: str) -> list[str]:
-    return inst.runtime.kv_store.list_keys(prefix)
+    return inst.services.kv_store.list_keys(prefix)
 
 
 def messaging_broadcast(inst: "Instance", topic: str, message: str) -> None:
-    inst.runtime.broker.broadcast(topic, message)
+    inst.services.broker.broadcast(topic, message)
 
 
 def messaging_subscribe(inst: "Instance", topic: str) -> int:
-    return inst.runtime.broker.subscribe(inst.id, topic)
+    return inst.services.broker.subscribe(inst.id, topic)
 
 
 def messaging_receive(inst: "Instance", handle: int) -> str:
-    return inst.runtime.broker.receive(inst, handle)
+    return inst.services.broker.receive(inst, handle)
 
 
 def messaging_unsubscribe(inst: "Instance", handle: int) -> None:
-    inst.runtime.broker.unsubscribe(inst.id, handle)
+    inst.services.broker.unsubscribe(inst.id, handle)
 
 
 def models_list_models(inst: "Instance") -> list[str]:
-    return [inst.runtime.model_name]
+    return [inst.services.model.name]
 
 
 def models_info(inst: "Instance") -> tuple:
-    r = inst.runtime
-    return (r.model_name, r.architecture, r.vocab_size, r.num_layers, r.page_size, r.max_batch_tokens)
+    m = inst.services.model
+    return (m.name, m.architecture, m.vocab_size, m.num_layers, m.page_size, m.max_batch_tokens)
 
 
 def tokenizer_encode(inst: "Instance", text: str, add_bos: bool) -> list[int]:
-    return inst.runtime.tokenizer.encode(text, add_bos=add_bos)
+    return inst.services.tokenizer.encode(text, add_bos=add_bos)
 
 
 def tokenizer_decode(inst: "Instance", tokens: list[int], skip_special: bool) -> str:
     _check_token_ids(inst, tokens, "tokens")
-    return inst.runtime.tokenizer.decode(tokens, skip_special_tokens=skip_special)
+    return inst.services.tokenizer.decode(tokens, skip_special_tokens=skip_special)
 
 
 def tokenizer_vocab_size(inst: "Instance") -> int:
-    return inst.runtime.vocab_size
+    return inst.services.model.vocab_size
 
 
 def tokenizer_special_tokens(inst: "Instance") -> tuple:
-    special = inst.runtime.tokenizer.special
-    return (special.bos_id, bool(special.add_bos), sorted(inst.runtime.eos_ids), getattr(special, "pad_id", None))
+    special = inst.services.tokenizer.special
+    return (special.bos_id, bool(special.add_bos), sorted(inst.services.eos_ids), getattr(special, "pad_id", None))
 
 
 def tokenizer_token_to_id(inst: "Instance", token: str) -> int | None:
-    return inst.runtime.tokenizer.token_to_id(token)
+    return inst.services.tokenizer.token_to_id(token)
 
 
 def tokenizer_id_to_token(inst: "Instance", token_id: int) -> str | None:
     _check_token_ids(inst, [token_id], "id")
-    return inst.runtime.tokenizer.id_to_token(token_id)
+    return inst.services.tokenizer.id_to_token(token_id)
 
 
 def tokenizer_chat_template(inst: "Instance") -> str | None:
-    template = inst.runtime.tokenizer.chat_template
+    template = inst.services.tokenizer.chat_template
     return None if template is None else template.source
 
 
 def tokenizer_apply_chat_template(inst: "Instance", messages: list[tuple[str, str]], add_generation_prompt: bool) -> str:
-    if inst.runtime.tokenizer.chat_template is None:
-        raise ValueError(f"the model {inst.runtime.model_name} has no chat template")
-    return inst.runtime.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
+    if inst.services.tokenizer.chat_template is None:
+        raise ValueError(f"the model {inst.services.model.name} has no chat template")
+    return inst.services.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
                                                       add_generation_prompt=add_generation_prompt)
 
 

@@ -15,10 +15,7 @@ class RuntimeConfig:
     epoch_tick_s: float = 0.01  # epoch period: deadline granularity
     http_allow: tuple[str, ...] = ()  # hosts http.fetch may reach, "host" (any port) or "host:port";
     # none by default
-    embedding_slots: int = 4096  # input-embedding slots shared by the instances (embeddings interface)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # batching policy of the control plane
-    control: bool = True  # forward passes and KV pages through the control layer (pie.control); False: the
-    # runtime's own fallback (a free list and one serialising engine thread)
     home: Path | None = None  # $PIE_HOME (None: the environment's, or ~/.cache/pie)
 
     def __post_init__(self) -> None:
@@ -26,8 +23,6 @@ class RuntimeConfig:
             raise ValueError(f"deadline_s must be >= 0, got {self.deadline_s}")
         if self.memory_mb <= 0:
             raise ValueError(f"memory_mb must be positive, got {self.memory_mb}")
-        if self.embedding_slots <= 0:
-            raise ValueError(f"embedding_slots must be positive, got {self.embedding_slots}")
         if self.epoch_tick_s <= 0:
             raise ValueError(f"epoch_tick_s must be positive, got {self.epoch_tick_s}")
 

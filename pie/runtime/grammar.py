@@ -397,38 +397,38 @@ def brle_runs(allowed: np.ndarray) -> list[int]:
     return runs.tolist()
 
 
-# ---- cold calls: f(instance, *args) -> value (the host is inst.runtime.grammar) -------------------------
+# ---- cold calls: f(instance, *args) -> value (the host is inst.services.grammar) -------------------------
 
 def grammar_from_json_schema(inst: "Instance", schema: str) -> int:
-    return inst.runtime.grammar.from_json_schema(inst.id, schema)
+    return inst.services.grammar.from_json_schema(inst.id, schema)
 
 
 def grammar_from_regex(inst: "Instance", pattern: str) -> int:
-    return inst.runtime.grammar.from_regex(inst.id, pattern)
+    return inst.services.grammar.from_regex(inst.id, pattern)
 
 
 def grammar_from_ebnf(inst: "Instance", grammar: str, root: str) -> int:
-    return inst.runtime.grammar.from_ebnf(inst.id, grammar, root)
+    return inst.services.grammar.from_ebnf(inst.id, grammar, root)
 
 
 def grammar_token_mask(inst: "Instance", m: int) -> list[int]:
-    return inst.runtime.grammar.token_mask(inst.id, m)
+    return inst.services.grammar.token_mask(inst.id, m)
 
 
 def grammar_accept(inst: "Instance", m: int, token: int) -> bool:
-    return inst.runtime.grammar.accept(inst.id, m, token)
+    return inst.services.grammar.accept(inst.id, m, token)
 
 
 def grammar_is_terminated(inst: "Instance", m: int) -> bool:
-    return inst.runtime.grammar.is_terminated(inst.id, m)
+    return inst.services.grammar.is_terminated(inst.id, m)
 
 
 def grammar_reset(inst: "Instance", m: int) -> None:
-    inst.runtime.grammar.reset(inst.id, m)
+    inst.services.grammar.reset(inst.id, m)
 
 
 def grammar_free(inst: "Instance", m: int) -> None:
-    inst.runtime.grammar.free(inst.id, m)
+    inst.services.grammar.free(inst.id, m)
 
 
 # (interface, function) -> (implementation, result type descriptor), as pie.runtime.api.COLD

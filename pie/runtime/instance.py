@@ -2,21 +2,25 @@
 
 The thread binds the instance's C++ state (page handles, futures) to itself, so the C++ host calls
 find it without the GIL; the guest runs with the GIL released (wasmtime-py calls through ctypes).
-However the instance ends (success, error, trap, deadline), everything it holds is released.
+However the instance ends (success, error, trap, deadline), everything it holds is released: its
+C++ state here, the rest by its `on_end` callback (the Runtime's, which ends it in the control plane).
+
+An Instance is given what it uses: its C++ state, the sandbox it runs in (pie.runtime.runtime.Sandbox),
+the services its cold calls reach (pie.runtime.services.InstanceServices) and two callbacks.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import wasmtime
 
-if TYPE_CHECKING:
-    from pie.runtime.host import Runtime
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,13 +55,20 @@ def explain_wasm_error(e: BaseException, deadline_s: float, elapsed: float) -> s
 
 
 class Instance:
-    def __init__(self, runtime: "Runtime", instance_id: int, component: Any, arguments: Sequence[str], *,
-                 source: str | None = None, filename: str = "inferlet.py", deadline_s: float, memory_mb: int,
-                 http_allow: Sequence[str] = (), on_output: Callable[[str], None] | None = None,
+    def __init__(self, instance_id: int, state: Any, component: Any, arguments: Sequence[str], *, services: Any,
+                 sandbox: Any, source: str | None = None, filename: str = "inferlet.py", deadline_s: float,
+                 memory_mb: int, http_allow: Sequence[str] = (), on_output: Callable[[str], None] | None = None,
                  on_log: Callable[[str], None] | None = None,
-                 on_done: Callable[[InstanceResult], None] | None = None):
-        self.runtime = runtime
+                 on_done: Callable[[InstanceResult], None] | None = None,
+                 on_terminate: Callable[[int, str], None] | None = None,
+                 on_end: Callable[["Instance", str], None] | None = None):
+        """state: the instance's pie._ext._runtime.InstanceState; on_terminate(id, reason): told when the
+        instance is terminated (to release it in the control plane at once); on_end(instance, reason):
+        called on the instance thread once it has ended, before `done` is set."""
         self.id = instance_id
+        self.state = state
+        self.services = services
+        self.sandbox = sandbox
         self.component = component
         self.arguments = list(arguments)
         self.source = source
@@ -68,6 +79,8 @@ class Instance:
         self.on_output = on_output
         self.on_log = on_log
         self.on_done = on_done  # called on the instance thread with the result, once it has ended
+        self.on_terminate = on_terminate
+        self.on_end = on_end
         self.messages: list[str] = []
         self.logs: list[str] = []
         self.return_value: str | None = None
@@ -76,7 +89,6 @@ class Instance:
         self.inbox: "queue.Queue[str]" = queue.Queue()
         self.queues: dict[int, Any] = {}  # queues.create handles -> pie.control CommandQueue
         self.next_queue_handle = 1
-        self.state = runtime.instance_state(instance_id, deadline_s, self)
         self.terminate_reason: str | None = None
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"pie-instance-{instance_id}", daemon=True)
@@ -119,7 +131,8 @@ class Instance:
         """Stops the instance at its next host call (its pending waits return at once)."""
         self.terminate_reason = reason
         self.state.terminate(reason)
-        self.runtime.terminate_instance(self.id, reason)
+        if self.on_terminate is not None:
+            self.on_terminate(self.id, reason)
 
     def wait(self, timeout: float | None = None) -> InstanceResult:
         if not self.done.wait(timeout):
@@ -132,11 +145,11 @@ class Instance:
         self.state.bind()
         store = None
         try:
-            store = wasmtime.Store(self.runtime.wasm_engine)
+            store = wasmtime.Store(self.sandbox.wasm_engine)
             store.set_wasi(wasmtime.WasiConfig())  # no args, env, preopened dirs or sockets; stdio discarded
             store.set_limits(memory_size=self.memory_mb << 20)
-            store.set_epoch_deadline(self.runtime.deadline_ticks(self.deadline_s))
-            instance = self.runtime.linker.instantiate(store, self.component)
+            store.set_epoch_deadline(self.sandbox.deadline_ticks(self.deadline_s))
+            instance = self.sandbox.linker.instantiate(store, self.component)
             if self.source is not None:
                 func = instance.get_func(store, "exec-source")
                 if func is None:
@@ -163,18 +176,20 @@ class Instance:
         except Exception as e:  # a host-side failure ends this instance only
             self.error = f"{type(e).__name__}: {e}"
         finally:
-            self.state.release("ended" if self.error is None else self.error)
+            reason = "ended" if self.error is None else self.error
+            self.state.release(reason)
             self.state.unbind()
-            self.runtime.end_instance(self.id, "ended" if self.error is None else self.error)
             instance = func = None
             store = None  # drop the store on this thread, before the interpreter may exit
             self.timings["total"] = time.perf_counter() - t0
-            self.runtime._instance_ended(self)
+            if self.on_end is not None:
+                try:
+                    self.on_end(self, reason)
+                except Exception:  # the instance thread's cleanup goes on
+                    log.exception("on_end callback of instance %d failed", self.id)
             self.done.set()
             if self.on_done is not None:
                 try:
                     self.on_done(self.wait(0))
                 except Exception:  # a failing callback must not take the instance thread's cleanup with it
-                    import logging
-
-                    logging.getLogger(__name__).exception("on_done callback of instance %d failed", self.id)
+                    log.exception("on_done callback of instance %d failed", self.id)

@@ -31,14 +31,14 @@ from pie.server.ws import Session
 log = logging.getLogger("pie.server")
 
 
-def build_runtime(config: PieConfig, engine: Any = None, progress: bool = True) -> Any:
-    from pie.engine.generate import Engine
+def build_runtime(config: PieConfig, model: Any = None, progress: bool = True) -> Any:
+    from pie.engine.model import Model
     from pie.runtime import Runtime, RuntimeConfig
 
-    if engine is None:
-        engine = Engine(config.model.name, config.model.engine_config(), progress=progress)
+    if model is None:
+        model = Model(config.model.name, config.model.engine_config(), progress=progress)
     limits = config.limits
-    runtime = Runtime(engine, RuntimeConfig(deadline_s=limits.deadline_s, memory_mb=limits.memory_mb,
+    runtime = Runtime(model, RuntimeConfig(deadline_s=limits.deadline_s, memory_mb=limits.memory_mb,
                                             http_allow=limits.http_allow,
                                             scheduler=config.scheduler.scheduler_config()))
     runtime.python_runtime()  # build or load the Python runtime component now, not at the first request
@@ -46,14 +46,14 @@ def build_runtime(config: PieConfig, engine: Any = None, progress: bool = True) 
 
 
 class Server:
-    def __init__(self, config: PieConfig, runtime: Any = None, engine: Any = None, progress: bool = True,
+    def __init__(self, config: PieConfig, runtime: Any = None, model: Any = None, progress: bool = True,
                  programs_dir: Path | None = None):
         """`runtime`: serve an existing Runtime (not closed by the server); else one is built from the
-        configuration (and `engine`, when given). Uploaded programs are kept in `programs_dir`
-        (default $PIE_HOME/programs)."""
+        configuration (and `model`, a pie.engine.model.Model, when given). Uploaded programs are kept in
+        `programs_dir` (default $PIE_HOME/programs)."""
         self.config = config
         self.owns_runtime = runtime is None
-        self.runtime = runtime if runtime is not None else build_runtime(config, engine, progress)
+        self.runtime = runtime if runtime is not None else build_runtime(config, model, progress)
         self.model_name = self.runtime.model_name
         self.programs = ProgramStore(Path(programs_dir) if programs_dir else self.runtime.config.pie_home / "programs")
         self.sessions: set[Session] = set()
@@ -153,19 +153,18 @@ class Server:
         out: dict[str, Any] = {"model": self.model_name, "connections": len(self.sessions), "programs": len(self.programs),
                                "instances": self.instances.stats(),
                                "kv_pages": {"num_pages": rt.num_pages, "num_free": rt.num_free_pages}}
-        if rt.plane is not None:
-            plane = rt.plane.stats()
-            out["kv_pages"] = {k: v for k, v in plane["kv_pages"].items() if k != "instances"}
-            out["scheduler"] = plane["scheduler"]
-            out["num_plane_instances"] = len(plane["live_instances"])
+        plane = rt.plane.stats()
+        out["kv_pages"] = {k: v for k, v in plane["kv_pages"].items() if k != "instances"}
+        out["scheduler"] = plane["scheduler"]
+        out["num_plane_instances"] = len(plane["live_instances"])
         return out
 
 
 class ServerThread:
     """A Server on an event loop of its own thread (tests, benchmarks, embedding)."""
 
-    def __init__(self, config: PieConfig, runtime: Any = None, engine: Any = None, programs_dir: Path | None = None):
-        self.server = Server(config, runtime=runtime, engine=engine, progress=False, programs_dir=programs_dir)
+    def __init__(self, config: PieConfig, runtime: Any = None, model: Any = None, programs_dir: Path | None = None):
+        self.server = Server(config, runtime=runtime, model=model, progress=False, programs_dir=programs_dir)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="pie-server", daemon=True)
 
@@ -208,6 +207,6 @@ class ServerThread:
 
 
 def serve(config: PieConfig) -> int:
-    """`pie serve`: builds the engine and runtime, serves until SIGINT / SIGTERM, drains, returns 0."""
+    """`pie serve`: loads the model, builds the runtime, serves until SIGINT / SIGTERM, drains, returns 0."""
     server = Server(config)
     return asyncio.run(server.serve_until_signal())

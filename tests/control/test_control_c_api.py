@@ -6,7 +6,7 @@ import ctypes
 import gc
 
 import pie._ext._control as compiled
-from pie.control import EngineLoop, PagePool, Policy
+from pie.control import BatchLoop, PagePool, Policy
 
 VOIDP = ctypes.c_void_p
 RELEASE = ctypes.CFUNCTYPE(None, VOIDP)
@@ -72,7 +72,7 @@ def test_native_submit_and_wait_through_the_capsule(make_scheduler):
         seen.extend(payloads)
         return [{"doubled": p * 2} for p in payloads]
 
-    with EngineLoop(scheduler, {3: handler}):
+    with BatchLoop(scheduler, {3: handler}):
         futures = [api.submit(native_queue, 3, address, release, 5, 0, error, 256) for address in (1000, 2000)]
         assert all(futures)
         assert [api.future_wait(f, 10.0) for f in futures] == [READY, READY]

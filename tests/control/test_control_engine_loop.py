@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from pie.control import CommandFailed, CommandKind, EngineLoop, Policy
+from pie.control import CommandFailed, CommandKind, BatchLoop, Policy
 
 from control_fakes import EchoRequest
 
@@ -15,7 +15,7 @@ def test_engine_loop_runs_batches_on_the_runner_and_resolves_futures(make_schedu
     scheduler = make_scheduler(policy=Policy.EAGER)
     queues = [scheduler.create_queue(instance_id=i) for i in range(4)]
     futures = {(i, n): q.submit(CommandKind.FORWARD, EchoRequest((i, n))) for i, q in enumerate(queues) for n in range(5)}
-    loop = EngineLoop(scheduler, {CommandKind.FORWARD: fake_runner})
+    loop = BatchLoop(scheduler, {CommandKind.FORWARD: fake_runner})
     while loop.run_once(timeout=0.05) is not None:
         pass
     assert {key: f.result(1) for key, f in futures.items()} == {key: ("done", key) for key in futures}
@@ -29,7 +29,7 @@ def test_a_rejected_request_fails_alone_and_the_rest_of_its_batch_runs(make_sche
     good0 = q.submit(CommandKind.FORWARD, EchoRequest("good0"))
     bad = q.submit(CommandKind.FORWARD, EchoRequest("bad", bad=True))
     good1 = q.submit(CommandKind.FORWARD, EchoRequest("good1"))
-    EngineLoop(scheduler, {CommandKind.FORWARD: fake_runner}).run_once(timeout=1)
+    BatchLoop(scheduler, {CommandKind.FORWARD: fake_runner}).run_once(timeout=1)
     assert good0.result(1) == ("done", "good0") and good1.result(1) == ("done", "good1")
     with pytest.raises(CommandFailed, match="tag 'bad' is bad"):
         bad.result(1)
@@ -49,7 +49,7 @@ def test_handler_errors_fail_the_batch_and_the_loop_goes_on(make_scheduler, capl
             return [1]  # wrong number of results
         return [p * 10 for p in payloads]
 
-    loop = EngineLoop(scheduler, {0: flaky})
+    loop = BatchLoop(scheduler, {0: flaky})
     first = [q.submit(0, 1), q.submit(0, 2)]
     loop.run_once(timeout=1)
     for future in first:
@@ -80,7 +80,7 @@ def test_engine_loop_thread_serves_blocking_producers_and_stops(make_scheduler, 
                       for step in range(20)]
         q.close("finished")
 
-    loop = EngineLoop(scheduler, {CommandKind.FORWARD: fake_runner})
+    loop = BatchLoop(scheduler, {CommandKind.FORWARD: fake_runner})
     loop.record_batch_sizes = True
     with loop:
         threads = [threading.Thread(target=inferlet, args=(i,)) for i in range(8)]

@@ -24,41 +24,42 @@ def distinct_prompts() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2_entry):
+def model(smollm2_entry):
     from pie.engine.config import EngineConfig
-    from pie.engine.generate import Engine
+    from pie.engine.model import Model
+    from pie.control.generate import generate
 
-    return Engine(smollm2_entry.name, EngineConfig(dtype="float32", kv_cache_mb=1024), progress=False)
+    return Model(smollm2_entry.name, EngineConfig(dtype="float32", kv_cache_mb=1024), progress=False)
 
 
-def test_256_concurrent_greedy_requests_equal_each_alone(engine):
-    from pie.engine.generate import GenerationParams
+def test_256_concurrent_greedy_requests_equal_each_alone(model):
+    from pie.control.generate import GenerationParams, generate
 
     params = GenerationParams(max_tokens=8, temperature=0, ignore_eos=True)  # raw prompts often end at once
     prompts = distinct_prompts()
     # Raw prompts (no chat template) keep the 256 prefills short.
-    alone = {p: engine.generate(p, params, raw=True).token_ids for p in prompts}
+    alone = {p: generate(model, p, params, raw=True).token_ids for p in prompts}
     requests = [prompts[i % len(prompts)] for i in range(256)]
-    together = generate_concurrently(engine, [engine.prompt_ids(p, raw=True) for p in requests], params,
+    together = generate_concurrently(model, [model.prompt_ids(p, raw=True) for p in requests], params,
                                      SchedulerConfig(policy="adaptive"))
     mismatches = [(i, p) for i, (p, g) in enumerate(zip(requests, together)) if g.token_ids != alone[p]]
     assert mismatches == []
     assert all(len(g.token_ids) == 8 for g in together)
 
 
-def test_prompts_file_prints_json_lines_in_order_equal_to_each_alone(engine, tmp_path):
-    from pie.engine.generate import GenerationParams
+def test_prompts_file_prints_json_lines_in_order_equal_to_each_alone(model, tmp_path):
+    from pie.control.generate import GenerationParams, generate
 
     params = GenerationParams(max_tokens=8, temperature=0)
     prompts = (distinct_prompts() * 2)[:32]
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(prompts) + "\n\n")
     out = io.StringIO()
-    assert run_prompts_file(engine, str(prompts_file), params, out) == 0
+    assert run_prompts_file(model, str(prompts_file), params, out) == 0
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [line["prompt"] for line in lines] == prompts
     for prompt in set(prompts):
-        alone = engine.generate(prompt, params)
+        alone = generate(model, prompt, params)
         for line in lines:
             if line["prompt"] == prompt:
                 assert line["text"] == alone.text and line["tokens"] == len(alone.token_ids)

@@ -6,7 +6,7 @@ import random
 import threading
 from collections import Counter
 
-from pie.control import CommandKind, EngineLoop, Policy, Priority, drive_native_producers
+from pie.control import CommandKind, BatchLoop, Policy, Priority, drive_native_producers
 
 NUM_PRODUCERS = 64
 COMMANDS_PER_PRODUCER = 10_000
@@ -39,7 +39,7 @@ def test_64_python_threads_x_10000_commands_no_loss_no_duplicate(make_scheduler)
         for q in queues:
             q.close("producer finished")
 
-    with EngineLoop(scheduler, {CommandKind.FORWARD: echo}):
+    with BatchLoop(scheduler, {CommandKind.FORWARD: echo}):
         threads = [threading.Thread(target=produce, args=(p,)) for p in range(NUM_PRODUCERS)]
         for thread in threads:
             thread.start()
@@ -69,7 +69,7 @@ def test_64_native_threads_x_10000_commands_under_every_policy(make_scheduler):
             sizes[len(payloads)] += 1
             return [None] * len(payloads)
 
-        with EngineLoop(scheduler, {0: noop}):
+        with BatchLoop(scheduler, {0: noop}):
             result = drive_native_producers(scheduler, NUM_PRODUCERS, COMMANDS_PER_PRODUCER, window=64)
         total = NUM_PRODUCERS * COMMANDS_PER_PRODUCER
         assert result["num_ready"] == total, (config, result)

@@ -59,9 +59,9 @@ def stand_in_pair(arch: str, sliding_window: int | None = None, min_sdpa_prefill
     config = ModelConfig.from_hf(cfg)
     if sliding_window is not None:
         config = dataclasses.replace(config, sliding_window=sliding_window)
-    engine = EngineConfig(num_pages=64, page_size=PAGE)
-    reference = ModelRunner(config, hf.state_dict(), engine)
-    return reference, with_stand_in(ModelRunner(config, hf.state_dict(), engine), min_sdpa_prefill_tokens)
+    engine_config = EngineConfig(num_pages=64, page_size=PAGE)
+    reference = ModelRunner(config, hf.state_dict(), engine_config)
+    return reference, with_stand_in(ModelRunner(config, hf.state_dict(), engine_config), min_sdpa_prefill_tokens)
 
 
 def max_diff(a: list, b: list) -> float:
@@ -137,9 +137,9 @@ def test_stand_in_sampler_dispatch():
 
 def cuda_runner(config: ModelConfig, state_dict, *, kernels=True, graphs=True, num_pages=512, page_size=16,
                 seed=0) -> ModelRunner:
-    engine = EngineConfig(dtype="bfloat16", device="cuda", num_pages=num_pages, page_size=page_size,
+    engine_config = EngineConfig(dtype="bfloat16", device="cuda", num_pages=num_pages, page_size=page_size,
                           cuda_kernels=kernels, cuda_graphs=graphs)
-    runner = ModelRunner(config, state_dict, engine, seed=seed)
+    runner = ModelRunner(config, state_dict, engine_config, seed=seed)
     assert (runner.cuda_forward is not None) == kernels, runner.cuda_path_reason
     return runner
 

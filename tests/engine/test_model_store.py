@@ -63,11 +63,12 @@ def test_add_list_generate_remove_a_local_folder(tmp_path):
     assert listed.stdout.startswith("tiny\tLlamaForCausalLM")
     gen = pie(home, "generate", "--model", "tiny", "--prompt", "hi", "--max-tokens", "5", "--temperature", "0")
     assert gen.returncode == 0, gen.stderr
-    from pie.engine.generate import Engine, GenerationParams
+    from pie.engine.model import Model
+    from pie.control.generate import GenerationParams, generate
 
     os.environ["PIE_HOME"] = str(home)
     try:
-        expected = Engine("tiny", progress=False).generate("hi", GenerationParams(max_tokens=5, temperature=0)).text
+        expected = generate(Model("tiny", progress=False), "hi", GenerationParams(max_tokens=5, temperature=0)).text
     finally:
         del os.environ["PIE_HOME"]
     assert gen.stdout == expected + "\n"

@@ -6,7 +6,8 @@ import torch
 
 from cli_helpers import run_pie
 from pie.engine.config import EngineConfig
-from pie.engine.generate import Engine, GenerationParams
+from pie.engine.model import Model
+from pie.control.generate import GenerationParams, generate, generate_batch
 
 PROMPTS = [
     "What is the capital of France?",
@@ -17,8 +18,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2_entry):
-    return Engine(smollm2_entry.name, EngineConfig(dtype="float32", kv_cache_mb=256), progress=False)
+def model(smollm2_entry):
+    return Model(smollm2_entry.name, EngineConfig(dtype="float32", kv_cache_mb=256), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -27,56 +28,56 @@ def hf(smollm2_gguf):
 
     folder, name = str(smollm2_gguf.parent), smollm2_gguf.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    return tok, model
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return tok, hf_model
 
 
-def test_tokenizer_and_chat_template_match_hf(engine, hf):
+def test_tokenizer_and_chat_template_match_hf(model, hf):
     tok, _ = hf
     for text in ["Hello, world!", "  spaces   and\ttabs\n", "numbers 12345 and ünïcödé ✓", "<|im_start|>user"]:
-        assert engine.tokenizer.encode(text) == tok(text, add_special_tokens=False)["input_ids"], text
+        assert model.tokenizer.encode(text) == tok(text, add_special_tokens=False)["input_ids"], text
     for prompt in PROMPTS:
         msgs = [{"role": "user", "content": prompt}]
         ref = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
         ref = ref["input_ids"] if not isinstance(ref, list) else ref
-        assert engine.prompt_ids(prompt) == list(ref)
-    assert engine.tokenizer.decode(engine.tokenizer.encode("round trip ✓")) == "round trip ✓"
+        assert model.prompt_ids(prompt) == list(ref)
+    assert model.tokenizer.decode(model.tokenizer.encode("round trip ✓")) == "round trip ✓"
 
 
-def test_greedy_tokens_match_hf_over_32_tokens(engine, hf):
-    _, model = hf
-    prompts = [engine.prompt_ids(p) for p in PROMPTS]
-    ours = engine.generate_batch(prompts, GenerationParams(max_tokens=32, temperature=0))
+def test_greedy_tokens_match_hf_over_32_tokens(model, hf):
+    _, hf_model = hf
+    prompts = [model.prompt_ids(p) for p in PROMPTS]
+    ours = generate_batch(model, prompts, GenerationParams(max_tokens=32, temperature=0))
     for ids, gen in zip(prompts, ours):
         with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
-        while out and out[-1] in engine.eos_ids:
+            out = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+        while out and out[-1] in model.eos_ids:
             out.pop()
         assert gen.token_ids == out
 
 
-def test_batched_generation_equals_alone(engine):
-    prompts = [engine.prompt_ids(p) for p in PROMPTS]
-    together = engine.generate_batch(prompts, GenerationParams(max_tokens=20, temperature=0))
+def test_batched_generation_equals_alone(model):
+    prompts = [model.prompt_ids(p) for p in PROMPTS]
+    together = generate_batch(model, prompts, GenerationParams(max_tokens=20, temperature=0))
     for ids, t in zip(prompts, together):
-        assert engine.generate_batch([ids], GenerationParams(max_tokens=20, temperature=0))[0].token_ids == t.token_ids
+        assert generate_batch(model, [ids], GenerationParams(max_tokens=20, temperature=0))[0].token_ids == t.token_ids
 
 
-def test_seeded_sampling_reproduces(engine):
+def test_seeded_sampling_reproduces(model):
     p = GenerationParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=42)
-    a = engine.generate("Tell me a story.", p)
-    b = engine.generate("Tell me a story.", p)
-    c = engine.generate("Tell me a story.", GenerationParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=7))
+    a = generate(model, "Tell me a story.", p)
+    b = generate(model, "Tell me a story.", p)
+    c = generate(model, "Tell me a story.", GenerationParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=7))
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
 
 
-def test_stop_strings_and_max_tokens(engine):
-    full = engine.generate("What is the capital of France?", GenerationParams(max_tokens=32, temperature=0))
+def test_stop_strings_and_max_tokens(model):
+    full = generate(model, "What is the capital of France?", GenerationParams(max_tokens=32, temperature=0))
     assert full.text == "The capital of France is Paris." and full.finish_reason == "stop"
-    cut = engine.generate("What is the capital of France?", GenerationParams(max_tokens=32, temperature=0, stop=(" is",)))
+    cut = generate(model, "What is the capital of France?", GenerationParams(max_tokens=32, temperature=0, stop=(" is",)))
     assert cut.text == "The capital of France" and cut.finish_reason == "stop"
-    short = engine.generate("What is the capital of France?", GenerationParams(max_tokens=3, temperature=0))
+    short = generate(model, "What is the capital of France?", GenerationParams(max_tokens=3, temperature=0))
     assert len(short.token_ids) == 3 and short.finish_reason == "length"
 
 

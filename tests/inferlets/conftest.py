@@ -24,12 +24,12 @@ class Run:
 
 
 @pytest.fixture
-def run_inferlet(runtime, engine):
+def run_inferlet(runtime, model):
     """run_inferlet(NAME, *args) -> Run; run_inferlet(source=SRC, args=[...]) runs a guest source.
     Fails on an instance error or on pages not returned to the pool."""
 
     def run(name=None, *args, source=None, expect_error=False):
-        runner = engine.runner
+        runner = model.runner
         p0, t0 = runner.num_forward_passes, runner.num_tokens_processed
         if source is not None:
             r = runtime.run_source(textwrap.dedent(source), [str(a) for a in args], filename="guest.py")

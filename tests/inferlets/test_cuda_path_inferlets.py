@@ -31,9 +31,9 @@ RUNS = [
 
 
 @pytest.fixture
-def kernel_path(engine, monkeypatch):
+def kernel_path(model, monkeypatch):
     """Switches the session runner to the CUDA path over the stand-in kernels for one test."""
-    runner = engine.runner
+    runner = model.runner
     monkeypatch.setattr(runner, "cuda_forward",
                         CudaForward(runner.model, runner.cache, use_graphs=False, kernels=reference_kernels))
     monkeypatch.setattr(runner, "device_sampling", DeviceSampling(runner.sampling, kernels=reference_kernels),
@@ -42,7 +42,7 @@ def kernel_path(engine, monkeypatch):
 
 
 @pytest.mark.parametrize("run", RUNS, ids=[r[0] for r in RUNS])
-def test_inferlet_output_is_the_same_on_the_kernel_path(run_inferlet, engine, run, request):
+def test_inferlet_output_is_the_same_on_the_kernel_path(run_inferlet, model, run, request):
     name, *args = run
     want = run_inferlet(name, *args)
     runner = request.getfixturevalue("kernel_path")

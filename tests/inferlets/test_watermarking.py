@@ -19,7 +19,7 @@ def detect(run_inferlet, text, key=42):
 
 
 @pytest.fixture(scope="module")
-def marked(runtime, engine):
+def marked(runtime, model):
     """Watermarked text, 48 tokens with delta 3 (with the default delta 2, this small model's fairly
     low-entropy text gave z 3.6 to 6.8 over 64 tokens: not reliably > 4 at this length)."""
     r = runtime.run("watermarking", ["--prompt", PROMPT, "--max-tokens", "48", "--key", "42", "--delta", "3",

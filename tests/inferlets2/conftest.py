@@ -26,12 +26,12 @@ class Measured:
 
 
 @pytest.fixture
-def measure(runtime, engine):
+def measure(runtime, model):
     """measure(NAME, *args, **launch_kwargs) -> Measured. Fails on an instance error, and on pages not back
     in the pool afterwards (pages held by exports excepted)."""
 
     def run(name, *args, **kwargs):
-        runner = engine.runner
+        runner = model.runner
         t0, p0 = runner.num_tokens_processed, runner.num_forward_passes
         r = runtime.run(name, [str(a) for a in args], **kwargs)
         tokens, passes = runner.num_tokens_processed - t0, runner.num_forward_passes - p0

@@ -152,10 +152,10 @@ def test_codeact_model_writes_code_that_is_executed(measure):
 
 # ---- agent_swarm ------------------------------------------------------------------------------------------
 
-def test_agent_swarm_aggregates_every_workers_answer(runtime, engine, completion):
+def test_agent_swarm_aggregates_every_workers_answer(runtime, model, completion):
     swarm = f"swarm-{uuid.uuid4().hex[:8]}"
     subtasks = ["What is the capital of France?", "What is the capital of Italy?"]
-    t0 = engine.runner.num_forward_passes
+    t0 = model.runner.num_forward_passes
     coordinator = runtime.launch("agent_swarm", ["--role", "coordinator", "--swarm", swarm, "--workers", "2",
                                                  "--question", "Which capitals are these?", "--max-tokens", "12",
                                                  "--summary-tokens", "16", "--json",
@@ -179,7 +179,7 @@ def test_agent_swarm_aggregates_every_workers_answer(runtime, engine, completion
     assert report["summary"]
     assert runtime.kv_store.list_keys(swarm) == []  # the coordinator cleaned up
     assert runtime.num_free_pages == runtime.num_pages
-    assert engine.runner.num_forward_passes > t0
+    assert model.runner.num_forward_passes > t0
 
 
 def test_agent_swarm_workers_first_and_model_written_subtasks(runtime):

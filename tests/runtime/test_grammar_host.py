@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from pie.control import ControlPlane
 from pie.engine.batch import ForwardRequest, Greedy
 from pie.engine.config import EngineConfig
 from pie.engine.sampling import expand_vocab_mask
@@ -21,21 +22,21 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2_entry):
-    from pie.engine.generate import Engine
+def model(smollm2_entry):
+    from pie.engine.model import Model
 
-    return Engine(smollm2_entry.name, EngineConfig(kv_cache_mb=64), progress=False)
-
-
-@pytest.fixture(scope="module")
-def host(engine):
-    return GrammarHost(engine.tokenizer, engine.runner.vocab_size, engine.eos_ids)
+    return Model(smollm2_entry.name, EngineConfig(kv_cache_mb=64), progress=False)
 
 
 @pytest.fixture(scope="module")
-def texts(engine):
+def host(model):
+    return GrammarHost(model.tokenizer, model.runner.vocab_size, model.eos_ids)
+
+
+@pytest.fixture(scope="module")
+def texts(model):
     """(V,) each token's text, special tokens included."""
-    return engine.tokenizer.backend.decode_batch([[i] for i in range(engine.runner.vocab_size)],
+    return model.tokenizer.backend.decode_batch([[i] for i in range(model.runner.vocab_size)],
                                                  skip_special_tokens=False)
 
 
@@ -45,7 +46,7 @@ _next_instance = iter(range(1000, 10**6))
 @pytest.fixture
 def inst(host):
     """A fake instance of its own (fresh id) whose runtime has the grammar host."""
-    fake = SimpleNamespace(id=next(_next_instance), runtime=SimpleNamespace(grammar=host))
+    fake = SimpleNamespace(id=next(_next_instance), services=SimpleNamespace(grammar=host))
     yield fake
     host.end_instance(fake.id)
 
@@ -60,10 +61,10 @@ def ids_of(allowed: np.ndarray) -> set[int]:
     return set(np.flatnonzero(allowed).tolist())
 
 
-def accept_text(engine, inst, m, text: str) -> list[int]:
-    ids = engine.tokenizer.encode(text, add_bos=False)
+def accept_text(model, inst, m, text: str) -> list[int]:
+    ids = model.tokenizer.encode(text, add_bos=False)
     for t in ids:
-        assert g.grammar_accept(inst, m, t), engine.tokenizer.id_to_token(t)
+        assert g.grammar_accept(inst, m, t), model.tokenizer.id_to_token(t)
     return ids
 
 
@@ -98,12 +99,12 @@ def test_brle_runs_match_a_reference():
             assert runs == ref
 
 
-def test_tokenizer_info_spells_the_vocabulary_as_the_tokenizer_decodes_it(engine, host, texts):
+def test_tokenizer_info_spells_the_vocabulary_as_the_tokenizer_decodes_it(model, host, texts):
     info = host.tokenizer_info
     assert info.vocab_type.name == "BYTE_LEVEL" and info.vocab_size == host.vocab_size
-    assert info.stop_token_ids == sorted(engine.eos_ids)
-    special = {i for i, t in engine.tokenizer.backend.get_added_tokens_decoder().items() if t.special}
-    assert special and set(info.special_token_ids) == special - set(engine.eos_ids)
+    assert info.stop_token_ids == sorted(model.eos_ids)
+    special = {i for i, t in model.tokenizer.backend.get_added_tokens_decoder().items() if t.special}
+    assert special and set(info.special_token_ids) == special - set(model.eos_ids)
     checked = 0
     for i, (spelled, text) in enumerate(zip(info.decoded_vocab, texts)):
         if i in special or "\ufffd" in text:  # specials are blanked; partial UTF-8 does not decode alone
@@ -113,7 +114,7 @@ def test_tokenizer_info_spells_the_vocabulary_as_the_tokenizer_decodes_it(engine
     assert checked > 0.99 * host.vocab_size
 
 
-def test_vocab_type_detection_agrees_with_xgrammar(engine):
+def test_vocab_type_detection_agrees_with_xgrammar(model):
     import xgrammar
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
@@ -121,7 +122,7 @@ def test_vocab_type_detection_agrees_with_xgrammar(engine):
         meta = xgrammar.TokenizerInfo._detect_metadata_from_hf(tokenizer_json)
         return meta["vocab_type"].name.lower(), meta["add_prefix_space"]
 
-    smol = engine.tokenizer.backend.to_str()
+    smol = model.tokenizer.backend.to_str()
     assert vocab_metadata(json.loads(smol)) == xgr(smol) == ("byte_level", False)
     # Llama-2 style: byte-fallback BPE, '▁' for spaces, a prepended '▁'
     vocab = {f"<0x{b:02X}>": b for b in range(256)} | {"▁": 256, "▁a": 257, "a": 258}
@@ -136,8 +137,8 @@ def test_vocab_type_detection_agrees_with_xgrammar(engine):
     assert vocab_metadata(json.loads(raw.to_str())) == xgr(raw.to_str()) == ("raw", False)
 
 
-def test_json_schema_mask_allows_brace_and_forbids_words(engine, host, inst):
-    tok = engine.tokenizer
+def test_json_schema_mask_allows_brace_and_forbids_words(model, host, inst):
+    tok = model.tokenizer
     m = g.grammar_from_json_schema(inst, json.dumps(PERSON))
     assert m == 1  # handles are small integers from 1, private to the instance
     allowed = allowed_of(host, inst, m)
@@ -149,10 +150,10 @@ def test_json_schema_mask_allows_brace_and_forbids_words(engine, host, inst):
     assert not g.grammar_is_terminated(inst, m)
 
 
-def test_full_json_terminates_and_then_only_eos(engine, host, inst):
-    eos = sorted(engine.eos_ids)
+def test_full_json_terminates_and_then_only_eos(model, host, inst):
+    eos = sorted(model.eos_ids)
     m = g.grammar_from_json_schema(inst, json.dumps(PERSON))
-    ids = engine.tokenizer.encode('{"name": "Bob", "age": 42}', add_bos=False)
+    ids = model.tokenizer.encode('{"name": "Bob", "age": 42}', add_bos=False)
     for t in ids[:-1]:
         assert g.grammar_accept(inst, m, t)
         assert not g.grammar_is_terminated(inst, m)
@@ -160,7 +161,7 @@ def test_full_json_terminates_and_then_only_eos(engine, host, inst):
     assert g.grammar_accept(inst, m, ids[-1])
     assert g.grammar_is_terminated(inst, m)
     assert ids_of(allowed_of(host, inst, m)) == set(eos)
-    assert not g.grammar_accept(inst, m, engine.tokenizer.token_to_id("Ġ"))
+    assert not g.grammar_accept(inst, m, model.tokenizer.token_to_id("Ġ"))
     # accepting EOS keeps it terminated, with the same mask; nothing but EOS is accepted after it
     assert g.grammar_accept(inst, m, eos[0])
     assert g.grammar_is_terminated(inst, m)
@@ -169,41 +170,41 @@ def test_full_json_terminates_and_then_only_eos(engine, host, inst):
     assert not g.grammar_accept(inst, m, ids[0])
 
 
-def test_invalid_json_is_refused(engine, host, inst):
-    tok = engine.tokenizer
+def test_invalid_json_is_refused(model, host, inst):
+    tok = model.tokenizer
     m = g.grammar_from_json_schema(inst, json.dumps(PERSON))
-    accept_text(engine, inst, m, '{"name": "Bob", ')
+    accept_text(model, inst, m, '{"name": "Bob", ')
     assert not g.grammar_accept(inst, m, tok.token_to_id("}"))  # "age" is required
-    assert not g.grammar_accept(inst, m, sorted(engine.eos_ids)[0])  # cannot end mid-object
-    accept_text(engine, inst, m, '"')
+    assert not g.grammar_accept(inst, m, sorted(model.eos_ids)[0])  # cannot end mid-object
+    accept_text(model, inst, m, '"')
     for key in ("city", "c", "name"):  # no extra or repeated keys
         assert not g.grammar_accept(inst, m, tok.token_to_id(key)), key
-    accept_text(engine, inst, m, 'age": ')
+    accept_text(model, inst, m, 'age": ')
     assert not g.grammar_accept(inst, m, tok.token_to_id('"'))  # an integer, not a string
     assert not g.grammar_accept(inst, m, tok.token_to_id("."))
 
 
-def test_regex_mask_is_exactly_the_prefix_tokens(engine, host, inst, texts):
+def test_regex_mask_is_exactly_the_prefix_tokens(model, host, inst, texts):
     words = ("yes", "no", "maybe")
     m = g.grammar_from_regex(inst, "(yes|no|maybe)")
     # reference from the vocabulary: a token may come first iff its text is a non-empty prefix of a word
     want = {i for i, t in enumerate(texts) if t and any(w.startswith(t) for w in words)}
     assert len(want) >= 3
     assert ids_of(allowed_of(host, inst, m)) == want
-    accept_text(engine, inst, m, "may")
+    accept_text(model, inst, m, "may")
     rest = {i for i, t in enumerate(texts) if t and "be".startswith(t)}
     assert ids_of(allowed_of(host, inst, m)) == rest
-    accept_text(engine, inst, m, "be")
+    accept_text(model, inst, m, "be")
     assert g.grammar_is_terminated(inst, m)
-    assert ids_of(allowed_of(host, inst, m)) == set(engine.eos_ids)
+    assert ids_of(allowed_of(host, inst, m)) == set(model.eos_ids)
 
 
-def test_regex_that_may_go_on_ends_only_at_eos(engine, host, inst, texts):
-    eos = sorted(engine.eos_ids)
+def test_regex_that_may_go_on_ends_only_at_eos(model, host, inst, texts):
+    eos = sorted(model.eos_ids)
     m = g.grammar_from_regex(inst, "[0-9]+")
     digits = {i for i, t in enumerate(texts) if re.fullmatch("[0-9]+", t)}
     assert ids_of(allowed_of(host, inst, m)) == digits
-    accept_text(engine, inst, m, "7")
+    accept_text(model, inst, m, "7")
     assert not g.grammar_is_terminated(inst, m)  # complete, but more digits may follow
     assert ids_of(allowed_of(host, inst, m)) == digits | set(eos)
     assert g.grammar_accept(inst, m, eos[0])
@@ -211,19 +212,19 @@ def test_regex_that_may_go_on_ends_only_at_eos(engine, host, inst, texts):
     assert ids_of(allowed_of(host, inst, m)) == set(eos)
 
 
-def test_ebnf_with_a_named_root_and_reset(engine, host, inst, texts):
+def test_ebnf_with_a_named_root_and_reset(model, host, inst, texts):
     grammar = 'answer ::= word "!"\nword ::= "yes" | "no"'
     m = g.grammar_from_ebnf(inst, grammar, "answer")
     first = allowed_of(host, inst, m)
     assert ids_of(first) == {i for i, t in enumerate(texts) if t and ("yes!".startswith(t) or "no!".startswith(t))}
-    accept_text(engine, inst, m, "no")
+    accept_text(model, inst, m, "no")
     assert ids_of(allowed_of(host, inst, m)) == {i for i, t in enumerate(texts) if t and "!".startswith(t)}
-    accept_text(engine, inst, m, "!")
+    accept_text(model, inst, m, "!")
     assert g.grammar_is_terminated(inst, m)
     g.grammar_reset(inst, m)
     assert not g.grammar_is_terminated(inst, m)
     assert np.array_equal(allowed_of(host, inst, m), first)
-    accept_text(engine, inst, m, "yes!")
+    accept_text(model, inst, m, "yes!")
     assert g.grammar_is_terminated(inst, m)
 
 
@@ -278,8 +279,8 @@ def test_token_outside_the_vocabulary(host, inst):
 
 
 def test_handles_are_private_to_each_instance(host):
-    a = SimpleNamespace(id=next(_next_instance), runtime=SimpleNamespace(grammar=host))
-    b = SimpleNamespace(id=next(_next_instance), runtime=SimpleNamespace(grammar=host))
+    a = SimpleNamespace(id=next(_next_instance), services=SimpleNamespace(grammar=host))
+    b = SimpleNamespace(id=next(_next_instance), services=SimpleNamespace(grammar=host))
     try:
         ma = g.grammar_from_regex(a, "x+")
         with pytest.raises(ValueError, match="is not a matcher of this instance"):
@@ -304,7 +305,7 @@ def test_matcher_cap_per_instance(host, inst, monkeypatch):
     handles = [g.grammar_from_regex(inst, "z") for _ in range(5)]
     with pytest.raises(ValueError, match=r"too many matchers: this instance holds 5 \(the limit is 5\)"):
         g.grammar_from_regex(inst, "z")
-    other = SimpleNamespace(id=next(_next_instance), runtime=inst.runtime)
+    other = SimpleNamespace(id=next(_next_instance), services=inst.services)
     assert g.grammar_from_regex(other, "z") == 1  # the cap is per instance
     host.end_instance(other.id)
     g.grammar_free(inst, handles[2])
@@ -321,34 +322,34 @@ def test_default_cap_is_1024(host, inst):
     assert host.num_matchers(inst.id) == 0
 
 
-def test_model_vocab_wider_than_the_tokenizer(engine, texts):
+def test_model_vocab_wider_than_the_tokenizer(model, texts):
     extra = 40
-    wide = GrammarHost(engine.tokenizer, engine.runner.vocab_size + extra, engine.eos_ids)
-    fake = SimpleNamespace(id=1, runtime=SimpleNamespace(grammar=wide))
+    wide = GrammarHost(model.tokenizer, model.runner.vocab_size + extra, model.eos_ids)
+    fake = SimpleNamespace(id=1, services=SimpleNamespace(grammar=wide))
     m = g.grammar_from_regex(fake, ".*")  # any text: every ordinary token
     runs = g.grammar_token_mask(fake, m)
     assert sum(runs) == wide.vocab_size
     allowed = expand_vocab_mask(runs, wide.vocab_size)
-    assert not allowed[engine.runner.vocab_size:].any()  # ids the tokenizer lacks: never
-    special = {i for i, t in engine.tokenizer.backend.get_added_tokens_decoder().items() if t.special}
-    assert not allowed[sorted(special - set(engine.eos_ids))].any()  # special tokens: never
-    assert allowed[sorted(engine.eos_ids)].all()  # ".*" may end at once
+    assert not allowed[model.runner.vocab_size:].any()  # ids the tokenizer lacks: never
+    special = {i for i, t in model.tokenizer.backend.get_added_tokens_decoder().items() if t.special}
+    assert not allowed[sorted(special - set(model.eos_ids))].any()  # special tokens: never
+    assert allowed[sorted(model.eos_ids)].all()  # ".*" may end at once
     # every token of whole characters is allowed (lone bytes that cannot start a character are not)
     whole = [i for i, t in enumerate(texts) if i not in special and "\ufffd" not in t]
-    assert len(whole) > 0.99 * engine.runner.vocab_size and allowed[whole].all()
+    assert len(whole) > 0.99 * model.runner.vocab_size and allowed[whole].all()
     with pytest.raises(ValueError, match="^token: "):
         g.grammar_accept(fake, m, wide.vocab_size)
-    assert not g.grammar_accept(fake, m, engine.runner.vocab_size + 3)
+    assert not g.grammar_accept(fake, m, model.runner.vocab_size + 3)
 
 
-def test_threads_share_one_compilation(engine, host):
+def test_threads_share_one_compilation(model, host):
     schema = json.dumps({"type": "object", "properties": {"threaded": {"type": "integer"}}, "required": ["threaded"]})
     before = host.compile_count
-    ids = engine.tokenizer.encode('{"threaded": 12}', add_bos=False)
+    ids = model.tokenizer.encode('{"threaded": 12}', add_bos=False)
     results, errors = {}, []
 
     def work(k):
-        fake = SimpleNamespace(id=500_000 + k, runtime=SimpleNamespace(grammar=host))
+        fake = SimpleNamespace(id=500_000 + k, services=SimpleNamespace(grammar=host))
         try:
             m = g.grammar_from_json_schema(fake, schema)
             results[k] = [g.grammar_accept(fake, m, t) for t in ids] + [g.grammar_is_terminated(fake, m)]
@@ -367,17 +368,19 @@ def test_threads_share_one_compilation(engine, host):
     assert host.compile_count == before + 1
 
 
-def greedy(engine, prompt: str, max_tokens: int, masks=None) -> list[int]:
+def greedy(model, prompt: str, max_tokens: int, masks=None) -> list[int]:
     """Greedy generation on the runner, one forward per token; masks(step) -> BRLE runs or None,
     and each chosen token is passed to masks.accept."""
-    runner, ps = engine.runner, engine.runner.page_size
-    tokens = engine.prompt_ids(prompt)
+    runner, ps = model.runner, model.runner.page_size
+    tokens = model.prompt_ids(prompt)
     prompt_len, cached, pages = len(tokens), 0, []
+    plane = ControlPlane.serving(runner)  # pages from the runner's pool, accounted as any client's
+    instance = plane.open_instance()
     try:
         for _ in range(max_tokens):
             end = len(tokens)
             used = -(-end // ps)
-            pages += engine.pages.allocate(used - len(pages))
+            pages += plane.kv_pages.resolve(instance, plane.kv_pages.allocate(instance, used - len(pages)))
             mask = masks.mask() if masks else None
             [res] = runner.execute([ForwardRequest(tokens[cached:end], list(range(cached, end)), pages[:used],
                                                    end - (used - 1) * ps, outputs=[(end - cached - 1, Greedy())],
@@ -386,15 +389,15 @@ def greedy(engine, prompt: str, max_tokens: int, masks=None) -> list[int]:
             token = res.outputs[0]
             if masks:
                 masks.accept(token)
-            if token in engine.eos_ids:
+            if token in model.eos_ids:
                 break
             tokens.append(token)
     finally:
-        engine.pages.free(pages)
+        plane.end_instance(instance)
     return tokens[prompt_len:]
 
 
-def test_greedy_generation_follows_a_json_schema(engine, host, inst):
+def test_greedy_generation_follows_a_json_schema(model, host, inst):
     prompt = "Describe a person named Alice who is 30 years old as JSON with the fields name and age."
     m = g.grammar_from_json_schema(inst, json.dumps(PERSON))
     seen = []
@@ -408,13 +411,13 @@ def test_greedy_generation_follows_a_json_schema(engine, host, inst):
         def accept(self, token):
             assert g.grammar_accept(inst, m, token)  # the sampler only chose allowed tokens
 
-    out = greedy(engine, prompt, 40, Masks())
-    text = engine.tokenizer.decode(out)
+    out = greedy(model, prompt, 40, Masks())
+    text = model.tokenizer.decode(out)
     value = json.loads(text)
     assert set(value) == {"name", "age"} and isinstance(value["name"], str) and type(value["age"]) is int
     assert g.grammar_is_terminated(inst, m)
     assert len(out) < 40 and len(seen) == len(out) + 1  # stopped at EOS, chosen under the final EOS-only mask
     # without the grammar, the same greedy run does not give bare JSON
-    free_text = engine.tokenizer.decode(greedy(engine, prompt, 40))
+    free_text = model.tokenizer.decode(greedy(model, prompt, 40))
     with pytest.raises(ValueError):
         json.loads(free_text)

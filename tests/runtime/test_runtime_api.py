@@ -64,8 +64,8 @@ def test_runtime_receive_from_client(runtime):
     assert r.error is None and r.output == "echo: ping\n"
 
 
-def test_models_and_tokenizer_calls(engine, run_py):
-    tok = engine.tokenizer
+def test_models_and_tokenizer_calls(model, run_py):
+    tok = model.tokenizer
     r = run_py("""
         import json
         from wit_world.imports import models, tokenizer, types
@@ -88,24 +88,24 @@ def test_models_and_tokenizer_calls(engine, run_py):
     """)
     assert r.error is None, r.error
     out = json.loads(r.output)
-    runner = engine.runner
-    assert out["models"] == [engine.model_name]
-    assert out["info"] == [engine.model_name, runner.model_config.architecture, runner.vocab_size,
+    runner = model.runner
+    assert out["models"] == [model.name]
+    assert out["info"] == [model.name, runner.model_config.architecture, runner.vocab_size,
                            runner.model_config.num_layers, runner.page_size, runner.max_batch_tokens]
     assert out["ids"] == tok.encode("Hello, world!", add_bos=False)
     assert out["ids_bos"] == tok.encode("Hi", add_bos=True)
     assert out["text"] == "Hello, world!"
     assert out["vocab"] == runner.vocab_size
-    assert out["special"] == [tok.special.bos_id, tok.special.add_bos, sorted(engine.eos_ids), None]
+    assert out["special"] == [tok.special.bos_id, tok.special.add_bos, sorted(model.eos_ids), None]
     assert out["t2i"] == tok.token_to_id("Hello") and out["t2i_missing"] is None
     assert out["i2t"] == tok.id_to_token(out["ids"][0])
     assert out["template"] == tok.chat_template.source
     assert out["chat"] == tok.apply_chat_template([{"role": "user", "content": "Hi"}])
 
 
-def test_tokenizer_decode_out_of_range_fails_the_instance(run_py, engine):
+def test_tokenizer_decode_out_of_range_fails_the_instance(run_py, model):
     r = run_py("from wit_world.imports import tokenizer\ntokenizer.decode([1, 999999], True)\n")
-    vocab = engine.runner.vocab_size
+    vocab = model.runner.vocab_size
     assert r.error == f"tokenizer.decode: tokens[1]: token id 999999 is outside the vocabulary [0, {vocab})"
 
 
@@ -159,13 +159,13 @@ print(json.dumps([[list(o.ids), list(o.values)] for o in outs]))
 """
 
 
-def test_forward_outputs_match_the_runner(engine, run_py):
-    tokens = engine.tokenizer.encode("The capital of France is", add_bos=False)
+def test_forward_outputs_match_the_runner(model, run_py):
+    tokens = model.tokenizer.encode("The capital of France is", add_bos=False)
     r = run_py(FORWARD_GUEST, json.dumps(tokens))
     assert r.error is None, r.error
     outs = json.loads(r.output)
     # the same pass straight on the runner (no instance runs now: pages 0.. are free)
-    runner = engine.runner
+    runner = model.runner
     n = len(tokens)
     pages = list(range(-(-n // runner.page_size)))
     [ref] = runner.execute([ForwardRequest(
@@ -204,8 +204,8 @@ def test_forward_outputs_match_the_runner(engine, run_py):
      "forward.submit: fwd.tokens: give either tokens or input-embeddings, not both"),
     ("[], [5], [0], pages, 1, [], [], []", "forward.submit: fwd.input-embeddings: "),
 ])
-def test_forward_submit_errors(run_py, engine, fwd, error):
-    vocab, page = engine.runner.vocab_size, engine.runner.page_size
+def test_forward_submit_errors(run_py, model, fwd, error):
+    vocab, page = model.runner.vocab_size, model.runner.page_size
     fwd = fwd.replace("VOCAB", str(vocab))
     r = run_py(f"""
         from wit_world.imports import forward as S, kv
@@ -232,7 +232,7 @@ def test_forward_wait_and_ready(run_py):
     assert r.error == "forward.wait: f: 42 is not a pending future of this instance"
 
 
-def test_failing_instance_does_not_disturb_its_neighbour(runtime, engine):
+def test_failing_instance_does_not_disturb_its_neighbour(runtime, model):
     good = runtime.launch("text_completion", ["--prompt", "What is the capital of France?", "--max-tokens", "16",
                                               "--temperature", "0"])
     bad = runtime.launch_source("from wit_world.imports import forward as S, kv\np = kv.allocate(1)\n"
@@ -289,8 +289,8 @@ def test_bundled_standard_library(run_py):
     assert r.output == f"{hashlib.sha256(b'pie').hexdigest()[:8]} 2 eA==\n"
 
 
-def test_chat_example_multi_turn_over_client_messages(runtime, engine):
-    from pie.engine.generate import GenerationParams
+def test_chat_example_multi_turn_over_client_messages(runtime, model):
+    from pie.control.generate import GenerationParams, generate, generate_batch
 
     inst = runtime.launch("chat", ["--temperature", "0", "--max-tokens", "24"])
     for line in ["What is the capital of France?\n", "And of Germany?\n", ""]:
@@ -299,12 +299,12 @@ def test_chat_example_multi_turn_over_client_messages(runtime, engine):
     assert r.error is None, r.error
     first, second = r.output.splitlines()
     # reference: the built-in loop on the whole conversation, rendered by the chat template
-    tok = engine.tokenizer
+    tok = model.tokenizer
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    assert first == engine.generate(messages[0]["content"], GenerationParams(max_tokens=24, temperature=0)).text
+    assert first == generate(model, messages[0]["content"], GenerationParams(max_tokens=24, temperature=0)).text
     messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "And of Germany?"}]
     ids = tok.encode(tok.apply_chat_template(messages), add_bos=False)
-    assert second == engine.generate_batch([ids], GenerationParams(max_tokens=24, temperature=0))[0].text
+    assert second == generate_batch(model, [ids], GenerationParams(max_tokens=24, temperature=0))[0].text
     assert runtime.num_free_pages == runtime.num_pages
 
 

@@ -4,10 +4,10 @@ correct and every page returns to the pool."""
 PROMPTS = ["What is the capital of France?", "Name a color.", "What is 2 plus 2?", "Say hello."]
 
 
-def test_concurrent_text_completions(runtime, engine):
-    from pie.engine.generate import GenerationParams
+def test_concurrent_text_completions(runtime, model):
+    from pie.control.generate import GenerationParams, generate
 
-    expected = {p: engine.generate(p, GenerationParams(max_tokens=12, temperature=0)).text + "\n" for p in PROMPTS}
+    expected = {p: generate(model, p, GenerationParams(max_tokens=12, temperature=0)).text + "\n" for p in PROMPTS}
     batches_before = runtime.num_batches
     commands_before = runtime.num_commands
     instances = [runtime.launch("text_completion", ["--prompt", p, "--max-tokens", "12", "--temperature", "0"])
@@ -22,10 +22,10 @@ def test_concurrent_text_completions(runtime, engine):
     assert runtime.num_batches - batches_before < runtime.num_commands - commands_before
 
 
-def test_100_concurrent_text_completions_and_the_pool_back_to_zero(runtime, engine):
-    from pie.engine.generate import GenerationParams
+def test_100_concurrent_text_completions_and_the_pool_back_to_zero(runtime, model):
+    from pie.control.generate import GenerationParams, generate
 
-    expected = {p: engine.generate(p, GenerationParams(max_tokens=6, temperature=0)).text + "\n" for p in PROMPTS}
+    expected = {p: generate(model, p, GenerationParams(max_tokens=6, temperature=0)).text + "\n" for p in PROMPTS}
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(100)]
     instances = [runtime.launch("text_completion", ["--prompt", p, "--max-tokens", "6", "--temperature", "0"])
                  for p in prompts]

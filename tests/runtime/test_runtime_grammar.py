@@ -10,7 +10,7 @@ SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "populati
           "required": ["city", "population"], "additionalProperties": False}
 
 
-def test_raw_matcher_calls(run_py, engine):
+def test_raw_matcher_calls(run_py, model):
     r = run_py("""
         import json
         from wit_world.imports import grammar, tokenizer
@@ -34,7 +34,7 @@ def test_raw_matcher_calls(run_py, engine):
     """)
     assert r.error is None, r.error
     vocab, yes_allowed, num_allowed, ok, done, after_reset, bad = json.loads(r.output)
-    assert vocab == engine.runner.vocab_size
+    assert vocab == model.runner.vocab_size
     assert yes_allowed and 0 < num_allowed < 100
     assert all(ok) and done and not after_reset and not bad
 

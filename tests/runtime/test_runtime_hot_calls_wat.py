@@ -69,17 +69,17 @@ def traps(pattern: str):
 
 
 @pytest.fixture(scope="module")
-def prompt(engine, runtime):
-    tokens = engine.tokenizer.encode(PROMPT, add_bos=False)
+def prompt(model, runtime):
+    tokens = model.tokenizer.encode(PROMPT, add_bos=False)
     assert 2 < len(tokens) < runtime.page_size - 2  # the tests below keep each sequence in one page
     return tokens
 
 
 @pytest.fixture(scope="module")
-def reference(engine, runtime, prompt):
+def reference(model, runtime, prompt):
     """The prompt's pass run straight on the runner (no instance holds pages now: pages 0.. are free)."""
     assert runtime.num_free_pages == runtime.num_pages
-    runner = engine.runner
+    runner = model.runner
     n = len(prompt)
 
     def run(*samplers):
@@ -96,9 +96,9 @@ def reference(engine, runtime, prompt):
 
 # ---- runtime / kv ------------------------------------------------------------------------------------
 
-def test_instance_id_and_page_size(guest, engine):
+def test_instance_id_and_page_size(guest, model):
     assert guest.instance_id() == guest.state.id
-    assert guest.page_size() == engine.runner.page_size
+    assert guest.page_size() == model.runner.page_size
 
 
 def test_allocate_and_free(runtime, guest):

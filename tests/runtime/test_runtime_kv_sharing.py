@@ -30,11 +30,11 @@ def last_len(n):
 
 
 @pytest.fixture
-def prompt(engine):
+def prompt(model):
     """A prompt that spans more than one page and ends inside one (so its last page is partly filled)."""
     text = "The quick brown fox jumps over the lazy dog. " * 3 + "The capital of France is"
-    ids = engine.tokenizer.encode(text, add_bos=False)
-    ps = engine.runner.page_size
+    ids = model.tokenizer.encode(text, add_bos=False)
+    ps = model.runner.page_size
     assert len(ids) > ps and len(ids) % ps != 0
     return ids
 
@@ -231,8 +231,8 @@ print(json.dumps([plain, masked, explicit, restored]))
     assert restored[0][0] == plain[0][0] and restored[0][1] == pytest.approx(plain[0][1], abs=1e-5)
 
 
-def test_output_masks_restrict_the_sampled_tokens(run_py, engine, prompt):
-    vocab = engine.runner.vocab_size
+def test_output_masks_restrict_the_sampled_tokens(run_py, model, prompt):
+    vocab = model.runner.vocab_size
     out = run_guest(run_py, """
 toks = json.loads(sys.argv[1]); V = int(sys.argv[2]); n = len(toks)
 pages = pages_for(n)
@@ -265,13 +265,13 @@ print(json.dumps([allowed, lp, g, seeded, dist]))
     ("[[0, V]]", "forward.submit: fwd.output-masks[0]: no token is allowed"),
     ("[[V], [V]]", "forward.submit: fwd.output-masks: 2 masks for 1 outputs"),
 ])
-def test_output_mask_errors(run_py, engine, masks, error):
-    vocab = engine.runner.vocab_size
+def test_output_mask_errors(run_py, model, masks, error):
+    vocab = model.runner.vocab_size
     r = run_py(PRELUDE + f"V = {vocab}\nrun([1], [0], kv.allocate(1), 1, [F.Sampler_Greedy()], out_masks={masks})\n")
     assert r.error.startswith(error.replace("V - 1", str(vocab - 1)).replace("V", str(vocab))), r.error
 
 
-def test_input_embeddings_equal_token_inputs(run_py, runtime, engine):
+def test_input_embeddings_equal_token_inputs(run_py, runtime, model):
     text = "The capital of France is"
     out = run_guest(run_py, """
 text = sys.argv[1]
@@ -356,10 +356,10 @@ def test_sdk_fork_save_and_open(runtime, run_py):
     assert runtime.num_free_pages == runtime.num_pages
 
 
-def test_sdk_fork_computes_pending_tokens_once(run_py, engine):
+def test_sdk_fork_computes_pending_tokens_once(run_py, model):
     """Forking a context with a pending prompt computes the prompt (but its last token) once; each fork
     computes only that last token; both continue exactly as a fresh context does."""
-    runner = engine.runner
+    runner = model.runner
     before = runner.num_tokens_processed
     r = run_py("""
         import json

@@ -52,9 +52,9 @@ def test_a_host_function_returning_the_wrong_type_fails_the_call(runtime):
     assert ok.output == "still serving\n"
 
 
-def test_scheduler_policy_comes_from_the_configuration(engine):
+def test_scheduler_policy_comes_from_the_configuration(model):
     from pie.runtime import Runtime, RuntimeConfig
 
-    with Runtime(engine, RuntimeConfig(scheduler=SchedulerConfig(policy="k", k=3))) as rt:
+    with Runtime(model, RuntimeConfig(scheduler=SchedulerConfig(policy="k", k=3))) as rt:
         assert rt.plane.scheduler.policy.name == "FIXED_K"
         assert rt.plane.scheduler.k == 3

@@ -1,4 +1,4 @@
-"""Fixtures of the server tests: one engine (a small KV cache), one Runtime and one in-process server
+"""Fixtures of the server tests: one model (a small KV cache), one Runtime and one in-process server
 (on a thread of its own, port chosen by the OS) per session; clients connect over loopback."""
 
 from pathlib import Path
@@ -20,11 +20,11 @@ def server_config():
 
 @pytest.fixture(scope="session")
 def server_runtime(server_config):
-    from pie.engine.generate import Engine
+    from pie.engine.model import Model
     from pie.server.app import build_runtime
 
-    engine = Engine(server_config.model.name, server_config.model.engine_config(), progress=False)
-    runtime = build_runtime(server_config, engine, progress=False)
+    model = Model(server_config.model.name, server_config.model.engine_config(), progress=False)
+    runtime = build_runtime(server_config, model, progress=False)
     yield runtime
     runtime.close()
 

@@ -1,15 +1,15 @@
-"""The application layer's host: runs inferlets against an embedded engine.
+"""The Runtime: runs inferlets against a model, through the control plane.
 
->>> from pie.engine.generate import Engine                                    # doctest: +SKIP
->>> with Runtime(Engine()) as rt:                                              # doctest: +SKIP
+>>> from pie.engine.model import Model                                          # doctest: +SKIP
+>>> with Runtime(Model()) as rt:                                                # doctest: +SKIP
 ...     result = rt.run("text_completion", ["--prompt", "Hi", "--temperature", "0"])
 ...     print(result.output)
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,13 +18,13 @@ import wasmtime._ffi
 from wasmtime.component import Linker
 
 from pie._ext import _runtime
+from pie.control import ControlPlane
 from pie.runtime import api, components, python_runtime
 from pie.runtime.config import RuntimeConfig
+from pie.runtime.grammar import GrammarHost
 from pie.runtime.instance import Instance, InstanceResult
 from pie.runtime.paths import examples_dir
-from pie.runtime.embeddings import EmbeddingTable
-from pie.runtime.grammar import GrammarHost
-from pie.runtime.service import CopyHandler, EngineService, ForwardHandler
+from pie.runtime.services import InstanceServices, ModelInfo
 from pie.runtime.shared import Broker, KeyValueStore
 
 
@@ -47,74 +47,85 @@ def resolve_inferlet(name_or_path: str | Path) -> Path:
     raise InferletNotFound(f"no inferlet named {name_or_path!r} (bundled: {', '.join(bundled)}; or give a .py/.wasm path)")
 
 
-class Runtime:
-    """Owns the wasmtime engine and linker (every WIT function defined once), the C++ host state and the
-    engine service over the model runner. Takes all of the runner's KV pages: do not run the engine's
-    own generate loop while instances run."""
+@dataclass(frozen=True)
+class Sandbox:
+    """How an instance runs its guest: the wasmtime engine, the linker with every WIT function defined,
+    and the epoch period that deadlines are counted in (a ticker thread advances the epoch)."""
 
-    def __init__(self, engine: Any, config: RuntimeConfig = RuntimeConfig()):
+    wasm_engine: wasmtime.Engine
+    linker: Linker
+    epoch_tick_s: float
+
+    def deadline_ticks(self, deadline_s: float) -> int:
+        if deadline_s == 0:
+            return 1 << 62
+        return max(1, int(round(deadline_s / self.epoch_tick_s)))
+
+
+class Runtime:
+    """Owns the wasmtime engine and linker (every WIT function defined once), the control plane over the
+    model's runner (pages come from the runner's pools, shared with any other plane over it) and the
+    state the instances share."""
+
+    def __init__(self, model: Any, config: RuntimeConfig = RuntimeConfig()):
         components.check_wasmtime_version()
         _runtime.load(str(wasmtime._ffi.filename))
         self.config = config
-        runner = engine.runner
+        runner = model.runner
         self.runner = runner
-        self.tokenizer = engine.tokenizer
-        self.model_name = engine.model_name
-        self.architecture = runner.model_config.architecture
-        self.num_layers = runner.model_config.num_layers
+        self.tokenizer = model.tokenizer
+        self.model_name = model.name
         self.vocab_size = runner.vocab_size
         self.page_size = runner.page_size
-        self.max_batch_tokens = runner.max_batch_tokens
-        self.eos_ids = frozenset(engine.eos_ids)
-        self.wasm_engine = components.make_engine()
-        self.linker = Linker(self.wasm_engine)
-        self.linker.add_wasip2()
-        api.define_all(self.linker)
+        self.plane = ControlPlane.serving(runner, config.scheduler, on_terminate=self._on_plane_terminate).start()
+        wasm_engine = components.make_engine()
+        linker = Linker(wasm_engine)
+        linker.add_wasip2()
+        api.define_all(linker)
+        self.sandbox = Sandbox(wasm_engine, linker, config.epoch_tick_s)
+        mc = runner.model_config
+        self.services = InstanceServices(
+            model=ModelInfo(model.name, mc.architecture, runner.vocab_size, mc.num_layers, runner.page_size,
+                            runner.max_batch_tokens),
+            tokenizer=model.tokenizer, eos_ids=frozenset(model.eos_ids), plane=self.plane,
+            embeddings=runner.embeddings, embed_tokens=runner.embed_tokens,
+            grammar=GrammarHost(model.tokenizer, runner.vocab_size, frozenset(model.eos_ids)),  # compiles at first use
+            kv_store=KeyValueStore(), broker=Broker())
         self._lock = threading.Lock()
         self.live: dict[int, Instance] = {}
-        self.host = _runtime.Host(runner.num_pages, runner.page_size, runner.vocab_size, runner.max_batch_tokens)
-        self.plane = None
-        self.service = None
-        mc = runner.model_config
-        self.embeddings = EmbeddingTable(config.embedding_slots, mc.hidden_size, runner.engine_config.torch_dtype)
-        if config.control:
-            from pie.control import CommandKind, ControlPlane
-
-            self.forward_kind = int(CommandKind.FORWARD)
-            self.copy_kind = int(CommandKind.COPY_PAGES)
-            handlers = {CommandKind.FORWARD: ForwardHandler(runner, self.embeddings),
-                        CommandKind.COPY_PAGES: CopyHandler(runner)}
-            self.plane = ControlPlane.for_runner(runner, config.scheduler, handlers=handlers,
-                                                 num_embed_slots=config.embedding_slots,
-                                                 on_terminate=self._on_plane_terminate).start()
-        else:
-            self.service = EngineService(runner, self.host).start()
-        self._ids = itertools.count(1)
         self._components: dict[str, Any] = {}
         self._python_runtime: Any = None
-        self.grammar = GrammarHost(self.tokenizer, self.vocab_size, self.eos_ids)  # compiles at first use
-        self.kv_store = KeyValueStore()
-        self.broker = Broker()
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="pie-epoch", daemon=True)
         self._ticker.start()
 
     # ---- components ---------------------------------------------------------------------------------
+    @property
+    def wasm_engine(self) -> wasmtime.Engine:
+        return self.sandbox.wasm_engine
+
+    @property
+    def linker(self) -> Linker:
+        return self.sandbox.linker
+
+    @property
+    def grammar(self) -> GrammarHost:
+        return self.services.grammar
+
+    @property
+    def kv_store(self) -> KeyValueStore:
+        return self.services.kv_store
+
     def _tick(self) -> None:
         while not self._stop.wait(self.config.epoch_tick_s):
-            self.wasm_engine.increment_epoch()
-
-    def deadline_ticks(self, deadline_s: float) -> int:
-        if deadline_s == 0:
-            return 1 << 62
-        return max(1, int(round(deadline_s / self.config.epoch_tick_s)))
+            self.sandbox.wasm_engine.increment_epoch()
 
     def load_component(self, wasm: bytes, key: str | None = None) -> Any:
         key = key or components.cache_key(wasm)
         with self._lock:
             comp = self._components.get(key)
         if comp is None:
-            comp = components.load_component(self.wasm_engine, wasm, self.config.components_dir)
+            comp = components.load_component(self.sandbox.wasm_engine, wasm, self.config.components_dir)
             with self._lock:
                 self._components[key] = comp
         return comp
@@ -156,11 +167,19 @@ class Runtime:
                on_output: Callable[[str], None] | None = None,
                on_log: Callable[[str], None] | None = None,
                on_done: Callable[[InstanceResult], None] | None = None, **kwargs: Any) -> Instance:
-        inst = Instance(self, self.open_instance(), component, arguments,
-                        deadline_s=self.config.deadline_s if deadline_s is None else deadline_s,
-                        memory_mb=memory_mb or self.config.memory_mb,
+        deadline_s = self.config.deadline_s if deadline_s is None else deadline_s
+        instance_id = self.plane.open_instance()
+        try:
+            state = self._instance_state(instance_id, deadline_s)
+        except BaseException:
+            self.plane.end_instance(instance_id, "could not start")
+            raise
+        inst = Instance(instance_id, state, component, arguments, services=self.services, sandbox=self.sandbox,
+                        deadline_s=deadline_s, memory_mb=memory_mb or self.config.memory_mb,
                         http_allow=self.config.http_allow if http_allow is None else http_allow,
-                        on_output=on_output, on_log=on_log, on_done=on_done, **kwargs)
+                        on_output=on_output, on_log=on_log, on_done=on_done,
+                        on_terminate=self.plane.terminate_instance, on_end=self._instance_ended, **kwargs)
+        state.set_owner(inst)
         with self._lock:
             self.live[inst.id] = inst
         return inst.start()
@@ -171,24 +190,11 @@ class Runtime:
     def run_source(self, source: str, arguments: Sequence[str] = (), **kwargs: Any) -> InstanceResult:
         return self.launch_source(source, arguments, **kwargs).wait()
 
-    # ---- the instance's C++ state, on the control layer or the fallback -----------------------------
-    def open_instance(self) -> int:
-        return self.plane.open_instance() if self.plane is not None else next(self._ids)
-
-    def instance_state(self, instance_id: int, deadline_s: float, owner: Any) -> Any:
-        if self.plane is None:
-            return _runtime.InstanceState(self.host, instance_id, deadline_s, owner)
+    def _instance_state(self, instance_id: int, deadline_s: float, owner: Any = None) -> Any:
+        """The instance's C++ state: its default queue, and the plane's pools its handles live in."""
         queue = self.plane.create_queue(instance_id)
-        return _runtime.InstanceState(self.host, instance_id, deadline_s, owner, queue, self.plane.kv_pages,
-                                      self.forward_kind, self.copy_kind, self.plane.embed_slots)
-
-    def end_instance(self, instance_id: int, reason: str) -> None:
-        if self.plane is not None:
-            self.plane.end_instance(instance_id, reason)
-
-    def terminate_instance(self, instance_id: int, reason: str) -> None:
-        if self.plane is not None:
-            self.plane.terminate_instance(instance_id, reason)
+        return _runtime.InstanceState(instance_id, deadline_s, owner, queue, self.plane.kv_pages,
+                                      self.plane.embed_slots, self.plane.limits)
 
     def _on_plane_terminate(self, instance_id: int, message: str) -> None:
         """The control plane terminated an instance (KV pool exhausted): stop it at its next host call."""
@@ -197,31 +203,34 @@ class Runtime:
         if inst is not None:
             inst.state.terminate(message)
 
-    def _instance_ended(self, inst: Instance) -> None:
-        self.broker.end_instance(inst.id)
-        self.grammar.end_instance(inst.id)
+    def _instance_ended(self, inst: Instance, reason: str) -> None:
+        """An instance's thread is done with it (on_end): release it everywhere."""
+        self.plane.end_instance(inst.id, reason)
+        self.services.broker.end_instance(inst.id)
+        self.services.grammar.end_instance(inst.id)
         with self._lock:
             self.live.pop(inst.id, None)
 
     def bind_test_instance(self) -> Any:
         """C++ state bound to the calling thread, for driving components directly (tests, benchmarks).
-        Release it with `release_test_instance`."""
-        state = self.instance_state(self.open_instance(), 0.0, self)
+        Cold calls see `services`. Release it with `release_test_instance`."""
+        instance_id = self.plane.open_instance()
+        state = self._instance_state(instance_id, 0.0, _TestOwner(instance_id, self.services))
         state.bind()
         return state
 
     def release_test_instance(self, state: Any) -> None:
         state.release()
         state.unbind()
-        self.end_instance(state.id, "ended")
+        self.plane.end_instance(state.id, "ended")
 
     @property
     def num_pages(self) -> int:
-        return self.plane.kv_pages.num_pages if self.plane is not None else self.host.num_pages
+        return self.plane.kv_pages.num_pages
 
     @property
     def num_free_pages(self) -> int:
-        return self.plane.kv_pages.stats()["num_free"] if self.plane is not None else self.host.num_free_pages
+        return self.services.num_free_pages
 
     # ---- shutdown ------------------------------------------------------------------------------------
     def close(self, timeout: float = 10.0) -> None:
@@ -233,10 +242,7 @@ class Runtime:
             inst.done.wait(timeout)
         self._stop.set()
         self._ticker.join(1)
-        if self.plane is not None:
-            self.plane.stop()
-        else:
-            self.service.stop()
+        self.plane.stop()
         self._components.clear()
         self._python_runtime = None
 
@@ -248,8 +254,16 @@ class Runtime:
 
     @property
     def num_batches(self) -> int:
-        return self.plane.loop.num_batches if self.plane is not None else self.service.num_batches
+        return self.plane.loop.num_batches
 
     @property
     def num_commands(self) -> int:
-        return self.plane.loop.num_commands if self.plane is not None else self.service.num_commands
+        return self.plane.loop.num_commands
+
+
+@dataclass
+class _TestOwner:
+    """What cold calls see of a test instance (bind_test_instance): its id and the services."""
+
+    id: int
+    services: InstanceServices

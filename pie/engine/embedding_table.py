@@ -1,9 +1,10 @@
-"""Input-embedding slots (the `embeddings` interface): a table of `num_slots` rows, one token's input
-embedding each, that forward passes read instead of token ids (`forward-pass.input-embeddings`).
+"""Input-embedding slots: a table of `num_slots` rows, one token's input embedding each, that forward
+passes read instead of token ids (ForwardRequest.input_embeddings; the inferlet API's
+`forward-pass.input-embeddings`). The model runner owns it, as it owns the KV cache.
 
-Slots are accounted by the control plane's embedding-slot pool (pie.control PagePool with page size 1:
-handles are per instance, released when it ends); this table holds their contents. A slot is written
-only by the instance that holds it, before it submits a pass reading it.
+Slots are accounted by the control layer's embedding-slot pool (a PagePool with page size 1: handles
+are per instance, released when it ends), as KV pages are; this table holds their contents. A slot is
+written only by the instance that holds it, before it submits a pass reading it.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
-"""The engine loop: one thread that takes batches from the scheduler and runs them.
+"""The batch loop: one thread that takes batches from the scheduler and runs them.
 
 It waits in `Scheduler.take` with the GIL released, hands the batch's payloads to the handler of the
-batch's kind (for forward passes, the model runner), and resolves every command's future with its
-result or its own error. Python sees batches, never single calls.
+batch's kind (for forward passes, pie.control.handlers.ForwardHandler over the model runner), and
+resolves every command's future with its result or its own error. Python sees batches, never single
+calls.
 
->>> loop = EngineLoop(scheduler, {CommandKind.FORWARD: runner})       # doctest: +SKIP
+>>> loop = BatchLoop(scheduler, forward_handlers(runner))              # doctest: +SKIP
 >>> with loop:                                                         # doctest: +SKIP
-...     result = queue.submit(CommandKind.FORWARD, request, num_tokens=3).result()
+...     queue.submit_forward(command, limits).result()
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class BatchHandler(Protocol):
-    """What runs one kind of command: the model runner fits as the FORWARD handler.
+    """What runs one kind of command (pie.control.handlers has those of the model runner).
 
     `execute` returns one result per payload, in order. It may raise an exception with a
     `request_index` attribute (like pie.engine.batch.BatchError) to reject one payload; that command
@@ -34,10 +35,10 @@ class BatchHandler(Protocol):
 Handler = Union[BatchHandler, Callable[[list[Any]], Sequence[Any]]]
 
 
-class EngineLoop:
+class BatchLoop:
     """Runs batches from `scheduler` on `handlers[batch.kind]` on one thread (or step by step)."""
 
-    def __init__(self, scheduler: Scheduler, handlers: Mapping[int, Handler], *, name: str = "pie-engine-loop",
+    def __init__(self, scheduler: Scheduler, handlers: Mapping[int, Handler], *, name: str = "pie-batch-loop",
                  poll_interval: float = 0.05):
         self.scheduler = scheduler
         self._execute: dict[int, Callable[[list[Any]], Sequence[Any]]] = {
@@ -54,9 +55,9 @@ class EngineLoop:
         self.record_batch_sizes = False
 
     # ---- lifecycle --------------------------------------------------------------------------
-    def start(self) -> "EngineLoop":
+    def start(self) -> "BatchLoop":
         if self._thread is not None:
-            raise RuntimeError("the engine loop is already running")
+            raise RuntimeError("the batch loop is already running")
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
@@ -69,14 +70,14 @@ class EngineLoop:
         self._stopping.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            raise RuntimeError(f"the engine loop did not stop within {timeout} s")
+            raise RuntimeError(f"the batch loop did not stop within {timeout} s")
         self._thread = None
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def __enter__(self) -> "EngineLoop":
+    def __enter__(self) -> "BatchLoop":
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -107,7 +108,7 @@ class EngineLoop:
                 return
             self._run_on(execute, batch)
         except BaseException as error:  # the loop survives; every future learns what happened
-            log.exception("engine loop: batch of kind %d failed", batch.kind)
+            log.exception("batch loop: batch of kind %d failed", batch.kind)
             batch.fail_unresolved(f"engine error: {type(error).__name__}: {error}")
             if not isinstance(error, Exception):
                 raise
