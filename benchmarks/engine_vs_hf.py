@@ -4,8 +4,8 @@ thread count, fp32 and bf16. Decode tok/s at batch 1, aggregate decode tok/s at 
 
     python benchmarks/engine_vs_hf.py [--dtypes float32,bfloat16] [--new-tokens 64] [--repeats 3]
 
-HF loads the same dense weights from the model cache (--hf-weights gguf: the GGUF, which
-transformers keeps quantized and dequantizes in its kernels). Decode rates exclude prefill: (time of N new tokens - time of 1 new token) / (N - 1) per sequence.
+HF loads the same dense weights from the model cache (--hf-weights gguf: the GGUF file itself, which
+transformers dequantizes when it loads it). Decode rates exclude prefill: (time of N new tokens - time of 1 new token) / (N - 1) per sequence.
 Measurements of the two systems are interleaved and the median of the repeats is reported.
 """
 
@@ -52,6 +52,84 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def measure_dtype(dtype: str, gguf: Path, batches: list[int], args: argparse.Namespace) -> list[dict]:
+    """The rows of one dtype: decode tok/s per batch size (ours, HF, ours with torch only), then prefill."""
+    from transformers import AutoModelForCausalLM
+
+    n = args.new_tokens
+    rows = []
+    tdtype = getattr(torch, dtype)
+    model = Model(config=EngineConfig(dtype=dtype, kv_cache_mb=512), progress=False)
+    if args.hf_weights == "gguf":  # transformers reads the GGUF itself (and dequantizes it on load)
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=tdtype)
+    else:  # the same dense weights we run, from the model cache's safetensors folder
+        hf = AutoModelForCausalLM.from_pretrained(str(ModelStore().resolve(DEFAULT_MODEL).path), dtype=tdtype)
+    hf.eval()
+    ids = model.prompt_ids(PROMPT)
+    runner = model.runner
+    decode_kernel, single = runner.use_decode_kernel, runner.single_torch_thread
+
+    def ours(bs: int, new: int):
+        return lambda: generate_batch(model, [ids] * bs, GenerationParams(max_tokens=new, temperature=0,
+                                                                          ignore_eos=True))
+
+    def theirs(bs: int, new: int):
+        x = torch.tensor([ids] * bs)
+        return lambda: hf.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=2)
+
+    def ours_torch_only(bs: int, new: int):
+        """The same runner with its C++ kernels off (torch for every linear layer and attention)."""
+        run = ours(bs, new)
+
+        def fn():
+            set_skinny_linear(False)
+            runner.use_decode_kernel = False
+            runner.single_torch_thread = False
+            try:
+                run()
+            finally:
+                set_skinny_linear(True)
+                runner.use_decode_kernel = decode_kernel
+                runner.single_torch_thread = single
+        return fn
+
+    long_ids = (model.tokenizer.encode(PROMPT * 60))[: args.prefill]
+    plane = ControlPlane.serving(runner)  # pages from the runner's pool, accounted as any client's
+    instance = plane.open_instance()
+    pages = plane.kv_pages.resolve(instance, plane.kv_pages.allocate(instance, -(-len(long_ids) // runner.page_size)))
+
+    def ours_prefill():
+        runner.execute([ForwardRequest(long_ids, list(range(len(long_ids))), pages,
+                                       len(long_ids) - (len(pages) - 1) * runner.page_size,
+                                       outputs=[(len(long_ids) - 1, Greedy())])])
+
+    def theirs_prefill():
+        with torch.no_grad():
+            hf(torch.tensor([long_ids]), logits_to_keep=1)
+
+    ours(1, 4)(), theirs(1, 4)()  # warm up both
+    for bs in batches:
+        r = {"ours": [], "hf": [], "torch_only": []}
+        for _ in range(args.repeats):
+            for name, make in (("ours", ours), ("hf", theirs), ("torch_only", ours_torch_only)):
+                t_full = timed(make(bs, n))
+                t_one = timed(make(bs, 1))
+                r[name].append(bs * (n - 1) / max(t_full - t_one, 1e-9))
+        rows.append({"what": f"decode tok/s, batch {bs}", "dtype": dtype,
+                     "ours": statistics.median(r["ours"]), "hf": statistics.median(r["hf"]),
+                     "ours_torch_only": statistics.median(r["torch_only"])})
+        print(rows[-1], flush=True)
+    po, ph = [], []
+    for _ in range(args.repeats):
+        po.append(timed(ours_prefill))
+        ph.append(timed(theirs_prefill))
+    rows.append({"what": f"{len(long_ids)}-token prefill, s", "dtype": dtype,
+                 "ours": statistics.median(po), "hf": statistics.median(ph)})
+    print(rows[-1], flush=True)
+    plane.end_instance(instance)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtypes", default="float32,bfloat16")
@@ -61,89 +139,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--hf-weights", choices=["dense", "gguf"], default="dense",
-                    help="HF loads the dense converted weights (default) or the GGUF (kept quantized)")
+                    help="HF loads the dense converted weights (default) or the GGUF file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM
-
     n = args.new_tokens
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         gguf = fetch_gguf(Path(tmp))
         for dtype in args.dtypes.split(","):
-            tdtype = getattr(torch, dtype)
-            model = Model(config=EngineConfig(dtype=dtype, kv_cache_mb=512), progress=False)
-            if args.hf_weights == "gguf":  # transformers keeps the GGUF's quantized weights packed
-                hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=tdtype)
-            else:  # the same dense weights we run, from the model cache's safetensors folder
-                hf = AutoModelForCausalLM.from_pretrained(str(ModelStore().resolve(DEFAULT_MODEL).path), dtype=tdtype)
-            hf.eval()
-            ids = model.prompt_ids(PROMPT)
-
-            def ours(bs: int, new: int):
-                return lambda: generate_batch(model, [ids] * bs, GenerationParams(max_tokens=new, temperature=0,
-                                                                                  ignore_eos=True))
-
-            def theirs(bs: int, new: int):
-                x = torch.tensor([ids] * bs)
-                return lambda: hf.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                           pad_token_id=2)
-
-            # the same engine with its C++ kernels off (torch for every linear layer and attention)
-            def ours_torch_only(bs: int, new: int):
-                run = ours(bs, new)
-
-                def fn():
-                    set_skinny_linear(False)
-                    model.runner.use_decode_kernel = False
-                    model.runner.single_torch_thread = False
-                    try:
-                        run()
-                    finally:
-                        set_skinny_linear(True)
-                        model.runner.use_decode_kernel = decode_kernel
-                        model.runner.single_torch_thread = single
-                return fn
-
-            decode_kernel = model.runner.use_decode_kernel
-            single = model.runner.single_torch_thread
-            long_ids = (model.tokenizer.encode(PROMPT * 60))[: args.prefill]
-            plane = ControlPlane.serving(model.runner)  # pages from the runner's pool, accounted as any client's
-            instance = plane.open_instance()
-            pages = plane.kv_pages.resolve(
-                instance, plane.kv_pages.allocate(instance, -(-len(long_ids) // model.runner.page_size)))
-
-            def ours_prefill():
-                model.runner.execute([ForwardRequest(long_ids, list(range(len(long_ids))), pages,
-                                                      len(long_ids) - (len(pages) - 1) * model.runner.page_size,
-                                                      outputs=[(len(long_ids) - 1, Greedy())])])
-
-            def theirs_prefill():
-                with torch.no_grad():
-                    hf(torch.tensor([long_ids]), logits_to_keep=1)
-
-            ours(1, 4)(), theirs(1, 4)()  # warm up both
-            for bs in batches:
-                r = {"dtype": dtype, "batch": bs, "ours": [], "hf": [], "torch_only": []}
-                for _ in range(args.repeats):
-                    for name, make in (("ours", ours), ("hf", theirs), ("torch_only", ours_torch_only)):
-                        t_full = timed(make(bs, n))
-                        t_one = timed(make(bs, 1))
-                        r[name].append(bs * (n - 1) / max(t_full - t_one, 1e-9))
-                rows.append({"what": f"decode tok/s, batch {bs}", "dtype": dtype,
-                             "ours": statistics.median(r["ours"]), "hf": statistics.median(r["hf"]),
-                             "ours_torch_only": statistics.median(r["torch_only"])})
-                print(rows[-1], flush=True)
-            po, ph = [], []
-            for _ in range(args.repeats):
-                po.append(timed(ours_prefill))
-                ph.append(timed(theirs_prefill))
-            rows.append({"what": f"{len(long_ids)}-token prefill, s", "dtype": dtype,
-                         "ours": statistics.median(po), "hf": statistics.median(ph)})
-            print(rows[-1], flush=True)
-            plane.end_instance(instance)
-            del hf, model
+            rows += measure_dtype(dtype, gguf, batches, args)
 
     hf1 = {r["dtype"]: r["hf"] for r in rows if r["what"] == "decode tok/s, batch 1"}
     print(f"\nSmolLM2-135M, {_cpu_name()}, {args.threads} threads, {n} new tokens, torch {torch.__version__}, "

@@ -10,8 +10,6 @@ import pie  # noqa: F401  (before torch: pie sets OMP_WAIT_POLICY, read when tor
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-sys.path.insert(0, str(Path(__file__).parent / "engine"))
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,8 @@ def policy_configs(concurrency: int) -> dict[str, SchedulerConfig]:
     return {
         "adaptive": SchedulerConfig(policy="adaptive"),
         "eager": SchedulerConfig(policy="eager"),
-        "k=8": SchedulerConfig(policy="k", k=8),
-        "k_or_t(8, 5 ms)": SchedulerConfig(policy="k_or_t", k=8, t=0.005),
+        "fixed_size=8": SchedulerConfig(policy="fixed_size", batch_size=8),
+        "size_or_wait(8, 5 ms)": SchedulerConfig(policy="size_or_wait", batch_size=8, max_wait=0.005),
     }
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32, 128])
-    parser.add_argument("--policies", nargs="+", default=None, help="subset of: adaptive eager k=8 k_or_t(8, 5 ms)")
+    parser.add_argument("--policies", nargs="+", default=None, help='subset of: adaptive eager fixed_size=8 "size_or_wait(8, 5 ms)"')
     args = parser.parse_args()
 
     model = Model(args.model, EngineConfig(dtype=args.dtype, kv_cache_mb=2048), progress=False)

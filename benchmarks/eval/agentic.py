@@ -246,7 +246,7 @@ def _client_side(stack, c: int, make_one) -> tuple[list[float], list[dict], Endp
     import aiohttp
 
     async def main():
-        async with Endpoint(stack.base_url, stack.model, stack.api_key) as ep, aiohttp.ClientSession() as session:
+        async with Endpoint(stack.base_url, stack.model_name, stack.api_key) as ep, aiohttp.ClientSession() as session:
             async def timed():
                 t = time.perf_counter()
                 result = await make_one(ep, session)
@@ -272,7 +272,7 @@ def _rows(rows: list, app: str, baseline_name: str, c: int, base: dict, inf: dic
 
 def run(stack, tools, p, rows: list, log, item: str) -> None:
     """One application (react | codeact | swarm) at every concurrency level of p.agent_concurrency."""
-    model = stack.engine
+    model = stack.model
     tok = stack.count_tokens
     # warm (not measured): the inferlet's grammars compiled once, the endpoint and the client's HTTP path
     _client_side(stack, 1, lambda ep, s: ep.complete("Hello", 1))

@@ -1,11 +1,11 @@
 """Shared pieces of the evaluation (benchmarks/eval/run_eval.py).
 
-- `Stack`: one Engine, one Runtime over it (the embedded path: inferlets launched in process) and one
+- `Stack`: one Model, one Runtime over it (the embedded path: inferlets launched in process) and one
   ServerThread serving that same Runtime (the endpoint path: the OpenAI-compatible API, every request an
   instance of `openai_chat` on the same scheduler and KV pool). Baseline and inferlet therefore share
-  engine, model, scheduler and pages; they only run one after the other.
+  model, scheduler and pages; they only run one after the other.
 - `Meter`: wall time and the engine's work (tokens computed = prefill + decode inputs, forward passes)
-  over a block, from `engine.runner` counter deltas; and how many cores' worth of CPU other processes
+  over a block, from `model.runner` counter deltas; and how many cores' worth of CPU other processes
   took meanwhile (/proc/stat minus this process: the machine is shared with other workers).
 - `launch_all`: starts instances at once on the embedded path and records each one's latency.
 - `Endpoint`: the client side, the official `openai` AsyncOpenAI client over loopback (what a user of
@@ -87,7 +87,7 @@ def machine() -> dict:
 # ---- engine counters ----------------------------------------------------------------------------------------
 
 class Meter:
-    """with Meter(engine) as m: ...  ->  m.wall, m.tokens (computed by the model), m.passes, m.others
+    """with Meter(model) as m: ...  ->  m.wall, m.tokens (computed by the model), m.passes, m.others
     (cores' worth of CPU used by other processes meanwhile)."""
 
     def __init__(self, model: Any):
@@ -110,14 +110,14 @@ class Meter:
                 "other_processes_cores": round(self.others, 2)}
 
 
-# ---- the stack: engine, embedded runtime, endpoint -------------------------------------------------------------
+# ---- the stack: model, embedded runtime, endpoint -------------------------------------------------------------
 
 class Stack:
     def __init__(self, model: Any, http_allow: Sequence[str] = ()):
         from pie.runtime import Runtime, RuntimeConfig
         from pie.server import ServerThread, load_config
 
-        self.engine = model
+        self.model = model
         self.runtime = Runtime(model, RuntimeConfig(deadline_s=900, http_allow=tuple(http_allow)))
         self.runtime.python_runtime()
         self.config = load_config().replace(server={"port": 0})

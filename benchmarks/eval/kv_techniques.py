@@ -57,7 +57,7 @@ def _row(rows, app, metric, baseline_name, base, inf, higher_is_better, details,
 # ---- prefix cache --------------------------------------------------------------------------------------------
 
 def run_prefix(stack, p, rows, log) -> None:
-    rt, model = stack.runtime, stack.engine
+    rt, model = stack.runtime, stack.model
     prompts = PREFIX_PROMPTS[:p.prefix_prompts]
     common = ["--system", PREFIX_SYSTEM, "--max-tokens", p.prefix_max_tokens, "--temperature", "0"]
     launch_all(rt, [("prefix_cache", ["--system", PREFIX_SYSTEM, "--drop"], {})])  # no stale export
@@ -121,7 +121,7 @@ async def beam_client(ep: Endpoint, prompt: str, beams: int, steps: int) -> dict
 
 
 def run_beam(stack, p, rows, log) -> None:
-    model = stack.engine
+    model = stack.model
     args = ["--prompt", BEAM_PROMPT, "--raw", "--beams", p.beams, "--max-tokens", p.beam_tokens, "--ignore-eos",
             "--json", "--stats"]
     with Meter(model) as mi:
@@ -129,7 +129,7 @@ def run_beam(stack, p, rows, log) -> None:
     report = r.json()
 
     async def client():
-        async with Endpoint(stack.base_url, stack.model, stack.api_key) as ep:
+        async with Endpoint(stack.base_url, stack.model_name, stack.api_key) as ep:
             return await beam_client(ep, BEAM_PROMPT, p.beams, p.beam_tokens), ep.requests
 
     with Meter(model) as mb:
@@ -177,7 +177,7 @@ async def tot_client(ep: Endpoint, stack, p) -> dict:
 
 
 def run_tot(stack, p, rows, log) -> None:
-    model = stack.engine
+    model = stack.model
     args = ["--problem", TOT_PROBLEM, "--breadth", p.tot_breadth, "--depth", p.tot_depth, "--beam", p.tot_beam,
             "--step-tokens", p.tot_step_tokens, "--answer-tokens", p.tot_answer_tokens, "--temperature", "0.8",
             "--seed", p.seed, "--json"]
@@ -186,7 +186,7 @@ def run_tot(stack, p, rows, log) -> None:
     report = r.json()
 
     async def client():
-        async with Endpoint(stack.base_url, stack.model, stack.api_key) as ep:
+        async with Endpoint(stack.base_url, stack.model_name, stack.api_key) as ep:
             return await tot_client(ep, stack, p), ep.requests
 
     with Meter(model) as mb:
@@ -206,7 +206,7 @@ def run_tot(stack, p, rows, log) -> None:
 # ---- speculative decoding --------------------------------------------------------------------------------------
 
 def run_spec(stack, p, rows, log) -> None:
-    model = stack.engine
+    model = stack.model
     args = ["--prompt", SPEC_PROMPT, "--max-tokens", p.spec_tokens, "--temperature", "0"]
     best_i = best_b = None
     for _ in range(p.repeats):

@@ -236,7 +236,7 @@ def main() -> int:
     busy_note = (f"other processes used {others_avg:.2f} cores on average during the run (of {mach['cores']}): "
                  + ("the machine was BUSY, the numbers are noisy" if others_avg > BUSY_CORES
                     else "the machine was quiet"))
-    title = (f"Evaluation ({'quick' if args.quick else 'default'} run): inferlets vs baselines, {engine.model_name}, "
+    title = (f"Evaluation ({'quick' if args.quick else 'default'} run): inferlets vs baselines, {model.name}, "
              f"float32, CPU")
     meta = (f"{mach['cores']}-core CPU ({mach['cpu']}), {started.strftime('%Y-%m-%d %H:%M %Z')}, "
             f"{elapsed / 60:.1f} min; {busy_note}")

@@ -9,8 +9,8 @@ Reported (SmolLM2-135M on this machine, greedy, EOS ignored so every run makes e
       built-in, C:  pie.control.generate.generate_concurrently (`pie generate --prompts-file`)
       inferlet, 1 / C: Runtime.run / launch of text_completion (`pie run text_completion`)
   - runtime overhead per forward request: a Python guest submitting 1-token passes and waiting on
-    each, minus the time the runner spent executing them (measured inside the FORWARD handler):
-    guest -> C++ hot call -> control queue -> scheduler -> engine loop -> handler -> back.
+    each, minus the time the runner spent running them (measured inside the FORWARD handler):
+    guest -> C++ hot call -> control queue -> scheduler -> batch loop -> handler -> back.
 
     python benchmarks/runtime/bench_programmability_tax.py [--short 8 --long 40 --concurrency 32 --repeats 3]
 """
@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import pie  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
-from pie.control.generate import generate_concurrently
+from pie.control import CommandKind
+from pie.control.generate import GenerationParams, generate, generate_batch, generate_concurrently
 from pie.engine.model import Model
-from pie.control.generate import GenerationParams, generate, generate_batch
 from pie.runtime import Runtime, RuntimeConfig
 
 PROMPT = "Write a long story about a lighthouse keeper."
@@ -45,17 +44,17 @@ print(json.dumps({"ns": time.perf_counter_ns() - t}))
 
 
 class TimedRunner:
-    """Wraps the runner in the FORWARD handler: accumulates the time spent in execute()."""
+    """Wraps the runner in the FORWARD handler: accumulates the time spent in run()."""
 
     def __init__(self, runner):
         self.runner = runner
         self.seconds = 0.0
         self.requests = 0
 
-    def execute(self, requests):
+    def run(self, requests):
         t = time.perf_counter()
         try:
-            return self.runner.execute(requests)
+            return self.runner.run(requests)
         finally:
             self.seconds += time.perf_counter() - t
             self.requests += len(requests)
@@ -65,12 +64,12 @@ class TimedRunner:
 
 
 class NoopRunner:
-    """The runner's limits and validation without the model: every output is token 0."""
+    """The runner's limits without the model: every output is token 0."""
 
     def __init__(self, runner):
         self.runner = runner
 
-    def execute(self, requests):
+    def run(self, requests):
         from pie.engine.batch import ForwardResult
 
         return [ForwardResult(outputs=[0] * len(r.outputs)) for r in requests]
@@ -142,7 +141,7 @@ def main() -> None:
         assert text.rstrip("\n") == builtin_text, (text, builtin_text)
 
     with Runtime(model, RuntimeConfig(deadline_s=0)) as rt:
-        handler = rt.plane.loop._execute[0].__self__  # the ForwardHandler (its bound execute)
+        handler = rt.plane.loop._execute[int(CommandKind.FORWARD)].__self__  # the ForwardHandler
         timed = TimedRunner(handler.runner)
         handler.runner = timed
         r = rt.run_source(OVERHEAD_GUEST, [str(a.overhead_requests)])
@@ -153,7 +152,7 @@ def main() -> None:
 
     # the same loop over a no-op model: what the runtime and control layer cost alone
     with Runtime(model, RuntimeConfig(deadline_s=0)) as rt:
-        handler = rt.plane.loop._execute[0].__self__
+        handler = rt.plane.loop._execute[int(CommandKind.FORWARD)].__self__
         handler.runner = NoopRunner(handler.runner)
         r = rt.run_source(OVERHEAD_GUEST, [str(a.overhead_requests * 5)])
         assert r.error is None, r.error

@@ -397,9 +397,9 @@ PYBIND11_MODULE(_control, m) {
   py::enum_<Policy>(m, "Policy", "Batch dispatch policy (see Scheduler).")
       .value("ADAPTIVE", Policy::kAdaptive)
       .value("EAGER", Policy::kEager)
-      .value("FIXED_K", Policy::kFixedK)
-      .value("FIXED_T", Policy::kFixedT)
-      .value("K_OR_T", Policy::kKOrT);
+      .value("FIXED_SIZE", Policy::kFixedSize)
+      .value("FIXED_WAIT", Policy::kFixedWait)
+      .value("SIZE_OR_WAIT", Policy::kSizeOrWait);
 
   // ---- forward passes and page copies (forward_command.h) ----
   py::enum_<CommandKind>(m, "CommandKind", "What a command asks of the engine; a batch holds one kind.")
@@ -733,27 +733,28 @@ PYBIND11_MODULE(_control, m) {
   // ---- Scheduler ----
   py::class_<SchedulerHandle>(m, "Scheduler",
                               "Batches commands across queues by kind (horizontal) and within a queue (vertical).")
-      .def(py::init([](uint32_t max_batch_requests, uint32_t max_batch_tokens, Policy policy, uint32_t k, double t,
-                       double deadline, uint32_t high_water_window) {
+      .def(py::init([](uint32_t max_batch_requests, uint32_t max_batch_tokens, Policy policy, uint32_t batch_size,
+                       double max_wait, double deadline, uint32_t high_water_window) {
              SchedulerConfig config;
              config.max_batch_requests = max_batch_requests;
              config.max_batch_tokens = max_batch_tokens;
              config.policy = policy;
-             config.k = k;
-             config.t_seconds = t;
+             config.batch_size = batch_size;
+             config.max_wait_seconds = max_wait;
              config.deadline_seconds = deadline;
              config.high_water_window = high_water_window;
              return std::make_unique<SchedulerHandle>(Scheduler::create(config));
            }),
            py::arg("max_batch_requests"), py::arg("max_batch_tokens"), py::arg("policy") = Policy::kAdaptive,
-           py::arg("k") = 0, py::arg("t") = 0.0, py::arg("deadline") = 0.002, py::arg("high_water_window") = 8)
+           py::arg("batch_size") = 0, py::arg("max_wait") = 0.0, py::arg("deadline") = 0.002,
+           py::arg("high_water_window") = 8)
       .def_property_readonly("max_batch_requests",
                              [](const SchedulerHandle& s) { return s.scheduler->config().max_batch_requests; })
       .def_property_readonly("max_batch_tokens",
                              [](const SchedulerHandle& s) { return s.scheduler->config().max_batch_tokens; })
       .def_property_readonly("policy", [](const SchedulerHandle& s) { return s.scheduler->config().policy; })
-      .def_property_readonly("k", [](const SchedulerHandle& s) { return s.scheduler->config().k; })
-      .def_property_readonly("t", [](const SchedulerHandle& s) { return s.scheduler->config().t_seconds; })
+      .def_property_readonly("batch_size", [](const SchedulerHandle& s) { return s.scheduler->config().batch_size; })
+      .def_property_readonly("max_wait", [](const SchedulerHandle& s) { return s.scheduler->config().max_wait_seconds; })
       .def_property_readonly("deadline", [](const SchedulerHandle& s) { return s.scheduler->config().deadline_seconds; })
       .def_property_readonly("high_water_window",
                              [](const SchedulerHandle& s) { return s.scheduler->config().high_water_window; })

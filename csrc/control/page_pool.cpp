@@ -21,11 +21,11 @@ PagePool::PagePool(uint32_t num_pages, uint32_t page_size, std::string resource_
 // ---------------------------------------------------------------------------------------------
 // Instances
 
-PagePool::Instance& PagePool::live_instance_locked(uint64_t instance_id) {
-  return const_cast<Instance&>(static_cast<const PagePool*>(this)->live_instance_locked(instance_id));
+PagePool::Account& PagePool::live_instance_locked(uint64_t instance_id) {
+  return const_cast<Account&>(static_cast<const PagePool*>(this)->live_instance_locked(instance_id));
 }
 
-const PagePool::Instance& PagePool::live_instance_locked(uint64_t instance_id) const {
+const PagePool::Account& PagePool::live_instance_locked(uint64_t instance_id) const {
   auto found = instances_.find(instance_id);
   if (found == instances_.end()) {
     throw InvalidHandle(prefix(instance_id) + "not registered with the " + resource_name_ + " pool");
@@ -39,7 +39,7 @@ void PagePool::add_instance(uint64_t instance_id, uint32_t quota) {
   if (instances_.count(instance_id) != 0) {
     throw std::invalid_argument(prefix(instance_id) + "already registered with the " + resource_name_ + " pool");
   }
-  Instance& instance = instances_[instance_id];
+  Account& instance = instances_[instance_id];
   instance.id = instance_id;
   instance.age = next_age_++;
   instance.quota = quota;
@@ -62,7 +62,7 @@ uint32_t PagePool::take_free_page_locked() {
   return page;
 }
 
-void PagePool::release_all_locked(Instance& instance) {
+void PagePool::release_all_locked(Account& instance) {
   for (const auto& entry : instance.page_of_handle) unref_locked(entry.second);
   instance.page_of_handle.clear();
   for (const std::string& name : instance.owned_exports) {
@@ -84,7 +84,7 @@ uint32_t PagePool::end_instance(uint64_t instance_id) {
   if (found == instances_.end()) {
     throw InvalidHandle(prefix(instance_id) + "not registered with the " + resource_name_ + " pool");
   }
-  Instance& instance = found->second;
+  Account& instance = found->second;
   const uint32_t num_released = static_cast<uint32_t>(instance.page_of_handle.size());
   release_all_locked(instance);
   if (!instance.terminated) live_by_age_.erase(instance.age);
@@ -92,7 +92,7 @@ uint32_t PagePool::end_instance(uint64_t instance_id) {
   return num_released;
 }
 
-void PagePool::terminate_locked(Instance& instance, const std::string& message,
+void PagePool::terminate_locked(Account& instance, const std::string& message,
                                 std::vector<Termination>& terminations) {
   release_all_locked(instance);
   instance.terminated = true;
@@ -104,7 +104,7 @@ void PagePool::terminate_locked(Instance& instance, const std::string& message,
 
 void PagePool::terminate(uint64_t instance_id, const std::string& reason) {
   std::lock_guard<std::mutex> lock(mutex_);
-  Instance& instance = live_instance_locked(instance_id);
+  Account& instance = live_instance_locked(instance_id);
   std::vector<Termination> ignored;
   terminate_locked(instance, "instance " + std::to_string(instance_id) + " terminated: " + reason, ignored);
 }
@@ -112,7 +112,7 @@ void PagePool::terminate(uint64_t instance_id, const std::string& reason) {
 // ---------------------------------------------------------------------------------------------
 // Handles
 
-std::vector<uint32_t> PagePool::pages_of_locked(const Instance& instance, const std::vector<uint32_t>& handles) const {
+std::vector<uint32_t> PagePool::pages_of_locked(const Account& instance, const std::vector<uint32_t>& handles) const {
   std::vector<uint32_t> pages;
   pages.reserve(handles.size());
   for (uint32_t handle : handles) {
@@ -126,7 +126,7 @@ std::vector<uint32_t> PagePool::pages_of_locked(const Instance& instance, const 
   return pages;
 }
 
-void PagePool::check_quota_locked(const Instance& instance, size_t more) const {
+void PagePool::check_quota_locked(const Account& instance, size_t more) const {
   if (instance.quota == 0) return;
   const size_t held = instance.page_of_handle.size();
   if (held + more > instance.quota) {
@@ -136,7 +136,7 @@ void PagePool::check_quota_locked(const Instance& instance, size_t more) const {
   }
 }
 
-void PagePool::reserve_pages_locked(Instance& requester, uint32_t count, std::vector<Termination>& terminations) {
+void PagePool::reserve_pages_locked(Account& requester, uint32_t count, std::vector<Termination>& terminations) {
   if (free_pages_.size() >= count) return;
   const uint32_t needed = count - static_cast<uint32_t>(free_pages_.size());
   const std::string shortage = "the " + resource_name_ + " pool is exhausted (instance " +
@@ -149,9 +149,9 @@ void PagePool::reserve_pages_locked(Instance& requester, uint32_t count, std::ve
   auto drop = [&](uint32_t page) {
     if (++num_dropped[page] == refcounts_[page]) ++num_freed;
   };
-  std::vector<Instance*> victims;
+  std::vector<Account*> victims;
   for (auto it = live_by_age_.rbegin(); it != live_by_age_.rend() && it->first > requester.age; ++it) {
-    Instance& victim = instances_.at(it->second);
+    Account& victim = instances_.at(it->second);
     victims.push_back(&victim);
     for (const auto& entry : victim.page_of_handle) drop(entry.second);
     for (const std::string& name : victim.owned_exports) {
@@ -168,7 +168,7 @@ void PagePool::reserve_pages_locked(Instance& requester, uint32_t count, std::ve
     terminate_locked(requester, message, terminations);
     throw InstanceTerminated(message);
   }
-  for (Instance* victim : victims) {
+  for (Account* victim : victims) {
     terminate_locked(*victim,
                      "instance " + std::to_string(victim->id) + " terminated: " + shortage +
                          "; the newest instance is terminated first",
@@ -178,7 +178,7 @@ void PagePool::reserve_pages_locked(Instance& requester, uint32_t count, std::ve
 
 std::vector<uint32_t> PagePool::allocate(uint64_t instance_id, uint32_t count, std::vector<Termination>& terminations) {
   std::lock_guard<std::mutex> lock(mutex_);
-  Instance& instance = live_instance_locked(instance_id);
+  Account& instance = live_instance_locked(instance_id);
   if (count > num_pages_) {
     throw std::invalid_argument(prefix(instance_id) + "asked for " + std::to_string(count) + " " + plural() +
                                 ", more than the pool's " + std::to_string(num_pages_));
@@ -212,7 +212,7 @@ void check_distinct(uint64_t instance_id, const std::string& resource_name, cons
 
 void PagePool::free(uint64_t instance_id, const std::vector<uint32_t>& handles) {
   std::lock_guard<std::mutex> lock(mutex_);
-  Instance& instance = live_instance_locked(instance_id);
+  Account& instance = live_instance_locked(instance_id);
   check_distinct(instance_id, resource_name_, handles);
   pages_of_locked(instance, handles);  // validates all before changing anything
   for (uint32_t handle : handles) {
@@ -230,7 +230,7 @@ std::vector<uint32_t> PagePool::resolve(uint64_t instance_id, const std::vector<
 std::vector<PageCopy> PagePool::prepare_write(uint64_t instance_id, const std::vector<uint32_t>& handles,
                                               std::vector<Termination>& terminations) {
   std::lock_guard<std::mutex> lock(mutex_);
-  Instance& instance = live_instance_locked(instance_id);
+  Account& instance = live_instance_locked(instance_id);
   check_distinct(instance_id, resource_name_, handles);
   const std::vector<uint32_t> pages = pages_of_locked(instance, handles);
   // A page held k times in `handles` and r times in all needs min(k, r - 1) copies: each copy
@@ -256,7 +256,7 @@ std::vector<PageCopy> PagePool::prepare_write(uint64_t instance_id, const std::v
 
 std::vector<uint32_t> PagePool::fork(uint64_t instance_id, const std::vector<uint32_t>& handles) {
   std::lock_guard<std::mutex> lock(mutex_);
-  Instance& instance = live_instance_locked(instance_id);
+  Account& instance = live_instance_locked(instance_id);
   const std::vector<uint32_t> pages = pages_of_locked(instance, handles);
   check_quota_locked(instance, pages.size());
   std::vector<uint32_t> forked;
@@ -276,7 +276,7 @@ std::vector<uint32_t> PagePool::fork(uint64_t instance_id, const std::vector<uin
 void PagePool::export_pages(uint64_t instance_id, const std::string& name, const std::vector<uint32_t>& handles,
                             bool persistent) {
   std::lock_guard<std::mutex> lock(mutex_);
-  Instance& instance = live_instance_locked(instance_id);
+  Account& instance = live_instance_locked(instance_id);
   if (name.empty()) throw std::invalid_argument(prefix(instance_id) + "an export needs a non-empty name");
   if (exports_.count(name) != 0) {
     throw std::invalid_argument(prefix(instance_id) + "an export named '" + name + "' already exists");
@@ -292,7 +292,7 @@ void PagePool::export_pages(uint64_t instance_id, const std::string& name, const
 
 std::vector<uint32_t> PagePool::import_pages(uint64_t instance_id, const std::string& name) {
   std::lock_guard<std::mutex> lock(mutex_);
-  Instance& instance = live_instance_locked(instance_id);
+  Account& instance = live_instance_locked(instance_id);
   auto found = exports_.find(name);
   if (found == exports_.end()) throw InvalidHandle(prefix(instance_id) + "no export named '" + name + "'");
   const std::vector<uint32_t>& pages = found->second.pages;
@@ -350,7 +350,7 @@ uint32_t PagePool::refcount(uint32_t page) const {
 
 std::vector<uint32_t> PagePool::handles(uint64_t instance_id) const {
   std::lock_guard<std::mutex> lock(mutex_);
-  const Instance& instance = live_instance_locked(instance_id);
+  const Account& instance = live_instance_locked(instance_id);
   std::vector<uint32_t> handles;
   handles.reserve(instance.page_of_handle.size());
   for (const auto& entry : instance.page_of_handle) handles.push_back(entry.first);
@@ -372,7 +372,7 @@ PoolStats PagePool::stats() const {
   stats.num_exports = static_cast<uint32_t>(exports_.size());
   stats.num_terminations = num_terminations_;
   for (const auto& entry : instances_) {
-    const Instance& instance = entry.second;
+    const Account& instance = entry.second;
     stats.instances.push_back({instance.id, static_cast<uint32_t>(instance.page_of_handle.size()), instance.quota,
                                static_cast<uint32_t>(instance.owned_exports.size()), instance.terminated});
   }
@@ -387,7 +387,7 @@ void PagePool::check_invariants() const {
   std::vector<uint32_t> expected(num_pages_, 0);
   size_t num_live = 0;
   for (const auto& entry : instances_) {
-    const Instance& instance = entry.second;
+    const Account& instance = entry.second;
     if (instance.terminated) {
       if (!instance.page_of_handle.empty() || !instance.owned_exports.empty()) {
         fail("terminated instance " + std::to_string(instance.id) + " still holds pages or exports");

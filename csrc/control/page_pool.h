@@ -102,7 +102,7 @@ class PagePool {
   void check_invariants() const;
 
  private:
-  struct Instance {
+  struct Account {  // the pool's account of one instance: its handles, quota, exports, termination
     uint64_t id = 0;
     uint64_t age = 0;  // creation order; larger is newer
     uint32_t quota = 0;
@@ -119,13 +119,13 @@ class PagePool {
     std::vector<uint32_t> pages;
   };
 
-  Instance& live_instance_locked(uint64_t instance_id);
-  const Instance& live_instance_locked(uint64_t instance_id) const;
-  std::vector<uint32_t> pages_of_locked(const Instance& instance, const std::vector<uint32_t>& handles) const;
-  void check_quota_locked(const Instance& instance, size_t more) const;
-  void reserve_pages_locked(Instance& requester, uint32_t count, std::vector<Termination>& terminations);
-  void release_all_locked(Instance& instance);
-  void terminate_locked(Instance& instance, const std::string& message, std::vector<Termination>& terminations);
+  Account& live_instance_locked(uint64_t instance_id);
+  const Account& live_instance_locked(uint64_t instance_id) const;
+  std::vector<uint32_t> pages_of_locked(const Account& instance, const std::vector<uint32_t>& handles) const;
+  void check_quota_locked(const Account& instance, size_t more) const;
+  void reserve_pages_locked(Account& requester, uint32_t count, std::vector<Termination>& terminations);
+  void release_all_locked(Account& instance);
+  void terminate_locked(Account& instance, const std::string& message, std::vector<Termination>& terminations);
   uint32_t take_free_page_locked();
   void unref_locked(uint32_t page);
   std::string plural() const { return resource_name_ + "s"; }
@@ -137,7 +137,7 @@ class PagePool {
   mutable std::mutex mutex_;
   std::vector<uint32_t> refcounts_;   // (num_pages,)
   std::vector<uint32_t> free_pages_;  // stack; the next page handed out is free_pages_.back()
-  std::unordered_map<uint64_t, Instance> instances_;
+  std::unordered_map<uint64_t, Account> instances_;
   std::map<uint64_t, uint64_t> live_by_age_;  // age -> instance id, not terminated
   std::map<std::string, Export> exports_;
   uint64_t next_age_ = 0;

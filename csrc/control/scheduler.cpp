@@ -24,9 +24,9 @@ const char* policy_name(Policy policy) {
   switch (policy) {
     case Policy::kAdaptive: return "adaptive";
     case Policy::kEager: return "eager";
-    case Policy::kFixedK: return "k";
-    case Policy::kFixedT: return "t";
-    case Policy::kKOrT: return "k_or_t";
+    case Policy::kFixedSize: return "fixed_size";
+    case Policy::kFixedWait: return "fixed_wait";
+    case Policy::kSizeOrWait: return "size_or_wait";
   }
   return "unknown";
 }
@@ -34,13 +34,13 @@ const char* policy_name(Policy policy) {
 void SchedulerConfig::validate() const {
   if (max_batch_requests == 0) throw std::invalid_argument("max_batch_requests must be >= 1");
   if (max_batch_tokens == 0) throw std::invalid_argument("max_batch_tokens must be >= 1");
-  bool uses_k = policy == Policy::kFixedK || policy == Policy::kKOrT;
-  bool uses_t = policy == Policy::kFixedT || policy == Policy::kKOrT;
-  if (uses_k && k == 0) {
-    throw std::invalid_argument(std::string("policy ") + policy_name(policy) + " needs k >= 1");
+  bool uses_size = policy == Policy::kFixedSize || policy == Policy::kSizeOrWait;
+  bool uses_wait = policy == Policy::kFixedWait || policy == Policy::kSizeOrWait;
+  if (uses_size && batch_size == 0) {
+    throw std::invalid_argument(std::string("policy ") + policy_name(policy) + " needs batch_size >= 1");
   }
-  if (uses_t && !(t_seconds > 0.0)) {
-    throw std::invalid_argument(std::string("policy ") + policy_name(policy) + " needs t > 0 seconds");
+  if (uses_wait && !(max_wait_seconds > 0.0)) {
+    throw std::invalid_argument(std::string("policy ") + policy_name(policy) + " needs max_wait > 0 seconds");
   }
   if (!(deadline_seconds >= 0.0)) throw std::invalid_argument("deadline must be >= 0 seconds");
   if (high_water_window == 0) throw std::invalid_argument("high_water_window must be >= 1");
@@ -273,8 +273,8 @@ bool Scheduler::plan_locked(Plan& plan) {
   plan.kind = best_head->kind;
 
   uint32_t max_requests = config_.max_batch_requests;
-  if (config_.policy == Policy::kFixedK || config_.policy == Policy::kKOrT) {
-    max_requests = std::min(max_requests, config_.k);
+  if (config_.policy == Policy::kFixedSize || config_.policy == Policy::kSizeOrWait) {
+    max_requests = std::min(max_requests, config_.batch_size);
   }
 
   // Fill by (priority desc, depth in queue asc, age asc): for each priority, layer d holds the queues
@@ -336,14 +336,14 @@ bool Scheduler::should_dispatch_locked(const Plan& plan, Clock::time_point now,
   switch (config_.policy) {
     case Policy::kEager:
       return true;
-    case Policy::kFixedK:
+    case Policy::kFixedSize:
       // With no idle open queue nobody can add a command beside these: waiting would never end.
-      return num_ready >= config_.k || plan.num_idle_open_queues == 0;
-    case Policy::kFixedT:
-      return due_or_wait(plan.oldest_submitted + to_duration(config_.t_seconds));
-    case Policy::kKOrT:
-      if (num_ready >= config_.k) return true;
-      return due_or_wait(plan.oldest_submitted + to_duration(config_.t_seconds));
+      return num_ready >= config_.batch_size || plan.num_idle_open_queues == 0;
+    case Policy::kFixedWait:
+      return due_or_wait(plan.oldest_submitted + to_duration(config_.max_wait_seconds));
+    case Policy::kSizeOrWait:
+      if (num_ready >= config_.batch_size) return true;
+      return due_or_wait(plan.oldest_submitted + to_duration(config_.max_wait_seconds));
     case Policy::kAdaptive: {
       // Expect back every open queue served by the last few batches: their producers are likely
       // preparing their next command while this one waits.

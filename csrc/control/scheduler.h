@@ -46,10 +46,10 @@ enum class Policy : uint8_t {
   kAdaptive = 0,  // at once when the engine is idle; else until the high-water size, budget or deadline
                   // (the deadline is at least a tenth of the last batch's duration)
                   // (high-water size: max of the recent batch sizes and of the open queues served recently)
-  kEager = 1,     // whatever is ready, at once
-  kFixedK = 2,    // when k commands are ready (batches of at most k)
-  kFixedT = 3,    // when the oldest ready command has waited t
-  kKOrT = 4,      // when k are ready or the oldest has waited t, whichever first (batches of at most k)
+  kEager = 1,      // whatever is ready, at once
+  kFixedSize = 2,  // when batch_size commands are ready (batches of at most batch_size)
+  kFixedWait = 3,  // when the oldest ready command has waited max_wait
+  kSizeOrWait = 4, // whichever of the two comes first (batches of at most batch_size)
 };
 
 const char* policy_name(Policy policy);
@@ -58,8 +58,8 @@ struct SchedulerConfig {
   uint32_t max_batch_requests = 256;
   uint32_t max_batch_tokens = 8192;
   Policy policy = Policy::kAdaptive;
-  uint32_t k = 0;                    // kFixedK, kKOrT
-  double t_seconds = 0.0;            // kFixedT, kKOrT
+  uint32_t batch_size = 0;           // kFixedSize, kSizeOrWait
+  double max_wait_seconds = 0.0;     // kFixedWait, kSizeOrWait
   double deadline_seconds = 0.002;   // kAdaptive: longest extra wait of a ready command
   uint32_t high_water_window = 8;    // kAdaptive: the high-water size is the max of this many batches
 

@@ -6,6 +6,7 @@
 """
 
 from pie.client.client import ConnectionClosed, Event, PieClient, PieError, RemoteInstance, Result
-from pie.client.sync import Client, Instance
+from pie.client.sync import Client, SyncRemoteInstance
 
-__all__ = ["Client", "ConnectionClosed", "Event", "Instance", "PieClient", "PieError", "RemoteInstance", "Result"]
+__all__ = ["Client", "ConnectionClosed", "Event", "PieClient", "PieError", "RemoteInstance", "Result",
+           "SyncRemoteInstance"]

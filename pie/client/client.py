@@ -73,10 +73,6 @@ def ws_url(url: str) -> str:
     return url
 
 
-def is_hash(text: str) -> bool:
-    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
-
-
 class RemoteInstance:
     """An instance on the server: its events in order (output, log, then one done)."""
 

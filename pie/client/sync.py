@@ -15,7 +15,9 @@ from typing import Any, Coroutine, Iterator, Sequence
 from pie.client.client import Event, PieClient, RemoteInstance, Result
 
 
-class Instance:
+class SyncRemoteInstance:
+    """A RemoteInstance driven synchronously (through the Client's event loop thread)."""
+
     def __init__(self, client: "Client", remote: RemoteInstance):
         self._client = client
         self.remote = remote
@@ -57,8 +59,8 @@ class Client:
     def upload(self, program: bytes | str | Path, kind: str | None = None, name: str | None = None) -> str:
         return self._call(self._async.upload(program, kind, name))
 
-    def launch(self, inferlet: str | None = None, arguments: Sequence[str] = (), **kwargs: Any) -> Instance:
-        return Instance(self, self._call(self._async.launch(inferlet, arguments, **kwargs)))
+    def launch(self, inferlet: str | None = None, arguments: Sequence[str] = (), **kwargs: Any) -> SyncRemoteInstance:
+        return SyncRemoteInstance(self, self._call(self._async.launch(inferlet, arguments, **kwargs)))
 
     def run(self, inferlet: str | None = None, arguments: Sequence[str] = (), timeout: float | None = None,
             **kwargs: Any) -> Result:

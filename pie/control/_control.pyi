@@ -26,9 +26,9 @@ class Priority:
 class Policy:
     ADAPTIVE: Policy
     EAGER: Policy
-    FIXED_K: Policy
-    FIXED_T: Policy
-    K_OR_T: Policy
+    FIXED_SIZE: Policy
+    FIXED_WAIT: Policy
+    SIZE_OR_WAIT: Policy
     @property
     def name(self) -> str: ...
     @property
@@ -185,8 +185,8 @@ class Scheduler:
         max_batch_requests: int,
         max_batch_tokens: int,
         policy: Policy = ...,
-        k: int = 0,
-        t: float = 0.0,
+        batch_size: int = 0,
+        max_wait: float = 0.0,
         deadline: float = 0.002,
         high_water_window: int = 8,
     ) -> None: ...
@@ -197,9 +197,9 @@ class Scheduler:
     @property
     def policy(self) -> Policy: ...
     @property
-    def k(self) -> int: ...
+    def batch_size(self) -> int: ...
     @property
-    def t(self) -> float: ...
+    def max_wait(self) -> float: ...
     @property
     def deadline(self) -> float: ...
     @property

@@ -18,10 +18,6 @@ import torch
 from pie.engine.batch import Greedy, Logprobs, RawLogits, Sample, Sampler, SamplerOutput, TopKDistribution
 
 
-class SamplingError(ValueError):
-    pass
-
-
 def check_sampler(sampler: Sampler, vocab_size: int) -> str | None:
     """Returns what is wrong with the sampler's parameters, or None."""
     if isinstance(sampler, Sample):

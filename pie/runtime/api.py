@@ -397,10 +397,6 @@ def implementation(iface: str, name: str) -> str:
     return "cold" if (iface, name) in COLD else "missing"
 
 
-def unimplemented_calls() -> list[str]:
-    return [f"{i}.{n}" for i, names in wit_functions().items() for n in names if implementation(i, n) == "missing"]
-
-
 def define_all(linker: Any) -> None:
     """Defines every WIT function of the package on a wasmtime component linker."""
     import ctypes

@@ -70,7 +70,7 @@ class Server:
         app.router.add_get("/ws", self._root)
         app.router.add_get("/health", self._health)
         if self.config.openai.enabled:
-            OpenAIRoutes(self).add_to(app)
+            OpenAIRoutes(self.config, self.instances, self.model_name, self.started_at).add_to(app)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.server.host, self.config.server.port)
@@ -139,7 +139,7 @@ class Server:
         if len(self.sessions) >= self.config.server.max_connections or not self.instances.accepting:
             return web.json_response({"error": "the server takes no more connections"}, status=503)
         await ws.prepare(request)
-        session = Session(self, ws)
+        session = Session(ws, self.config, self.instances, self.programs, self.stats)
         self.sessions.add(session)
         try:
             await session.run()

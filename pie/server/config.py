@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -116,25 +117,36 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class SchedulerSection:
-    """The control layer's batch policy (pie.control.SchedulerConfig): adaptive | eager | k | t | k_or_t."""
+    """The control layer's batch policy (pie.control.SchedulerConfig): adaptive | eager | fixed_size |
+    fixed_wait | size_or_wait. The first release's names (policies k, t, k_or_t; keys k, t) are read with
+    a DeprecationWarning."""
 
     policy: str = "adaptive"
-    k: int = 0
-    t: float = 0.0
+    batch_size: int = 0
+    max_wait: float = 0.0
     deadline: float = 0.002
     high_water_window: int = 8
 
     def __post_init__(self) -> None:
+        from pie.control.config import policy_name
+
+        object.__setattr__(self, "policy", policy_name(self.policy))
         try:
             self.scheduler_config()
         except ValueError as e:
             raise ConfigError(f"scheduler: {e}") from None
 
+    @staticmethod
+    def renamed_keys() -> dict[str, str]:
+        from pie.control.config import DEPRECATED_PARAMETER_NAMES
+
+        return DEPRECATED_PARAMETER_NAMES
+
     def scheduler_config(self) -> Any:
         from pie.control.config import SchedulerConfig
 
-        return SchedulerConfig(policy=self.policy, k=self.k, t=self.t, deadline=self.deadline,
-                               high_water_window=self.high_water_window)
+        return SchedulerConfig(policy=self.policy, batch_size=self.batch_size, max_wait=self.max_wait,
+                               deadline=self.deadline, high_water_window=self.high_water_window)
 
 
 @dataclass(frozen=True)
@@ -223,7 +235,14 @@ def _build(section: str, cls: type, values: dict[str, Any], base: Any = None) ->
     base = base if base is not None else cls()
     known = {f.name: getattr(base, f.name) for f in fields(cls)}
     kwargs = dict(known)
+    renamed = cls.renamed_keys() if hasattr(cls, "renamed_keys") else {}
     for k, v in values.items():
+        if k in renamed:
+            warnings.warn(f"{section}.{k} is now called {section}.{renamed[k]}; the old name goes in the next release",
+                          DeprecationWarning, stacklevel=3)
+            if renamed[k] in values:
+                raise ConfigError(f"give {section}.{renamed[k]} or its old name {section}.{k}, not both")
+            k = renamed[k]
         if k not in known:
             raise ConfigError(f"unknown key {section}.{k} (known in [{section}]: {', '.join(known)})")
         kwargs[k] = _check_type(f"{section}.{k}", v, known[k])

@@ -12,16 +12,14 @@ import hmac
 import json
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
 from aiohttp import web
 
-from pie.server.instances import LaunchError
+from pie.server.config import PieConfig
+from pie.server.instances import InstanceManager, LaunchError
 from pie.server.openai_params import APIError, Meta, chat_specs, completion_specs, responses_specs
 from pie.server.outbox import Outbox
-
-if TYPE_CHECKING:
-    from pie.server.app import Server
 
 FINGERPRINT = "pie-0.1"
 
@@ -34,18 +32,19 @@ class ChoiceRun:
     """The instances of one request's choices: launched on entry, terminated on exit (whatever the
     reason: done, an error, the HTTP client went away)."""
 
-    def __init__(self, server: "Server", specs: list[dict]):
-        self.server = server
+    def __init__(self, config: PieConfig, instances: InstanceManager, specs: list[dict]):
+        self.config = config
+        self.instances = instances
         self.specs = specs
-        cfg = server.config.server
+        cfg = config.server
         self.outbox = Outbox(asyncio.get_running_loop(), cfg.outbox_messages, cfg.slow_client_s)
         self.index: dict[int, int] = {}  # instance id -> choice index
 
     async def __aenter__(self) -> "ChoiceRun":
         try:
             for i, spec in enumerate(self.specs):
-                inst = await self.server.instances.launch(self, self.outbox, [json.dumps(spec)],
-                                                          inferlet=self.server.config.openai.inferlet, forward_log=False)
+                inst = await self.instances.launch(self, self.outbox, [json.dumps(spec)],
+                                                   inferlet=self.config.openai.inferlet, forward_log=False)
                 self.index[inst.id] = i
         except LaunchError as e:
             await self.__aexit__(None, None, None)
@@ -57,7 +56,7 @@ class ChoiceRun:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.server.instances.terminate_owner(self, "the HTTP request ended")
+        self.instances.terminate_owner(self, "the HTTP request ended")
         self.outbox.close()
 
     async def events(self) -> AsyncIterator[tuple[int, dict]]:
@@ -140,8 +139,13 @@ def sse(data: Any, event: str | None = None) -> bytes:
 
 
 class OpenAIRoutes:
-    def __init__(self, server: "Server"):
-        self.server = server
+    """The /v1 routes of one server: its configuration, its instances, the model it serves."""
+
+    def __init__(self, config: PieConfig, instances: InstanceManager, model_name: str, started_at: float):
+        self.config = config
+        self.instances = instances
+        self.model_name = model_name
+        self.started_at = started_at
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self.chat)
@@ -150,13 +154,9 @@ class OpenAIRoutes:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model}", self.model)
 
-    @property
-    def model_name(self) -> str:
-        return self.server.model_name
-
     # ---- common ----------------------------------------------------------------------------------
     def _check_auth(self, request: web.Request) -> None:
-        token = self.server.config.auth.token
+        token = self.config.auth.token
         if not token:
             return
         given = request.headers.get("Authorization", "")
@@ -170,7 +170,7 @@ class OpenAIRoutes:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise APIError(413, f"the request body exceeds this server's limit of "
-                                f"{self.server.config.server.max_body_bytes} bytes", code="request_too_large") from None
+                                f"{self.config.server.max_body_bytes} bytes", code="request_too_large") from None
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -183,7 +183,7 @@ class OpenAIRoutes:
     async def _run(self, request: web.Request, kind: str) -> web.StreamResponse:
         try:
             body = await self._body(request)
-            openai = self.server.config.openai
+            openai = self.config.openai
             if kind == "chat":
                 specs, meta = chat_specs(body, model=self.model_name, default_max_tokens=openai.default_max_tokens,
                                          max_n=openai.max_n)
@@ -191,7 +191,7 @@ class OpenAIRoutes:
                 specs, meta = completion_specs(body, model=self.model_name, max_n=openai.max_n)
             else:
                 specs, meta = responses_specs(body, model=self.model_name, default_max_tokens=openai.default_max_tokens)
-            async with ChoiceRun(self.server, specs) as run:
+            async with ChoiceRun(self.config, self.instances, specs) as run:
                 if meta.stream:
                     return await getattr(self, f"_{kind}_stream")(request, run, meta)
                 collected = Collected(len(specs))
@@ -353,7 +353,7 @@ class OpenAIRoutes:
 
     # ---- models ----------------------------------------------------------------------------------
     def _model_object(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": int(self.server.started_at), "owned_by": "pie"}
+        return {"id": self.model_name, "object": "model", "created": int(self.started_at), "owned_by": "pie"}
 
     async def models(self, request: web.Request) -> web.Response:
         try:

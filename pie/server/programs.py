@@ -37,14 +37,6 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def guess_kind(data: bytes, name: str = "") -> str:
-    if data[:4] == b"\0asm":
-        return "wasm"
-    if name.endswith(".wat"):
-        return "wat"
-    return "python"
-
-
 class Upload:
     """One upload in progress: chunks in order, size capped."""
 

@@ -11,18 +11,16 @@ import asyncio
 import hmac
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import msgpack
 from aiohttp import WSMsgType, web
 
-from pie.server.instances import LaunchError, stop_instance
+from pie.server.config import PieConfig
+from pie.server.instances import InstanceManager, LaunchError, stop_instance
 from pie.server.outbox import Outbox
-from pie.server.programs import ProgramError, Upload
+from pie.server.programs import ProgramError, ProgramStore, Upload
 from pie.server.protocol import PROTOCOL_VERSION, ProtocolError, error_response, pack, response, unpack_request
-
-if TYPE_CHECKING:
-    from pie.server.app import Server
 
 log = logging.getLogger("pie.server")
 
@@ -31,12 +29,18 @@ INFERLET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 class Session:
-    def __init__(self, server: "Server", ws: web.WebSocketResponse):
-        self.server = server
+    """stats: the server's counters (the `stats` request)."""
+
+    def __init__(self, ws: web.WebSocketResponse, config: PieConfig, instances: InstanceManager,
+                 programs: ProgramStore, stats: Callable[[], dict[str, Any]]):
         self.ws = ws
-        cfg = server.config.server
+        self.config = config
+        self.instances = instances
+        self.programs = programs
+        self.stats = stats
+        cfg = config.server
         self.outbox = Outbox(asyncio.get_running_loop(), cfg.outbox_messages, cfg.slow_client_s)
-        self.authenticated = not server.config.auth.enabled
+        self.authenticated = not config.auth.enabled
         self.uploads: dict[str, Upload] = {}
         self.instance_ids: set[int] = set()
         self.close_after_reply = False
@@ -55,7 +59,7 @@ class Session:
                 if self.close_after_reply:
                     break
         finally:
-            self.server.instances.terminate_owner(self, "the client disconnected")
+            self.instances.terminate_owner(self, "the client disconnected")
             if self.close_after_reply:
                 await self._flush(writer)
             self.outbox.close()
@@ -107,10 +111,10 @@ class Session:
     async def _on_frame(self, data: bytes) -> None:
         corr_id = None
         try:
-            if len(data) > self.server.config.server.max_frame_bytes:
+            if len(data) > self.config.server.max_frame_bytes:
                 corr_id = _corr_id_of(data)
                 raise ProtocolError("too_large", f"the frame has {len(data)} bytes; this server takes at most "
-                                                 f"{self.server.config.server.max_frame_bytes} (upload in chunks)",
+                                                 f"{self.config.server.max_frame_bytes} (upload in chunks)",
                                     corr_id)
             msg = unpack_request(data)
             corr_id = msg["corr_id"]
@@ -131,7 +135,7 @@ class Session:
             self.outbox.put(error_response(corr_id, "internal", f"{type(e).__name__}: {e}"))
 
     async def _on_auth(self, msg: dict) -> dict:
-        expected = self.server.config.auth.token
+        expected = self.config.auth.token
         if expected and not hmac.compare_digest(msg["token"].encode(), expected.encode()):
             self.close_after_reply = True
             raise ProtocolError("unauthenticated", "wrong token", msg["corr_id"])
@@ -142,7 +146,7 @@ class Session:
         return {"version": PROTOCOL_VERSION}
 
     async def _on_query(self, msg: dict) -> dict:
-        return {"exists": await asyncio.to_thread(self.server.programs.has, msg["hash"])}
+        return {"exists": await asyncio.to_thread(self.programs.has, msg["hash"])}
 
     async def _on_upload(self, msg: dict) -> dict | None:
         digest = msg["hash"]
@@ -153,7 +157,7 @@ class Session:
             if len(self.uploads) >= MAX_UPLOADS_IN_PROGRESS:
                 raise ProgramError(f"upload: at most {MAX_UPLOADS_IN_PROGRESS} uploads at once per connection")
             upload = Upload(digest, msg.get("kind") or "python", msg.get("name") or "", msg["num_chunks"],
-                            self.server.config.server.max_program_bytes)
+                            self.config.server.max_program_bytes)
             self.uploads[digest] = upload
         try:
             program = upload.add(msg["chunk_index"], msg["num_chunks"], msg["data"])
@@ -163,17 +167,17 @@ class Session:
         if program is None:
             return None
         self.uploads.pop(digest, None)
-        await asyncio.to_thread(self.server.programs.put, program)
+        await asyncio.to_thread(self.programs.put, program)
         return {"hash": digest}
 
     async def _on_launch(self, msg: dict) -> None:
-        limit = self.server.config.limits.max_instances_per_connection
+        limit = self.config.limits.max_instances_per_connection
         if len(self.instance_ids) >= limit:
             raise LaunchError("busy", f"this connection runs its limit of {limit} instances")
         program = None
         name = msg.get("inferlet")
         if msg.get("program") is not None:
-            program = await asyncio.to_thread(self.server.programs.get, msg["program"])
+            program = await asyncio.to_thread(self.programs.get, msg["program"])
             if program is None:
                 raise LaunchError("unknown_program", f"no program with hash {msg['program'][:64]!r}: upload it first")
         elif name is None:
@@ -182,14 +186,14 @@ class Session:
             raise LaunchError("bad_request", f"launch: {name!r} is not a bundled inferlet name (upload files instead)")
         corr_id = msg["corr_id"]
         outbox = self.outbox
-        await self.server.instances.launch(
+        await self.instances.launch(
             self, outbox, msg["arguments"], program=program, inferlet=name, deadline_s=msg.get("deadline_s"),
             memory_mb=msg.get("memory_mb"),
             on_started=lambda inst: outbox.post_from_thread(("launched", inst.id, corr_id)))
         return None  # answered by the "launched" event
 
     def _running(self, msg: dict) -> Any:
-        running = self.server.instances.get(msg["instance_id"], self)
+        running = self.instances.get(msg["instance_id"], self)
         if running is None:
             raise ProtocolError("unknown_instance", f"no running instance {msg['instance_id']} of this connection",
                                 msg["corr_id"])
@@ -204,10 +208,10 @@ class Session:
         return {}
 
     async def _on_list(self, msg: dict) -> dict:
-        return {"instances": [r.describe() for r in self.server.instances.owned_by(self)]}
+        return {"instances": [r.describe() for r in self.instances.owned_by(self)]}
 
     async def _on_stats(self, msg: dict) -> dict:
-        return {"stats": self.server.stats()}
+        return {"stats": self.stats()}
 
 
 def _corr_id_of(data: bytes) -> Any:

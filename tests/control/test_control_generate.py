@@ -27,7 +27,6 @@ def distinct_prompts() -> list[str]:
 def model(smollm2_entry):
     from pie.engine.config import EngineConfig
     from pie.engine.model import Model
-    from pie.control.generate import generate
 
     return Model(smollm2_entry.name, EngineConfig(dtype="float32", kv_cache_mb=1024), progress=False)
 

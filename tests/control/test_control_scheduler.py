@@ -121,10 +121,10 @@ def test_submit_rejects_what_can_never_be_batched(make_scheduler):
         q.submit(0, None, num_tokens=101)
     with pytest.raises(ValueError, match="kind must be >= 0"):
         q.submit(-1, None)
-    with pytest.raises(ValueError, match="needs k >= 1"):
-        make_scheduler(policy=Policy.FIXED_K)
-    with pytest.raises(ValueError, match="needs t > 0"):
-        make_scheduler(policy=Policy.K_OR_T, k=2)
+    with pytest.raises(ValueError, match="needs batch_size >= 1"):
+        make_scheduler(policy=Policy.FIXED_SIZE)
+    with pytest.raises(ValueError, match="needs max_wait > 0"):
+        make_scheduler(policy=Policy.SIZE_OR_WAIT, batch_size=2)
 
 
 # ---- priorities ------------------------------------------------------------------------------
@@ -160,8 +160,8 @@ def test_priority_picks_the_kind_and_can_change(make_scheduler):
 # ---- policies --------------------------------------------------------------------------------
 
 
-def test_fixed_k_dispatches_exactly_k_and_waits_for_the_rest(make_scheduler):
-    scheduler = make_scheduler(policy=Policy.FIXED_K, k=3)
+def test_fixed_size_dispatches_exactly_batch_size_and_waits_for_the_rest(make_scheduler):
+    scheduler = make_scheduler(policy=Policy.FIXED_SIZE, batch_size=3)
     queues = [scheduler.create_queue(instance_id=i) for i in range(8)]
     for i in range(5):
         queues[i].submit(0, i)
@@ -177,9 +177,9 @@ def test_fixed_k_dispatches_exactly_k_and_waits_for_the_rest(make_scheduler):
     assert take_payloads(scheduler) == [6]
 
 
-def test_fixed_t_waits_t_from_the_oldest_command(make_scheduler):
+def test_fixed_wait_waits_max_wait_from_the_oldest_command(make_scheduler):
     t = 0.15
-    scheduler = make_scheduler(policy=Policy.FIXED_T, t=t)
+    scheduler = make_scheduler(policy=Policy.FIXED_WAIT, max_wait=t)
     queues = [scheduler.create_queue(instance_id=i) for i in range(3)]
     start = time.monotonic()
     for i, q in enumerate(queues):
@@ -191,8 +191,8 @@ def test_fixed_t_waits_t_from_the_oldest_command(make_scheduler):
     run(batch)
 
 
-def test_fixed_t_still_dispatches_a_full_batch_at_once(make_scheduler):
-    scheduler = make_scheduler(policy=Policy.FIXED_T, t=10.0, max_batch_requests=2)
+def test_fixed_wait_still_dispatches_a_full_batch_at_once(make_scheduler):
+    scheduler = make_scheduler(policy=Policy.FIXED_WAIT, max_wait=10.0, max_batch_requests=2)
     for i in range(2):
         scheduler.create_queue(instance_id=i).submit(0, i)
     start = time.monotonic()
@@ -200,9 +200,9 @@ def test_fixed_t_still_dispatches_a_full_batch_at_once(make_scheduler):
     assert time.monotonic() - start < 5.0
 
 
-def test_k_or_t_dispatches_on_whichever_comes_first(make_scheduler):
+def test_size_or_wait_dispatches_on_whichever_comes_first(make_scheduler):
     t = 0.2
-    scheduler = make_scheduler(policy=Policy.K_OR_T, k=3, t=t)
+    scheduler = make_scheduler(policy=Policy.SIZE_OR_WAIT, batch_size=3, max_wait=t)
     queues = [scheduler.create_queue(instance_id=i) for i in range(6)]
     for i in range(4):
         queues[i].submit(0, i)
@@ -359,7 +359,7 @@ def _outcome(future):
 
 
 def test_stop_wakes_take_and_cancels_everything(make_scheduler):
-    scheduler = make_scheduler(policy=Policy.FIXED_K, k=10)
+    scheduler = make_scheduler(policy=Policy.FIXED_SIZE, batch_size=10)
     q = scheduler.create_queue(instance_id=1)
     scheduler.create_queue(instance_id=2)
     future = q.submit(0, "never")
@@ -423,3 +423,21 @@ def test_adaptive_waits_for_every_recently_served_queue_so_groups_do_not_stay_ou
     for i in range(4, 8):
         queues[i].submit(0, i)
     assert take_payloads(scheduler) == list(range(8))
+
+
+# ---- the first release's policy names ---------------------------------------------------------
+
+@pytest.mark.parametrize("old, new, params, new_params", [
+    ("k", "fixed_size", {"k": 4}, {"batch_size": 4}),
+    ("t", "fixed_wait", {"t": 0.01}, {"max_wait": 0.01}),
+    ("k_or_t", "size_or_wait", {"k": 4, "t": 0.01}, {"batch_size": 4, "max_wait": 0.01}),
+])
+def test_old_policy_names_are_read_with_a_deprecation_warning(old, new, params, new_params):
+    from pie.control import SchedulerConfig
+
+    with pytest.warns(DeprecationWarning, match=f"'{old}' is now called '{new}'"):
+        config = SchedulerConfig.from_dict({"policy": old, **params})
+    assert config == SchedulerConfig(policy=new, **new_params)
+    assert config.build(8, 64).policy.name == new.upper()
+    with pytest.raises(ValueError, match="not both"), pytest.warns(DeprecationWarning):
+        SchedulerConfig.from_dict({"policy": new, "k": 1, "batch_size": 1})

@@ -60,7 +60,7 @@ def test_64_python_threads_x_10000_commands_no_loss_no_duplicate(make_scheduler)
 
 def test_64_native_threads_x_10000_commands_under_every_policy(make_scheduler):
     # (EAGER is exercised by the Python-thread test above.)
-    policies = [dict(policy=Policy.ADAPTIVE, deadline=0.001), dict(policy=Policy.K_OR_T, k=16, t=0.001)]
+    policies = [dict(policy=Policy.ADAPTIVE, deadline=0.001), dict(policy=Policy.SIZE_OR_WAIT, batch_size=16, max_wait=0.001)]
     for config in policies:
         scheduler = make_scheduler(max_batch_requests=256, max_batch_tokens=1 << 16, **config)
         sizes = Counter()
@@ -77,5 +77,5 @@ def test_64_native_threads_x_10000_commands_under_every_policy(make_scheduler):
         stats = scheduler.stats()
         assert stats["num_submitted"] == stats["num_dispatched"] == stats["num_completed"] == total
         assert sum(size * count for size, count in sizes.items()) == total
-        if config["policy"] == Policy.K_OR_T:
+        if config["policy"] == Policy.SIZE_OR_WAIT:
             assert max(sizes) <= 16

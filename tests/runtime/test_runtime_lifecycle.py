@@ -55,6 +55,6 @@ def test_a_host_function_returning_the_wrong_type_fails_the_call(runtime):
 def test_scheduler_policy_comes_from_the_configuration(model):
     from pie.runtime import Runtime, RuntimeConfig
 
-    with Runtime(model, RuntimeConfig(scheduler=SchedulerConfig(policy="k", k=3))) as rt:
-        assert rt.plane.scheduler.policy.name == "FIXED_K"
-        assert rt.plane.scheduler.k == 3
+    with Runtime(model, RuntimeConfig(scheduler=SchedulerConfig(policy="fixed_size", batch_size=3))) as rt:
+        assert rt.plane.scheduler.policy.name == "FIXED_SIZE"
+        assert rt.plane.scheduler.batch_size == 3

@@ -47,13 +47,13 @@ def test_pie_config_prints_the_effective_toml(tmp_path):
     from pie.server.config import load_config
 
     f = tmp_path / "pie.toml"
-    f.write_text('[server]\nport = 9001\ngrace_s = 5\n[scheduler]\npolicy = "k_or_t"\nk = 8\nt = 0.01\n'
+    f.write_text('[server]\nport = 9001\ngrace_s = 5\n[scheduler]\npolicy = "size_or_wait"\nbatch_size = 8\nmax_wait = 0.01\n'
                  '[limits]\nhttp_allow = ["example.com:443"]\n[auth]\ntoken = "hush"\n')
     r = run_pie("config", "--config", str(f), "--host", "0.0.0.0")
     assert r.returncode == 0, r.stderr
     cfg = load_config(text=r.stdout)
     assert (cfg.server.host, cfg.server.port, cfg.server.grace_s) == ("0.0.0.0", 9001, 5.0)
-    assert (cfg.scheduler.policy, cfg.scheduler.k) == ("k_or_t", 8)
+    assert (cfg.scheduler.policy, cfg.scheduler.batch_size) == ("size_or_wait", 8)
     assert cfg.limits.http_allow == ("example.com:443",)
     assert "hush" not in r.stdout
     f.write_text("[server]\nprot = 1\n")
