@@ -99,7 +99,7 @@ EOF
     so=$(ls "$BUILD"/out/kernels/cuda/_kernels_cuda*.so | head -1)
     { echo "# cuobjdump --dump-resource-usage $so"; cuobjdump --dump-resource-usage "$so" 2>&1 |
       sed 's/_ZN3pie4cuda[0-9]*_GLOBAL__N__[0-9a-f_]*//'; } >"$OUT/resource_usage.txt" 2>&1
-    $PY -c "from pie.engine import cuda_kernels as ck; r = ck.unavailable_reason(); print(r or 'cuda kernels: available'); raise SystemExit(1 if r else 0)"
+    $PY -c "from pie.engine import cuda_ops as ck; r = ck.unavailable_reason(); print(r or 'cuda kernels: available'); raise SystemExit(1 if r else 0)"
     rc=$?
   fi
   status[build]="rc=$rc $((SECONDS - t0))s"

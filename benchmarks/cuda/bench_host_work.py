@@ -3,9 +3,10 @@
   python benchmarks/cuda/bench_host_work.py [--batches 1,32,128] [--steps 200] [--profile]
 
 ModelRunner.execute on B one-token requests (190-token sequences over 12 pages each, Greedy), with
-the device forward replaced by a stub that returns zero logits: what is left is the Python work a
-serving step pays before and after the GPU (validation, flattening the batch, write slots, sampler
-dispatch, splitting the outputs). The graph refill and the copies to the device are not in it.
+the device forward (`ModelRunner.forward` of the RaggedBatch) replaced by a stub that returns zero
+logits: what is left is the Python work a serving step pays before and after the GPU (validation,
+flattening the batch, write slots, sampler dispatch, splitting the outputs). The attention plan, the
+graph refill and the copies to the device are not in it.
 Prints ms per step for each batch size (and a cProfile of the largest with --profile).
 """
 
@@ -20,14 +21,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "engine"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 import pie  # noqa: E402,F401  (before torch)
 import torch  # noqa: E402
 
 from pie.engine.batch import ForwardRequest, Greedy  # noqa: E402
 from pie.engine.config import EngineConfig, ModelConfig  # noqa: E402
-from pie.engine.cuda_sampling import DeviceSampling  # noqa: E402
+from pie.engine.device_sampling import DeviceSampling  # noqa: E402
 from pie.engine.runner import ModelRunner  # noqa: E402
 from tiny_models import tiny_hf_model  # noqa: E402
 
@@ -35,12 +36,12 @@ SEQ, PAGE = 190, 16
 
 
 class StubForward:
-    """Stands in for CudaForward: logits (M, vocab) of zeros, no device work."""
+    """Stands in for ModelRunner.forward: logits (M, vocab) of zeros, no device work."""
 
     def __init__(self, vocab: int):
         self.vocab = vocab
 
-    def forward(self, batch):
+    def __call__(self, batch):
         return torch.zeros(len(batch.output_rows), self.vocab)
 
 
@@ -62,7 +63,7 @@ def main() -> int:
     config = ModelConfig.from_hf(cfg)
     runner = ModelRunner(config, hf.state_dict(),
                          EngineConfig(num_pages=max(batches) * -(-SEQ // PAGE), page_size=PAGE))
-    runner.cuda_forward = StubForward(config.vocab_size)
+    runner.forward = StubForward(config.vocab_size)
     runner.device_sampling = DeviceSampling(runner.sampling)
     print("| batch | host work per step (ms) |\n| --- | --- |")
     for b in batches:

@@ -8,7 +8,7 @@ Measures, on the current CUDA device:
   a fraction of the copy bandwidth (goal >= 0.8);
 - paged prefill attention (causal, GQA) against torch.nn.functional.scaled_dot_product_attention on
   the same shapes with contiguous K/V (goal: SDPA time / ours >= 0.9): pie's prefill kernel, and the
-  runner's route for fresh prompts (pie.engine.sdpa_prefill: K/V gathered from the pages, then SDPA);
+  runner's route for fresh prompts (pie.engine.attention.sdpa_prefill: K/V gathered from the pages, then SDPA);
 - sampling (filtered and plain), softmax and argmax against the torch ops a runner would use;
 - RMSNorm against the eager torch expression.
 Timing: CUDA events around each call, warm-up first, median of many runs; inputs rotate among
@@ -33,10 +33,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from pie.engine import cuda_kernels as ck  # noqa: E402
-from pie.engine import cuda_reference as ref  # noqa: E402
+from pie.engine import cuda_ops as ck  # noqa: E402
+from pie.engine.attention.sdpa_prefill import plan_sdpa_prefill, sdpa_prefill_attention  # noqa: E402
+from pie.engine.cuda_ops import reference as ref  # noqa: E402
 from pie.engine.kv_cache import sequence_slots  # noqa: E402
-from pie.engine.sdpa_prefill import plan_sdpa_prefill, sdpa_prefill_attention  # noqa: E402
 from results import write_results  # noqa: E402  (benchmarks/cuda/results.py)
 
 L2_DEFEAT_BYTES = 256 << 20  # rotate inputs until this many bytes are touched per cycle

@@ -190,7 +190,7 @@ class EngineConfig:
     max_batch_requests: int = 1024
     embedding_slots: int = 4096  # rows of the input-embedding table (pie.engine.embedding_table)
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
-    cuda_kernels: bool = True  # on CUDA devices, run pie.engine.cuda_forward (False: the PyTorch path)
+    cuda_kernels: bool = True  # on CUDA devices, attend with our kernels (pie.engine.attention.cuda; False: PyTorch)
     cuda_graphs: bool = True  # on the CUDA kernel path, replay decode batches as CUDA graphs
 
     def __post_init__(self) -> None:

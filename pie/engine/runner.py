@@ -14,14 +14,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pie.engine.attention import RequestLayout, build_plan
+from pie.engine.attention import create_attention_backend, select_attention_backend
+from pie.engine.attention.pytorch import PyTorchAttention
 from pie.engine.batch import BatchError, ForwardRequest, ForwardResult, Sampler
 from pie.engine.config import EngineConfig, ModelConfig
 from pie.engine.embedding_table import EmbeddingTable
-from pie.engine.kernels import MaskError, decode_attention_supported, expand_brle, linear_kernel_max_rows
-from pie.engine.kv_cache import PagedKVCache, sequence_length, sequence_slots
-from pie.engine.transformer import Transformer
+from pie.engine.kernels import MaskError, expand_brle, linear_kernel_max_rows
+from pie.engine.kv_cache import PagedKVCache, sequence_length
+from pie.engine.ragged_batch import RaggedBatch, last_slots
 from pie.engine.sampling import Sampling, apply_vocab_masks, check_sampler, check_vocab_mask, vocab_mask_bias
+from pie.engine.transformer import Transformer
 
 
 class ModelRunner:
@@ -46,23 +48,20 @@ class ModelRunner:
         self.max_batch_tokens = engine_config.max_batch_tokens
         self.max_batch_requests = engine_config.max_batch_requests
         self.sampling = Sampling(seed)
-        self.use_decode_kernel = decode_attention_supported(engine_config.torch_dtype, engine_config.device)
-        # CUDA devices run the kernel path (pie.engine.cuda_forward) when it supports the model;
-        # otherwise, and everywhere else, Transformer.forward (PyTorch ops, the reference) runs.
-        self.cuda_forward = None
-        self.cuda_path_reason = None
-        if torch.device(engine_config.device).type == "cuda":
-            from pie.engine.cuda_forward import CudaForward, cuda_forward_unsupported
-            from pie.engine.cuda_sampling import DeviceSampling
+        # The attention backend: pie's CUDA kernels (pie.engine.attention.cuda) on CUDA devices when
+        # they cover the model, else PyTorch ops (the reference); cuda_path_reason says why not CUDA.
+        backend, self.cuda_path_reason = select_attention_backend(model_config, engine_config)
+        self.attention = create_attention_backend(backend, model_config, self.cache)
+        self.device_sampling = None  # samplers on the device, for logits that stay there
+        self.cuda_graphs = None  # decode steps replayed as CUDA graphs
+        if backend == "cuda":
+            from pie.engine.device_sampling import DeviceSampling
 
-            if engine_config.cuda_kernels:
-                self.cuda_path_reason = cuda_forward_unsupported(model_config, engine_config.torch_dtype,
-                                                                 torch.device(engine_config.device))
-            else:
-                self.cuda_path_reason = "turned off (EngineConfig.cuda_kernels=False)"
-            if self.cuda_path_reason is None:
-                self.cuda_forward = CudaForward(self.model, self.cache, use_graphs=engine_config.cuda_graphs)
-                self.device_sampling = DeviceSampling(self.sampling)
+            self.device_sampling = DeviceSampling(self.sampling)
+            if engine_config.cuda_graphs:
+                from pie.engine.cuda_graphs import DecodeGraphs
+
+                self.cuda_graphs = DecodeGraphs(self.model, self.attention)
         self.num_forward_passes = 0
         self.num_tokens_processed = 0
 
@@ -76,6 +75,17 @@ class ModelRunner:
     @property
     def vocab_size(self) -> int:
         return self.model_config.vocab_size
+
+    @property
+    def use_decode_kernel(self) -> bool:
+        """Whether one-token requests run the CPU decode kernel (the PyTorch backend's choice; settable,
+        for comparisons)."""
+        return isinstance(self.attention, PyTorchAttention) and self.attention.use_decode_kernel
+
+    @use_decode_kernel.setter
+    def use_decode_kernel(self, enabled: bool) -> None:
+        if isinstance(self.attention, PyTorchAttention):
+            self.attention.use_decode_kernel = enabled
 
     @torch.inference_mode()
     def embed_tokens(self, token_ids: list[int]) -> torch.Tensor:
@@ -166,12 +176,11 @@ class ModelRunner:
         the runner's limits (the scheduler forms batches within them)."""
         if not requests:
             return []
-        on_cuda = self.cuda_forward is not None
         ps = self.page_size
         token_ids: list[int] = []
         positions: list[int] = []
-        layouts: list[RequestLayout] = []
-        write_slots: list = []  # per request: (T,) int64 tensor (PyTorch path) or T ints (CUDA path)
+        write_slots: list[int] = []  # plain ints: one tensor for the batch (a tensor per request costs ~7 us)
+        qo_lens: list[int] = []
         output_rows: list[int] = []
         samplers: list[Sampler] = []
         embed_rows: list[torch.Tensor] = []  # rows of the flattened batch given as input embeddings
@@ -181,25 +190,16 @@ class ModelRunner:
         start = 0
         for req in requests:
             t = len(req.token_ids)
-            kv_len = sequence_length(len(req.kv_page_ids), req.kv_last_page_len, ps)
             token_ids.extend(req.token_ids)
             positions.extend(req.positions)
-            slots = None if on_cuda else torch.from_numpy(sequence_slots(req.kv_page_ids, kv_len, ps))
-            mask = None if req.mask is None else torch.from_numpy(expand_brle(req.mask, kv_len))
-            layouts.append(RequestLayout(start=start, num_tokens=t, slots=slots, mask=mask))
+            qo_lens.append(t)
+            if req.write_slots is None:  # the sequence's last T slots, from its pages
+                write_slots.extend(last_slots(req.kv_page_ids, req.kv_last_page_len, t, ps))
+            else:
+                write_slots.extend(req.write_slots)
             if req.input_embeddings is not None:
                 embed_rows.append(torch.arange(start, start + t))
                 embed_values.append(req.input_embeddings)
-            if on_cuda:  # plain ints: one tensor for the whole batch later (a tensor each costs ~7 us)
-                if req.write_slots is None:  # the sequence's last T slots, from its pages
-                    pages = req.kv_page_ids
-                    write_slots.append([pages[i // ps] * ps + i % ps for i in range(kv_len - t, kv_len)])
-                else:
-                    write_slots.append(req.write_slots)
-            elif req.write_slots is None:
-                write_slots.append(slots[-t:])
-            else:
-                write_slots.append(torch.tensor(list(req.write_slots), dtype=torch.int64))
             if req.output_masks is not None:
                 for j, runs in enumerate(req.output_masks):
                     if runs is not None:
@@ -209,18 +209,18 @@ class ModelRunner:
                 output_rows.append(start + pos)
                 samplers.append(sampler)
             start += t
-        if on_cuda:
-            logits = self._forward_cuda(requests, layouts, token_ids, positions, write_slots, output_rows,
-                                        embed_rows, embed_values)  # (M, V) float32 on the device
-            sampling = self.device_sampling
-        else:
-            logits = self._forward_torch(layouts, token_ids, positions, write_slots, output_rows,
-                                         embed_rows, embed_values)  # (M, V) float32
-            sampling = self.sampling
+        batch = RaggedBatch(
+            page_size=ps, token_ids=token_ids, positions=positions,
+            write_slots=torch.tensor(write_slots, dtype=torch.int64), output_rows=output_rows, qo_lens=qo_lens,
+            pages=[r.kv_page_ids for r in requests], last_page_len=[r.kv_last_page_len for r in requests],
+            masks=[r.mask for r in requests], embed_rows=torch.cat(embed_rows) if embed_rows else None,
+            embed_values=torch.cat(embed_values) if embed_values else None)
+        logits = self.forward(batch)  # (M, V) float32 on the model's device
         self.num_forward_passes += 1
         self.num_tokens_processed += start
         if mask_rows:  # unmasked batches skip this entirely
             apply_vocab_masks(logits, mask_rows, vocab_mask_bias(mask_runs, self.model_config.vocab_size))
+        sampling = self.sampling if self.device_sampling is None else self.device_sampling
         outputs = sampling(logits, samplers) if samplers else []
         results = []
         k = 0
@@ -230,34 +230,29 @@ class ModelRunner:
             k += n
         return results
 
-    def _forward_torch(self, layouts, token_ids, positions, write_slots, output_rows, embed_rows,
-                       embed_values) -> torch.Tensor:
-        """Transformer.forward (the PyTorch path) over the flattened batch."""
-        plan = build_plan(layouts, self.model_config.sliding_window, self.use_decode_kernel)
+    @torch.inference_mode()
+    def forward(self, batch: RaggedBatch) -> torch.Tensor:
+        """Logits (M, vocab) float32 of the batch's output rows, on the model's device: a CUDA graph's
+        replay for decode batches that have one, else the attention backend's plan and one
+        Transformer.forward. Writes the batch's K/V into the cache."""
+        if self.cuda_graphs is not None and batch.is_decode:
+            logits = self.cuda_graphs.forward(batch)
+            if logits is not None:
+                return logits
+        plan = self.attention.plan(batch)
+        dev = self.model.device
+        token_ids = torch.tensor(batch.token_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        output_rows = torch.tensor(batch.output_rows, dtype=torch.int64).to(dev, non_blocking=True)
+        embeds = None
+        if batch.embed_rows is not None:
+            embeds = (batch.embed_rows.to(dev, non_blocking=True), batch.embed_values.to(dev, non_blocking=True))
         threads = torch.get_num_threads()
         single = (self.single_torch_thread and threads > 1
-                  and len(token_ids) <= linear_kernel_max_rows(self.engine_config.torch_dtype))
+                  and batch.num_tokens <= linear_kernel_max_rows(self.engine_config.torch_dtype))
         if single:
             torch.set_num_threads(1)
         try:
-            return self.model.forward(
-                torch.tensor(token_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                torch.cat(write_slots), torch.tensor(output_rows, dtype=torch.int64), plan, self.cache,
-                input_embeds=(torch.cat(embed_rows), torch.cat(embed_values)) if embed_rows else None)
+            return self.model.forward(token_ids, self.attention, plan, output_rows, embeds)
         finally:
             if single:
                 torch.set_num_threads(threads)
-
-    def _forward_cuda(self, requests, layouts, token_ids, positions, write_slots, output_rows, embed_rows,
-                      embed_values) -> torch.Tensor:
-        """pie.engine.cuda_forward over the batch, described as a BatchLayout."""
-        from pie.engine.cuda_forward import BatchLayout
-
-        return self.cuda_forward.forward(BatchLayout(
-            token_ids=token_ids, positions=positions, output_rows=output_rows,
-            write_slots=torch.tensor([slot for part in write_slots for slot in part], dtype=torch.int64),
-            qo_lens=[lay.num_tokens for lay in layouts], pages=[list(r.kv_page_ids) for r in requests],
-            last_page_len=[r.kv_last_page_len for r in requests],
-            masks=[None if r.mask is None else [list(row) for row in r.mask] for r in requests],
-            embed_rows=torch.cat(embed_rows) if embed_rows else None,
-            embed_values=torch.cat(embed_values) if embed_values else None))

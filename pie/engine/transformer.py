@@ -3,19 +3,23 @@
 Differences inside the families are switches of `ModelConfig`: q/k/v bias (Qwen2), RMSNorm of q and k
 per head (Qwen3), rope scaling (Llama 3), sliding window (Mistral), tied embeddings (SmolLM2, Qwen).
 Weights use HuggingFace names on load; q/k/v and gate/up are fused into one matmul each.
+
+`Transformer.forward` is the one layer loop of every device: RoPE, the paged-KV write and attention
+come from an attention backend (pie.engine.attention), the norms and linear layers from the backend's
+layer ops (pie.engine.layer_ops), so each path keeps its own numerics.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from pie.engine.attention import AttentionPlan, paged_attention
+from pie.engine.attention.base import AttentionBackend
 from pie.engine.config import ModelConfig
-from pie.engine.kernels import linear
-from pie.engine.kv_cache import PagedKVCache
+from pie.engine.layer_ops import rms_norm
 
 
 class WeightsError(ValueError):
@@ -35,19 +39,9 @@ class LayerWeights:
     down: torch.Tensor  # (H, I)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: (..., C). Normalised in float32, as HF does, then scaled by weight in x's dtype."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * weight
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class Transformer:
+    """The model's weights (fused per layer, on `device` in `dtype`) and its forward pass."""
+
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: str | torch.device = "cpu"):
         self.config = config
@@ -85,55 +79,43 @@ class Transformer:
             self.lm_head = self.embed
         else:
             self.lm_head = take("lm_head.weight", (c.vocab_size, c.hidden_size))
-        self.inv_freq = c.rope.inverse_frequencies(c.head_dim).to(self.device)  # (D/2,) float32
-        self.scale = c.head_dim ** -0.5
-
-    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: (N,) int64 -> cos, sin: (N, 1, D) in the model dtype."""
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (N, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
-                output_rows: torch.Tensor, plan: AttentionPlan, cache: PagedKVCache,
+    def forward(self, token_ids: torch.Tensor, attention: AttentionBackend, plan: Any,
+                output_rows: torch.Tensor | None = None,
                 input_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits (M, vocab) float32 of the flattened batch's output rows; writes the batch's K/V.
+
+        token_ids: (N,) int64 on the model's device. attention, plan: the backend and its plan of this
+        batch (`attention.plan(batch)`: positions, write slots, who attends what). output_rows: (M,)
+        int64 rows whose logits are wanted, None for all N. input_embeds: (E,) int64 rows and their
+        (E, H) embeddings, used instead of those rows' token embeddings.
+        Only device work: capturable in a CUDA graph.
         """
-        token_ids, positions, write_slots: (N,) int64 for the flattened batch.
-        output_rows: (M,) int64 rows whose logits are wanted.
-        Returns logits (M, vocab) float32. Writes the batch's K/V into `cache` at `write_slots`.
-        """
-        c = self.config
+        c, ops, eps = self.config, attention.ops, self.config.rms_norm_eps
         n = token_ids.shape[0]
-        if self.device.type != "cpu":  # the batch is described on the host
-            token_ids, positions, write_slots, output_rows = (
-                t.to(self.device, non_blocking=True) for t in (token_ids, positions, write_slots, output_rows))
-            plan = plan.to(self.device)
-        x = self.embed[token_ids]  # (N, H)
-        if input_embeds is not None:  # (R,) rows and their (R, H) embeddings replace the token embeddings
-            x[input_embeds[0]] = input_embeds[1].to(x.dtype)
-        cos, sin = self.rope_tables(positions)
+        residual = self.embed[token_ids]  # (N, H), a fresh tensor: the residual stream
+        if input_embeds is not None:
+            residual[input_embeds[0]] = input_embeds[1].to(residual.dtype)
+        h = ops.rms_norm(residual, self.layers[0].input_norm, eps)
         for li, lw in enumerate(self.layers):
-            h = rms_norm(x, lw.input_norm, c.rms_norm_eps)
-            qkv = linear(h, lw.qkv, lw.qkv_bias)  # (N, (Hq + 2 Hkv) D)
+            qkv = ops.linear(h, lw.qkv, lw.qkv_bias)  # (N, (Hq + 2 Hkv) D)
             q = qkv[:, :c.q_size].view(n, c.num_heads, c.head_dim)
             k = qkv[:, c.q_size:c.q_size + c.kv_size].view(n, c.num_kv_heads, c.head_dim)
             v = qkv[:, c.q_size + c.kv_size:].view(n, c.num_kv_heads, c.head_dim)
-            if lw.q_norm is not None:
-                q = rms_norm(q, lw.q_norm, c.rms_norm_eps)
-                k = rms_norm(k, lw.k_norm, c.rms_norm_eps)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            k_cache, v_cache = cache.k[li], cache.v[li]  # (slots, Hkv, D)
-            k_cache[write_slots] = k
-            v_cache[write_slots] = v
-            attn = paged_attention(q, k, v, k_cache, v_cache, plan, self.scale)  # (N, Hq, D)
-            x = x + linear(attn.reshape(n, c.q_size), lw.o)
-            h = rms_norm(x, lw.post_attention_norm, c.rms_norm_eps)
-            gate, up = linear(h, lw.gate_up).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, lw.down)
-        h = rms_norm(x[output_rows], self.norm, c.rms_norm_eps)
-        return linear(h, self.lm_head).float()
+            if lw.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
+                q = rms_norm(q, lw.q_norm, eps)
+                k = rms_norm(k, lw.k_norm, eps)
+            attn = attention.attend(plan, li, q, k, v)  # (N, Hq, D): RoPE, K/V into the cache, attention
+            o = ops.linear(attn.view(n, c.q_size), lw.o)
+            h, residual = ops.add_rms_norm(o, residual, lw.post_attention_norm, eps)
+            gate, up = ops.linear(h, lw.gate_up).chunk(2, dim=-1)
+            mlp = ops.linear(F.silu(gate) * up, lw.down)
+            next_norm = self.layers[li + 1].input_norm if li + 1 < len(self.layers) else self.norm
+            h, residual = ops.add_rms_norm(mlp, residual, next_norm, eps)  # h: the next layer's input
+        if output_rows is not None:
+            h = h[output_rows]
+        return ops.linear(h, self.lm_head).float()
 
 
 class _WeightTaker:

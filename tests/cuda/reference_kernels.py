@@ -1,7 +1,8 @@
-"""A stand-in for pie.engine.cuda_kernels built on pie.engine.cuda_reference: the same functions and
-keyword arguments, PyTorch ops on any device and dtype. With it, CudaForward's plumbing (plans,
-residual stream, cache writes, masks, sampling dispatch) is checked on machines without a GPU; the
-kernels themselves are checked against the same references in test_cuda_kernels.py."""
+"""A stand-in for pie.engine.cuda_ops built on pie.engine.cuda_ops.reference: the same functions and
+keyword arguments, PyTorch ops on any device and dtype. With it, the CUDA attention backend's plumbing
+(pie.engine.attention.cuda: plans, residual stream, cache writes, masks, sampling dispatch) is checked
+on machines without a GPU; the kernels themselves are checked against the same references in
+test_cuda_kernels.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pie.engine import cuda_reference as ref
+from pie.engine.cuda_ops import reference as ref
 
 
 @dataclass

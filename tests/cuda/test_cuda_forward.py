@@ -1,7 +1,8 @@
-"""The CUDA kernel path of the model runner (pie.engine.cuda_forward).
+"""The CUDA kernel path of the model runner (the CUDA attention backend, pie.engine.attention.cuda,
+its layer ops and pie.engine.cuda_graphs).
 
-Without a GPU: CudaForward runs with a PyTorch stand-in for the kernels (reference_kernels.py) in
-float32 and must give Transformer.forward's logits (the plumbing: plans, residual stream, cache
+Without a GPU: the CUDA backend runs with a PyTorch stand-in for the kernels (reference_kernels.py) in
+float32 and must give the PyTorch backend's logits (the plumbing: plans, residual stream, cache
 writes, custom masks, sliding windows, input embeddings, sampler dispatch).
 
 On a GPU: the real kernels, bf16, against (a) the runner's PyTorch path on the same device, (b) HF
@@ -22,11 +23,11 @@ import pytest
 import torch
 
 import reference_kernels
-from pie.engine import cuda_kernels as ck
+from pie.engine import cuda_ops as ck
+from pie.engine.attention.cuda import CudaAttention
 from pie.engine.batch import ForwardRequest, Greedy, Logprobs, RawLogits, Sample, TopKDistribution
 from pie.engine.config import EngineConfig, ModelConfig
-from pie.engine.cuda_forward import CudaForward
-from pie.engine.cuda_sampling import DeviceSampling
+from pie.engine.device_sampling import DeviceSampling
 from pie.engine.runner import ModelRunner
 from tiny_models import tiny_hf_model
 
@@ -46,10 +47,11 @@ def request(ids, start, pages, outputs=None, mask=None, embeddings=None, page_si
 
 
 def with_stand_in(runner: ModelRunner, min_sdpa_prefill_tokens: int | None = None) -> ModelRunner:
-    """The runner, switched to CudaForward over the PyTorch stand-in kernels (its own weights/cache).
-    Fresh causal requests of min_sdpa_prefill_tokens or more go through SDPA (None: none do)."""
-    runner.cuda_forward = CudaForward(runner.model, runner.cache, use_graphs=False, kernels=reference_kernels,
-                                      min_sdpa_prefill_tokens=min_sdpa_prefill_tokens)
+    """The runner, switched to the CUDA attention backend over the PyTorch stand-in kernels (its own
+    weights/cache; no CUDA graphs). Fresh causal requests of min_sdpa_prefill_tokens or more go through
+    SDPA (None: none do)."""
+    runner.attention = CudaAttention(runner.model_config, runner.cache, kernels=reference_kernels,
+                                     min_sdpa_prefill_tokens=min_sdpa_prefill_tokens)
     runner.device_sampling = DeviceSampling(runner.sampling, kernels=reference_kernels)
     return runner
 
@@ -91,7 +93,7 @@ def test_stand_in_forward_matches_torch_path(arch, window, sdpa):
             diff = max_diff(w.outputs, o.outputs)
             assert diff <= 1e-4, f"{arch}: step {i} request {k}: max |logit diff| {diff}"
     # fresh causal prefill took the SDPA route: a[:12] (unless past mistral's window of 6) and c
-    assert path.cuda_forward.num_sdpa_prefill_requests == (0 if sdpa is None else 2 if window is None else 1)
+    assert path.attention.num_sdpa_prefill_requests == (0 if sdpa is None else 2 if window is None else 1)
 
 
 def test_stand_in_sdpa_prefill_in_ragged_batches():
@@ -112,7 +114,7 @@ def test_stand_in_sdpa_prefill_in_ragged_batches():
         for k, (w, o) in enumerate(zip(reference.execute(batch), path.execute(batch))):
             diff = max_diff(w.outputs, o.outputs)
             assert diff <= 1e-4, f"step {step} request {k}: max |logit diff| {diff}"
-    assert path.cuda_forward.num_sdpa_prefill_requests == 7  # six fresh unmasked in the first, one in the second
+    assert path.attention.num_sdpa_prefill_requests == 7  # six fresh unmasked in the first, one in the second
 
 
 def test_stand_in_sampler_dispatch():
@@ -140,7 +142,7 @@ def cuda_runner(config: ModelConfig, state_dict, *, kernels=True, graphs=True, n
     engine_config = EngineConfig(dtype="bfloat16", device="cuda", num_pages=num_pages, page_size=page_size,
                           cuda_kernels=kernels, cuda_graphs=graphs)
     runner = ModelRunner(config, state_dict, engine_config, seed=seed)
-    assert (runner.cuda_forward is not None) == kernels, runner.cuda_path_reason
+    assert (runner.attention.name == "cuda") == kernels, runner.cuda_path_reason
     return runner
 
 
@@ -276,9 +278,9 @@ def test_gpu_graph_replay_matches_eager():
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (3, 250, 17, 64, 300)]
     ours = greedy_run(graphed, prompts, 40)
-    assert graphed.cuda_forward.num_graph_replays >= 39 and graphed.cuda_forward.num_graph_captures >= 1
+    assert graphed.cuda_graphs.num_graph_replays >= 39 and graphed.cuda_graphs.num_graph_captures >= 1
     ref = greedy_run(eager, prompts, 40)
-    assert eager.cuda_forward.num_graph_replays == 0
+    assert eager.cuda_graphs is None
     for (t1, l1), (t2, l2) in zip(ours, ref):
         assert t1 == t2
         assert max((a - b).abs().max().item() for a, b in zip(l1, l2)) < 0.05
@@ -292,7 +294,7 @@ def test_gpu_sdpa_prefill_matches_kernel_prefill():
     state = hf.state_dict()
     routed = cuda_runner(config, state)
     kernels = cuda_runner(config, state)
-    kernels.cuda_forward.min_sdpa_prefill_tokens = None
+    kernels.attention.min_sdpa_prefill_tokens = None
     g = torch.Generator().manual_seed(6)
     seqs = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (511, 129, 128, 200, 40, 450)]
     span = 40  # pages per request
@@ -302,7 +304,7 @@ def test_gpu_sdpa_prefill_matches_kernel_prefill():
     batch.append(request(seqs[5], 300, list(range(5 * span, 6 * span)), page_size=16))
     got, want = routed.execute(batch), kernels.execute(batch)
     # the 300-token prefix and the four fresh prompts of >= 128 tokens; the 40-token one stays on the kernel
-    assert routed.cuda_forward.num_sdpa_prefill_requests == 5 and kernels.cuda_forward.num_sdpa_prefill_requests == 0
+    assert routed.attention.num_sdpa_prefill_requests == 5 and kernels.attention.num_sdpa_prefill_requests == 0
     for k, (o, w) in enumerate(zip(got, want)):
         a, b = torch.stack(o.outputs).float(), torch.stack(w.outputs).float()
         assert torch.isfinite(a).all()
@@ -388,4 +390,4 @@ def test_cli_names_a_missing_cuda_device(capsys):
 def test_runner_on_cpu_has_no_cuda_path():
     hf, cfg = tiny_hf_model("llama")
     runner = ModelRunner(ModelConfig.from_hf(cfg), hf.state_dict(), EngineConfig(num_pages=8))
-    assert runner.cuda_forward is None
+    assert runner.attention.name == "torch"

@@ -1,4 +1,4 @@
-"""CUDA kernels (pie.engine.cuda_kernels) against the PyTorch references, on a GPU.
+"""CUDA kernels (pie.engine.cuda_ops) against the PyTorch references, on a GPU.
 
 Skipped without a CUDA device. With PIE_REQUIRE_CUDA_KERNELS=1 (scripts/gpu_check.sh sets it) a
 GPU machine without the built module fails instead of skipping. Sizes are awkward on purpose:
@@ -14,8 +14,8 @@ import os
 import pytest
 import torch
 
-from pie.engine import cuda_kernels as ck
-from pie.engine import cuda_reference as ref
+from pie.engine import cuda_ops as ck
+from pie.engine.cuda_ops import reference as ref
 
 if torch.cuda.is_available() and not ck.available() and os.environ.get("PIE_REQUIRE_CUDA_KERNELS") == "1":
     raise RuntimeError(ck.unavailable_reason())
@@ -114,7 +114,7 @@ def test_prefill_small_mixed_batch(dtype, head_dim, page_size, heads):
 
 @pytest.mark.parametrize("dtype", ATTN_DTYPES)
 def test_excluded_requests_are_left_untouched(dtype):
-    # a decode and two prefills excluded (what CudaForward hands to SDPA); the others still attended
+    # a decode and two prefills excluded (what the CUDA attention backend hands to SDPA); the others still attended
     qo_lens = [7, 1, 129, 300, 1, 3]
     kv_lens = [7, 40, 129, 400, 1, 131]
     exclude = [1, 2, 3]

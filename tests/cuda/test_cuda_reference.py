@@ -1,4 +1,4 @@
-"""The PyTorch reference ops (pie.engine.cuda_reference) against naive loops, on the CPU.
+"""The PyTorch reference ops (pie.engine.cuda_ops.reference) against naive loops, on the CPU.
 
 The CUDA kernels are tested against these references (test_cuda_kernels.py), so the references are
 first checked here against the plainest possible implementation of each definition.
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from pie.engine import cuda_kernels as ck
-from pie.engine import cuda_reference as ref
+from pie.engine import cuda_ops as ck
+from pie.engine.cuda_ops import reference as ref
 
 
 def gen(seed: int) -> torch.Generator:

@@ -1,15 +1,15 @@
-"""Fresh causal prefill through SDPA (pie.engine.sdpa_prefill), the CUDA path's route for requests
-whose KV sequence is exactly their input tokens: grouping and padding, and attention against the
-paged-attention reference on scattered pages, on the CPU (and on the GPU when there is one)."""
+"""Fresh causal prefill through SDPA (pie.engine.attention.sdpa_prefill), the CUDA backend's route for
+requests whose KV sequence is exactly their input tokens: grouping and padding, and attention against
+the paged-attention reference on scattered pages, on the CPU (and on the GPU when there is one)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pie.engine import cuda_reference as ref
+from pie.engine.attention.sdpa_prefill import MAX_PADDING, plan_sdpa_prefill, sdpa_prefill_attention
+from pie.engine.cuda_ops import reference as ref
 from pie.engine.kv_cache import sequence_slots
-from pie.engine.sdpa_prefill import MAX_PADDING, plan_sdpa_prefill, sdpa_prefill_attention
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

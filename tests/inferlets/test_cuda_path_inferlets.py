@@ -1,10 +1,10 @@
-"""Inferlets through the runner's CUDA path (pie.engine.cuda_forward + cuda_sampling), on any machine:
-the session engine's runner is switched to CudaForward over the PyTorch stand-in kernels
-(tests/cuda/reference_kernels.py, float32 like the engine here), and each inferlet must print what it
-prints on the PyTorch path. What crosses the path: decode and prefill batches from many instances,
-forked (copy-on-write) contexts, custom attention masks with pages dropped (windowed attention),
-multi-token verification passes (speculative decoding), output masks from a grammar (constrained
-decoding), top-k distributions and logprobs (beam search, handled on the host)."""
+"""Inferlets through the runner's CUDA path (pie.engine.attention.cuda + device_sampling), on any
+machine: the session engine's runner is switched to the CUDA attention backend over the PyTorch
+stand-in kernels (tests/cuda/reference_kernels.py, float32 like the engine here), and each inferlet
+must print what it prints on the PyTorch path. What crosses the path: decode and prefill batches from
+many instances, forked (copy-on-write) contexts, custom attention masks with pages dropped (windowed
+attention), multi-token verification passes (speculative decoding), output masks from a grammar
+(constrained decoding), top-k distributions and logprobs (beam search, handled on the host)."""
 
 import json
 import sys
@@ -15,8 +15,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "cuda"))
 
 import reference_kernels  # noqa: E402
-from pie.engine.cuda_forward import CudaForward  # noqa: E402
-from pie.engine.cuda_sampling import DeviceSampling  # noqa: E402
+from pie.engine.attention.cuda import CudaAttention  # noqa: E402
+from pie.engine.device_sampling import DeviceSampling  # noqa: E402
 
 RUNS = [
     ("text_completion", "--prompt", "Name three colours.", "--max-tokens", 12, "--temperature", 0),
@@ -34,10 +34,9 @@ RUNS = [
 def kernel_path(model, monkeypatch):
     """Switches the session runner to the CUDA path over the stand-in kernels for one test."""
     runner = model.runner
-    monkeypatch.setattr(runner, "cuda_forward",
-                        CudaForward(runner.model, runner.cache, use_graphs=False, kernels=reference_kernels))
-    monkeypatch.setattr(runner, "device_sampling", DeviceSampling(runner.sampling, kernels=reference_kernels),
-                        raising=False)
+    monkeypatch.setattr(runner, "attention",
+                        CudaAttention(runner.model_config, runner.cache, kernels=reference_kernels))
+    monkeypatch.setattr(runner, "device_sampling", DeviceSampling(runner.sampling, kernels=reference_kernels))
     return runner
 
 

@@ -1,10 +1,11 @@
 """Fresh causal prefill through torch's scaled_dot_product_attention, on the CUDA path.
 
 A request whose KV sequence is exactly its input tokens, with the default (causal) mask, needs no
-paged attention: its keys and values are the ones this pass writes. CudaForward takes such requests
-out of the kernel plan (plan_attention's `exclude`) and attends them here, with SDPA's fused kernels
-(flash / cuDNN on Hopper), which run prefill faster than pie's tiled paged kernel. Prefill over a
-cached prefix, custom masks and decode stay with pie's kernels.
+paged attention: its keys and values are the ones this pass writes. The CUDA attention backend
+(pie.engine.attention.cuda) takes such requests out of the kernel plan (plan_attention's `exclude`)
+and attends them here, with SDPA's fused kernels (flash / cuDNN on Hopper), which run prefill faster
+than pie's tiled paged kernel. Prefill over a cached prefix, custom masks and decode stay with pie's
+kernels.
 
 Requests are packed into padded groups, one SDPA call per group per layer. Padding goes at the end
 of each request: under the causal mask a real query row i sees keys 0..i only, so padded keys are
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 MAX_PADDING = 0.25  # a group's padded tokens stay within this fraction of its real tokens
 
 
-@dataclass
+@dataclass(frozen=True)
 class SdpaPrefillGroup:
     """G requests attended by one SDPA call, each padded to the group's longest, T.
 

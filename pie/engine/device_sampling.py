@@ -1,4 +1,4 @@
-"""Samplers applied to logits that stay on the CUDA device (pie.engine.cuda_kernels).
+"""Samplers applied to logits that stay on the CUDA device (pie.engine.cuda_ops).
 
 Greedy and Sample rows run in the sampling kernels, so only the chosen ids cross to the host; the
 other samplers (TopKDistribution, Logprobs, RawLogits) copy just their rows to the host and go
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from pie.engine import cuda_kernels
+from pie.engine import cuda_ops
 from pie.engine.batch import Greedy, Sample, Sampler, SamplerOutput
 from pie.engine.sampling import Sampling
 
 
 class DeviceSampling:
-    def __init__(self, host: Sampling, kernels=cuda_kernels):
+    def __init__(self, host: Sampling, kernels=cuda_ops):
         self.host = host  # holds the generator for unseeded draws, and runs the host-side samplers
         self.kernels = kernels
 

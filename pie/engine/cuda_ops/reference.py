@@ -1,4 +1,4 @@
-"""PyTorch reference implementations of every CUDA kernel op (pie.engine.cuda_kernels).
+"""PyTorch reference implementations of every CUDA kernel op (pie.engine.cuda_ops).
 
 Plain, readable PyTorch that runs on any device (float32/float64 arithmetic); the CUDA kernels are
 tested against these at awkward sizes, and these are tested against naive loops
@@ -22,13 +22,15 @@ from typing import Sequence
 
 import torch
 
+from pie.engine.kv_cache import sequence_length
+
 # ----------------------------------------------------------------------------- attention
 
 
 def kv_lengths(kv_page_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_size: int) -> torch.Tensor:
     """(R,) int64 sequence lengths of a ragged batch."""
     num_pages = (kv_page_indptr[1:] - kv_page_indptr[:-1]).long()
-    return (num_pages - 1) * page_size + kv_last_page_len.long()
+    return sequence_length(num_pages, kv_last_page_len.long(), page_size)
 
 
 def gather_kv(cache: torch.Tensor, pages: torch.Tensor, kv_len: int) -> torch.Tensor:

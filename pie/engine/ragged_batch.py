@@ -1,0 +1,73 @@
+"""One forward pass's requests flattened into one ragged batch: built once by the model runner, read
+by every attention backend (pie.engine.attention) and by the CUDA graphs of decode (pie.engine.cuda_graphs).
+
+The N input tokens of the R requests are the rows of the batch, request after request: request r owns
+rows starts[r] .. starts[r] + qo_lens[r]. Its KV sequence is its pages, all full but the last, which
+holds last_page_len[r] tokens (pie.engine.batch explains the request semantics).
+Values are on the host (lists and CPU tensors); each backend moves what it needs to its device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Sequence
+
+import torch
+
+from pie.engine.kv_cache import sequence_length
+
+BrleRows = Sequence[Sequence[int]]  # one BRLE row per input token over the request's KV sequence
+
+
+def last_slots(pages: Sequence[int], last_page_len: int, num_tokens: int, page_size: int) -> list[int]:
+    """Flat cache slots (page * page_size + offset) of the last `num_tokens` positions of a sequence:
+    where a request writes its input tokens' K/V by default."""
+    kv_len = sequence_length(len(pages), last_page_len, page_size)
+    return [pages[i // page_size] * page_size + i % page_size for i in range(kv_len - num_tokens, kv_len)]
+
+
+@dataclass(frozen=True)
+class RaggedBatch:
+    """The flattened batch of one forward pass (see the module doc)."""
+
+    page_size: int
+    token_ids: list[int]  # (N,)
+    positions: list[int]  # (N,) RoPE positions
+    write_slots: torch.Tensor  # (N,) int64 flat cache slots each token's K/V is written to (-1: nowhere)
+    output_rows: list[int]  # (M,) rows whose logits are wanted, in the order of the samplers
+    qo_lens: list[int]  # (R,) input tokens per request, >= 1
+    pages: list[Sequence[int]]  # (R,) each request's KV pages in sequence order
+    last_page_len: list[int]  # (R,) tokens in each request's last page, 1..page_size
+    masks: list[BrleRows | None]  # (R,) each request's BRLE mask rows, None = causal
+    embed_rows: torch.Tensor | None = None  # (E,) int64 rows whose token embeddings are replaced, or None
+    embed_values: torch.Tensor | None = None  # (E, hidden) their input embeddings
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.qo_lens)
+
+    @cached_property
+    def starts(self) -> list[int]:
+        """(R,) each request's first row."""
+        starts, row = [], 0
+        for n in self.qo_lens:
+            starts.append(row)
+            row += n
+        return starts
+
+    @cached_property
+    def kv_lens(self) -> list[int]:
+        """(R,) each request's KV sequence length (its input tokens included)."""
+        ps = self.page_size
+        return [sequence_length(len(p), last, ps) for p, last in zip(self.pages, self.last_page_len)]
+
+    @property
+    def is_decode(self) -> bool:
+        """Every request one token, default masks, no input embeddings (replayable as a CUDA graph)."""
+        return (self.embed_rows is None and all(n == 1 for n in self.qo_lens)
+                and all(m is None for m in self.masks))
