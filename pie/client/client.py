@@ -260,6 +260,11 @@ class PieClient:
                      deadline_s: float | None = None, memory_mb: int | None = None) -> RemoteInstance:
         """Starts a bundled inferlet by name, an uploaded program by hash (`program=`), or a local file
         (`inferlet=` a path to a .py/.wasm/.wat: uploaded first)."""
+        from pie.server.protocol import is_program_hash
+
+        if program is not None and not is_program_hash(program):
+            raise ValueError(f"program: {program[:80]!r} is not a program hash (64 lowercase hex digits: upload "
+                             "a file with inferlet=PATH)")
         if inferlet is not None and (inferlet.endswith((".py", ".wasm", ".wat")) or "/" in inferlet):
             program, inferlet = await self.upload(inferlet), None
         reply = await self.request("launch", inferlet=inferlet, program=program, arguments=list(arguments),

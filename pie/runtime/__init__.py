@@ -10,8 +10,8 @@ The capital of France is Paris.
 
 from pie.runtime.components import InvalidComponent
 from pie.runtime.config import RuntimeConfig
-from pie.runtime.runtime import InferletNotFound, Runtime, resolve_inferlet
+from pie.runtime.runtime import InferletNotFound, Runtime, resolve_bundled, resolve_inferlet
 from pie.runtime.instance import Instance, InstanceError, InstanceResult
 
 __all__ = ["InferletNotFound", "Instance", "InstanceError", "InstanceResult", "InvalidComponent", "Runtime",
-           "RuntimeConfig", "resolve_inferlet"]
+           "RuntimeConfig", "resolve_bundled", "resolve_inferlet"]

@@ -33,18 +33,24 @@ class InferletNotFound(ValueError):
 
 
 def resolve_inferlet(name_or_path: str | Path) -> Path:
-    """A path to a .py / .wasm / .wat file, or the name of a bundled example (inferlets/examples/NAME.py)."""
+    """A path to a .py / .wasm / .wat file, or the name of a bundled example (inferlets/examples/NAME.py).
+    For the local user (`pie run`); a server resolves its clients' names with `resolve_bundled` only."""
     p = Path(name_or_path)
     if p.suffix in (".py", ".wasm", ".wat") or p.exists():
         if not p.is_file():
             raise InferletNotFound(f"inferlet file {p} does not exist")
         return p
-    for ext in (".py", ".wasm"):
-        candidate = examples_dir() / f"{name_or_path}{ext}"
-        if candidate.is_file():
-            return candidate
-    bundled = sorted(f.stem for f in examples_dir().glob("*.py"))
-    raise InferletNotFound(f"no inferlet named {name_or_path!r} (bundled: {', '.join(bundled)}; or give a .py/.wasm path)")
+    return resolve_bundled(str(name_or_path), "; or give a .py/.wasm path")
+
+
+def resolve_bundled(name: str, hint: str = "") -> Path:
+    """The bundled example called `name` (inferlets/examples/NAME.py or .wasm), never a path: a name that
+    is not one of theirs is refused, whatever files exist where the process runs."""
+    bundled = {f.stem: f for f in sorted(examples_dir().iterdir()) if f.suffix in (".py", ".wasm")}
+    if name in bundled:
+        return bundled[name]
+    names = sorted({f.stem for f in examples_dir().glob("*.py")})
+    raise InferletNotFound(f"no inferlet named {name[:80]!r} (bundled: {', '.join(names)}{hint})")
 
 
 @dataclass(frozen=True)

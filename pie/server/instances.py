@@ -13,8 +13,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from pie.runtime import resolve_bundled
 from pie.server.config import LimitsSection
 from pie.server.outbox import Outbox
 from pie.server.programs import Program
@@ -65,9 +67,10 @@ class InstanceManager:
 
     # ---- launching ------------------------------------------------------------------------------
     async def launch(self, owner: Any, outbox: Outbox, arguments: Sequence[str], *, program: Program | None = None,
-                     inferlet: str | None = None, deadline_s: float | None = None, memory_mb: int | None = None,
+                     inferlet: str | Path | None = None, deadline_s: float | None = None, memory_mb: int | None = None,
                      forward_log: bool = True, on_started: Callable[[Any], None] | None = None) -> Any:
-        """Starts an instance of an uploaded program or a bundled / configured inferlet (by name or path).
+        """Starts an instance of an uploaded program, a bundled inferlet (by name: only those) or the
+        configured one (a Path, from the operator's configuration).
         `on_started(instance)` runs on the launching thread before any event of the instance is queued."""
         if not self.accepting:
             raise LaunchError("shutting_down", "the server is shutting down and takes no new instances")
@@ -115,8 +118,9 @@ class InstanceManager:
         callbacks = {"on_output": on_output, "on_log": on_log if forward_log else None, "on_done": on_done}
         rt = self.runtime
         try:
-            if program is None:
-                inst = rt.launch(inferlet, arguments, **kwargs, **callbacks)
+            if program is None:  # a client's name is a bundled inferlet; a Path comes from the configuration
+                path = inferlet if isinstance(inferlet, Path) else resolve_bundled(inferlet)
+                inst = rt.launch(path, arguments, **kwargs, **callbacks)
                 name = str(inferlet)
             elif program.kind == "python":
                 inst = rt.launch_source(program.source, arguments, filename=program.name, **kwargs, **callbacks)

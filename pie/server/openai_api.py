@@ -12,10 +12,12 @@ import hmac
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from aiohttp import web
 
+from pie.runtime import resolve_inferlet
 from pie.server.config import PieConfig
 from pie.server.instances import InstanceManager, LaunchError
 from pie.server.openai_params import APIError, Meta, chat_specs, completion_specs, responses_specs
@@ -32,9 +34,10 @@ class ChoiceRun:
     """The instances of one request's choices: launched on entry, terminated on exit (whatever the
     reason: done, an error, the HTTP client went away)."""
 
-    def __init__(self, config: PieConfig, instances: InstanceManager, specs: list[dict]):
+    def __init__(self, config: PieConfig, instances: InstanceManager, inferlet: Path, specs: list[dict]):
         self.config = config
         self.instances = instances
+        self.inferlet = inferlet
         self.specs = specs
         cfg = config.server
         self.outbox = Outbox(asyncio.get_running_loop(), cfg.outbox_messages, cfg.slow_client_s)
@@ -43,8 +46,8 @@ class ChoiceRun:
     async def __aenter__(self) -> "ChoiceRun":
         try:
             for i, spec in enumerate(self.specs):
-                inst = await self.instances.launch(self, self.outbox, [json.dumps(spec)],
-                                                   inferlet=self.config.openai.inferlet, forward_log=False)
+                inst = await self.instances.launch(self, self.outbox, [json.dumps(spec)], inferlet=self.inferlet,
+                                                   forward_log=False)
                 self.index[inst.id] = i
         except LaunchError as e:
             await self.__aexit__(None, None, None)
@@ -146,6 +149,7 @@ class OpenAIRoutes:
         self.instances = instances
         self.model_name = model_name
         self.started_at = started_at
+        self.inferlet = resolve_inferlet(config.openai.inferlet)  # the operator's choice: a name or a path
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self.chat)
@@ -191,7 +195,7 @@ class OpenAIRoutes:
                 specs, meta = completion_specs(body, model=self.model_name, max_n=openai.max_n)
             else:
                 specs, meta = responses_specs(body, model=self.model_name, default_max_tokens=openai.default_max_tokens)
-            async with ChoiceRun(self.config, self.instances, specs) as run:
+            async with ChoiceRun(self.config, self.instances, self.inferlet, specs) as run:
                 if meta.stream:
                     return await getattr(self, f"_{kind}_stream")(request, run, meta)
                 collected = Collected(len(specs))

@@ -13,6 +13,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from pie.server.protocol import is_program_hash
+
 KINDS = ("python", "wasm", "wat")
 SUFFIX = {"python": ".py", "wasm": ".wasm", "wat": ".wat"}
 
@@ -37,12 +39,17 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def check_hash(digest: str, what: str) -> None:
+    """A program hash names a file of the store: anything but 64 lowercase hex digits is refused."""
+    if not is_program_hash(digest):
+        raise ProgramError(f"{what}: hash must be 64 lowercase hex digits (sha256), got {str(digest)[:80]!r}")
+
+
 class Upload:
     """One upload in progress: chunks in order, size capped."""
 
     def __init__(self, digest: str, kind: str, name: str, num_chunks: int, max_bytes: int):
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise ProgramError(f"upload: hash must be 64 lowercase hex digits (sha256), got {digest[:80]!r}")
+        check_hash(digest, "upload")
         if kind not in KINDS:
             raise ProgramError(f"upload: kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if not 1 <= num_chunks <= 1 << 20:
@@ -100,6 +107,9 @@ class ProgramStore:
                 tmp.replace(path)
 
     def get(self, digest: str) -> Program | None:
+        """The program of that hash, from memory or the store's folder; None if it has none. A hash that is
+        not 64 lowercase hex digits raises ProgramError (it is never joined to a path)."""
+        check_hash(digest, "program")
         with self._lock:
             program = self._programs.get(digest)
         if program is not None or self.folder is None:

@@ -7,6 +7,7 @@ Instance events ({"type": "output" | "log" | "done", "instance_id", ...}) come u
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgpack
@@ -31,6 +32,14 @@ OPTIONAL: dict[str, dict[str, tuple[type, ...]]] = {
     "launch": {"program": (str,), "inferlet": (str,), "deadline_s": (int, float), "memory_mb": (int,)},
     "terminate": {"reason": (str,)},
 }
+
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # a program's hash: 64 lowercase hex digits, never a path
+HASH_FIELDS = {("query", "hash"), ("upload", "hash"), ("launch", "program")}
+
+
+def is_program_hash(text: Any) -> bool:
+    return isinstance(text, str) and SHA256_HEX.fullmatch(text) is not None
 
 
 class ProtocolError(Exception):
@@ -70,6 +79,10 @@ def unpack_request(frame: bytes) -> dict[str, Any]:
     for name, types in OPTIONAL.get(kind, {}).items():
         if msg.get(name) is not None:
             _check(kind, name, msg[name], types, corr_id)
+    for message_type, name in HASH_FIELDS:
+        if kind == message_type and msg.get(name) is not None and not is_program_hash(msg[name]):
+            raise ProtocolError("bad_request", f"{kind}: field {name!r} must be a sha256 (64 lowercase hex "
+                                               f"digits), got {str(msg[name])[:80]!r}", corr_id)
     return msg
 
 
