@@ -1,7 +1,7 @@
 """Per-command overhead of the control layer: submit -> batch -> complete, with a no-op runner.
 
 Producers submit a command and wait for its future (window 1: what an inferlet does), or keep
-`--window` commands in flight. The engine loop (Python, one thread) runs every batch on a no-op
+`--window` commands in flight. The batch loop (Python, one thread) runs every batch on a no-op
 handler. Reported per configuration:
   - wall ns/cmd: wall time / commands, all producers together (the layer's throughput cost)
   - latency us: mean submit -> result as one producer sees it

@@ -34,11 +34,11 @@ struct PieControlFuture {
   std::shared_ptr<FutureState> future;
 };
 struct PagePoolHandle {
-  PagePool pool;
+  std::shared_ptr<PagePool> pool;  // shared: the pins of commands keep it alive
   py::object on_terminate = py::none();
 
   PagePoolHandle(uint32_t num_pages, uint32_t page_size, std::string resource, py::object callback)
-      : pool(num_pages, page_size, std::move(resource)), on_terminate(std::move(callback)) {}
+      : pool(std::make_shared<PagePool>(num_pages, page_size, std::move(resource))), on_terminate(std::move(callback)) {}
 
   void report(const std::vector<Termination>& terminations) {
     if (on_terminate.is_none()) return;
@@ -65,6 +65,12 @@ struct PagePoolHandle {
       std::rethrow_exception(error);
     }
   }
+};
+
+// Pages pinned from Python (tests, clients that want a command's guarantee).
+struct PinnedPages {
+  std::vector<uint32_t> pages;
+  PagePins pins;
 };
 
 struct PieControlPool {
@@ -162,8 +168,8 @@ PieControlFuture* api_submit_forward(PieControlQueue* queue, const void* command
   }
 }
 
-PieControlFuture* api_submit_copies(PieControlQueue* queue, const uint32_t* spans, size_t count, char* error,
-                                    size_t error_size) {
+PieControlFuture* api_submit_copies(PieControlQueue* queue, const uint32_t* spans, size_t count, const void* pins,
+                                    size_t num_pins, char* error, size_t error_size) {
   try {
     auto copies = std::make_shared<PageCopyCommand>();
     copies->spans.reserve(count);
@@ -171,6 +177,8 @@ PieControlFuture* api_submit_copies(PieControlQueue* queue, const uint32_t* span
       const uint32_t* s = spans + 5 * i;
       copies->spans.push_back(CopySpan{s[0], s[1], s[2], s[3], s[4]});
     }
+    const auto* held = static_cast<const std::shared_ptr<void>*>(pins);
+    copies->pins.assign(held, held + num_pins);
     // Depends on the previous command: a copy reads what earlier passes of the queue wrote.
     return new PieControlFuture{queue->queue->submit(static_cast<int32_t>(CommandKind::kCopyPages),
                                                      command_payload(std::move(copies)), 0, true)};
@@ -232,7 +240,7 @@ int api_pool_call(PieControlPool* pool, char* error, size_t error_size, Call&& c
   std::vector<Termination> terminations;
   int status = PIE_OK;
   try {
-    call(pool->pool->pool, terminations);
+    call(*pool->pool->pool, terminations);
   } catch (const std::exception& failure) {
     copy_error(failure.what(), error, error_size);
     status = api_status_of(failure);
@@ -305,12 +313,36 @@ int api_pool_prepare_write(PieControlPool* pool, uint64_t instance_id, const uin
   });
 }
 
+int api_pool_resolve_pinned(PieControlPool* pool, uint64_t instance_id, const uint32_t* handles, size_t count,
+                            uint32_t* out_pages, void* out_pins, char* error, size_t error_size) {
+  return api_pool_call(pool, error, error_size, [&](PagePool& p, std::vector<Termination>&) {
+    std::vector<uint32_t> pages =
+        p.resolve_pinned(instance_id, std::vector<uint32_t>(handles, handles + count), *static_cast<PagePins*>(out_pins));
+    std::copy(pages.begin(), pages.end(), out_pages);
+  });
+}
+
+int api_pool_prepare_write_pinned(PieControlPool* pool, uint64_t instance_id, const uint32_t* handles, size_t count,
+                                  uint32_t* out_src_pages, uint32_t* out_dst_pages, size_t* out_num_copies,
+                                  void* out_pins, char* error, size_t error_size) {
+  *out_num_copies = 0;
+  return api_pool_call(pool, error, error_size, [&](PagePool& p, std::vector<Termination>& t) {
+    std::vector<PageCopy> copies = p.prepare_write(instance_id, std::vector<uint32_t>(handles, handles + count), t,
+                                                   static_cast<PagePins*>(out_pins));
+    for (size_t i = 0; i < copies.size(); ++i) {
+      out_src_pages[i] = copies[i].src_page;
+      out_dst_pages[i] = copies[i].dst_page;
+    }
+    *out_num_copies = copies.size();
+  });
+}
+
 const PieControlApi kControlApi = {
     PIE_CONTROL_API_VERSION, &api_queue_from_python, &api_queue_release, &api_submit, &api_synchronize,
     &api_future_wait, &api_future_status, &api_future_command_id, &api_future_result, &api_future_error,
     &api_future_release, &api_future_to_python, &api_pool_from_python, &api_pool_release, &api_pool_allocate,
     &api_pool_free, &api_pool_resolve, &api_pool_fork, &api_pool_prepare_write, &api_submit_forward,
-    &api_submit_copies,
+    &api_submit_copies, &api_pool_resolve_pinned, &api_pool_prepare_write_pinned,
 };
 
 std::optional<Clock::duration> to_timeout(std::optional<double> seconds) {
@@ -353,6 +385,7 @@ py::dict pool_stats_dict(const PoolStats& stats) {
   result["num_free"] = stats.num_free;
   result["num_exported"] = stats.num_exported;
   result["num_shared"] = stats.num_shared;
+  result["num_pinned"] = stats.num_pinned;
   result["num_exports"] = stats.num_exports;
   result["num_terminations"] = stats.num_terminations;
   result["instances"] = instances;
@@ -509,6 +542,40 @@ PYBIND11_MODULE(_control, m) {
       .def_readwrite("outputs", &ForwardCommand::outputs)
       .def_readonly("results", &ForwardCommand::results, "One OutputValue per output once the pass has run.")
       .def_property_readonly("num_tokens", &ForwardCommand::num_tokens)
+      .def(
+          "request_fields",
+          [](const ForwardCommand& c) {
+            // Everything the engine's request (pie.engine.batch.ForwardRequest) needs, in one call: the
+            // handler reads a command per pass, and each property read is a crossing of its own.
+            py::dict fields;
+            fields["token_ids"] = py::cast(c.token_ids);
+            fields["positions"] = py::cast(c.positions);
+            fields["kv_page_ids"] = py::cast(c.kv_page_ids);
+            fields["kv_last_page_len"] = c.kv_last_page_len;
+            fields["mask"] = c.mask.empty() ? py::object(py::none()) : py::cast(c.mask);
+            fields["embed_slots"] = c.embed_slots.empty() ? py::object(py::none()) : py::cast(c.embed_slots);
+            py::list outputs(c.outputs.size());
+            bool any_mask = false;
+            for (size_t j = 0; j < c.outputs.size(); ++j) {
+              outputs[j] = py::make_tuple(c.outputs[j].index, py::cast(c.outputs[j].sampler));
+              any_mask |= !c.outputs[j].vocab_mask.empty();
+            }
+            fields["outputs"] = outputs;
+            if (any_mask) {
+              py::list masks(c.outputs.size());
+              for (size_t j = 0; j < c.outputs.size(); ++j) {
+                const auto& runs = c.outputs[j].vocab_mask;
+                masks[j] = runs.empty() ? py::object(py::none()) : py::cast(runs);
+              }
+              fields["output_masks"] = masks;
+            } else {
+              fields["output_masks"] = py::none();
+            }
+            return fields;
+          },
+          "The command as keyword fields of the engine's request: token_ids, positions, kv_page_ids, "
+          "kv_last_page_len, mask, embed_slots, outputs ((input index, Sampler) pairs), output_masks (one "
+          "run list or None per output, or None when no output is masked).")
       .def("kv_len", &ForwardCommand::kv_len, py::arg("page_size"), "Tokens in the KV sequence.")
       .def(
           "check",
@@ -517,20 +584,47 @@ PYBIND11_MODULE(_control, m) {
           },
           py::arg("limits"), "Raise ValueError naming the field when the command may not run under `limits`.")
       .def(
-          "set_results",
-          [](ForwardCommand& c, std::vector<std::pair<std::vector<uint32_t>, py::array_t<float, py::array::c_style | py::array::forcecast>>> results) {
-            if (results.size() != c.outputs.size()) {
-              throw std::invalid_argument(std::to_string(results.size()) + " results for " +
-                                          std::to_string(c.outputs.size()) + " outputs");
+          "write_outputs",
+          [](ForwardCommand& c, py::sequence outputs) {
+            // The engine's output of each sampler kind (pie.engine.batch.SamplerOutput) as an OutputValue.
+            if (py::len(outputs) != c.outputs.size()) {
+              throw std::invalid_argument(std::to_string(py::len(outputs)) + " outputs for " +
+                                          std::to_string(c.outputs.size()) + " samplers");
             }
-            c.results.resize(results.size());
-            for (size_t j = 0; j < results.size(); ++j) {
-              c.results[j].ids = std::move(results[j].first);
-              const auto& values = results[j].second;
-              c.results[j].values.assign(values.data(), values.data() + values.size());
+            std::vector<OutputValue> results(c.outputs.size());
+            for (size_t j = 0; j < c.outputs.size(); ++j) {
+              py::handle value = outputs[j];
+              OutputValue& r = results[j];
+              switch (c.outputs[j].sampler.kind) {
+                case SamplerKind::kGreedy:
+                case SamplerKind::kSample:
+                  r.ids.push_back(value.cast<uint32_t>());
+                  break;
+                case SamplerKind::kTopKDistribution: {
+                  auto pair = value.cast<py::sequence>();
+                  r.ids = pair[0].cast<std::vector<uint32_t>>();
+                  r.values = pair[1].cast<std::vector<float>>();
+                  break;
+                }
+                case SamplerKind::kLogprobs:
+                  r.ids = c.outputs[j].sampler.token_ids;
+                  r.values = value.cast<std::vector<float>>();
+                  break;
+                case SamplerKind::kRawLogits: {  // a (vocab,) CPU tensor or array
+                  auto row = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(value);
+                  if (!row) throw py::error_already_set();
+                  r.values.assign(row.data(), row.data() + row.size());
+                  break;
+                }
+              }
             }
+            c.results = std::move(results);
+            c.pins.reset();  // the pass has run: its pages may go back to the pool once their holders let go
           },
-          py::arg("results"), "The engine's results: one (ids, values) pair per output, in order.")
+          py::arg("outputs"),
+          "Write the engine's outputs, one per sampler in order (a token id for greedy / sample, (ids, probs) "
+          "for a top-k distribution, the logprobs of the asked tokens, the raw logits row), as the results; "
+          "the command's pages are unpinned.")
       .def("__repr__", [](const ForwardCommand& c) {
         return "<ForwardCommand " + std::to_string(c.num_tokens()) + " tokens over " +
                std::to_string(c.kv_page_ids.size()) + " pages, " + std::to_string(c.outputs.size()) + " outputs>";
@@ -555,7 +649,10 @@ PYBIND11_MODULE(_control, m) {
              return c;
            }),
            py::arg("spans"))
-      .def_readonly("spans", &PageCopyCommand::spans);
+      .def_readonly("spans", &PageCopyCommand::spans)
+      .def(
+          "done", [](PageCopyCommand& c) { c.pins.clear(); },
+          "The copies have run: their pages are unpinned (they go back to the pool once their holders let go).");
 
   // ---- Future ----
   py::class_<FutureState, std::shared_ptr<FutureState>>(m, "Future",
@@ -786,48 +883,62 @@ PYBIND11_MODULE(_control, m) {
           py::arg("reason") = "stopped")
       .def("stats", [](SchedulerHandle& s) { return scheduler_stats_dict(s.scheduler->stats()); });
 
+  py::class_<PinnedPages>(m, "PinnedPages", "Pages pinned for a command (PagePool.resolve_pinned).")
+      .def_readonly("pages", &PinnedPages::pages)
+      .def("release", [](PinnedPages& p) { p.pins.reset(); }, "Unpin now (dropping the object does too).");
+
   // ---- PagePool ----
   py::class_<PagePoolHandle>(m, "PagePool", "Ref-counted accounting of pages 0..num_pages-1 (see page_pool.h).")
       .def(py::init<uint32_t, uint32_t, std::string, py::object>(), py::arg("num_pages"), py::arg("page_size"),
            py::arg("resource") = "KV page", py::arg("on_terminate") = py::none())
-      .def_property_readonly("num_pages", [](const PagePoolHandle& p) { return p.pool.num_pages(); })
-      .def_property_readonly("page_size", [](const PagePoolHandle& p) { return p.pool.page_size(); })
-      .def_property_readonly("resource", [](const PagePoolHandle& p) { return p.pool.resource_name(); })
+      .def_property_readonly("num_pages", [](const PagePoolHandle& p) { return p.pool->num_pages(); })
+      .def_property_readonly("page_size", [](const PagePoolHandle& p) { return p.pool->page_size(); })
+      .def_property_readonly("resource", [](const PagePoolHandle& p) { return p.pool->resource_name(); })
       .def_readwrite("on_terminate", &PagePoolHandle::on_terminate,
                      "Called as on_terminate(instance_id, message) after the pool terminates an instance.")
       .def(
-          "add_instance", [](PagePoolHandle& p, uint64_t id, uint32_t quota) { p.pool.add_instance(id, quota); },
+          "add_instance", [](PagePoolHandle& p, uint64_t id, uint32_t quota) { p.pool->add_instance(id, quota); },
           py::arg("instance_id"), py::arg("quota") = 0)
       .def(
-          "has_instance", [](const PagePoolHandle& p, uint64_t id) { return p.pool.has_instance(id); },
+          "has_instance", [](const PagePoolHandle& p, uint64_t id) { return p.pool->has_instance(id); },
           py::arg("instance_id"))
       .def(
-          "end_instance", [](PagePoolHandle& p, uint64_t id) { return p.pool.end_instance(id); },
+          "end_instance", [](PagePoolHandle& p, uint64_t id) { return p.pool->end_instance(id); },
           py::arg("instance_id"))
       .def(
           "terminate",
-          [](PagePoolHandle& p, uint64_t id, const std::string& reason) { p.pool.terminate(id, reason); },
+          [](PagePoolHandle& p, uint64_t id, const std::string& reason) { p.pool->terminate(id, reason); },
           py::arg("instance_id"), py::arg("reason"))
       .def(
           "allocate",
           [](PagePoolHandle& p, uint64_t id, uint32_t count) {
-            return p.with_terminations([&](std::vector<Termination>& t) { return p.pool.allocate(id, count, t); });
+            return p.with_terminations([&](std::vector<Termination>& t) { return p.pool->allocate(id, count, t); });
           },
           py::arg("instance_id"), py::arg("count"))
       .def(
-          "free", [](PagePoolHandle& p, uint64_t id, const std::vector<uint32_t>& handles) { p.pool.free(id, handles); },
+          "free", [](PagePoolHandle& p, uint64_t id, const std::vector<uint32_t>& handles) { p.pool->free(id, handles); },
           py::arg("instance_id"), py::arg("handles"))
       .def(
           "resolve",
           [](const PagePoolHandle& p, uint64_t id, const std::vector<uint32_t>& handles) {
-            return p.pool.resolve(id, handles);
+            return p.pool->resolve(id, handles);
           },
           py::arg("instance_id"), py::arg("handles"))
+      .def(
+          "resolve_pinned",
+          [](PagePoolHandle& p, uint64_t id, const std::vector<uint32_t>& handles) {
+            PinnedPages pinned;
+            pinned.pages = p.pool->resolve_pinned(id, handles, pinned.pins);
+            return pinned;
+          },
+          py::arg("instance_id"), py::arg("handles"),
+          "The handles' pages, pinned (not handed out again, even once freed) until the returned PinnedPages "
+          "is released or dropped.")
       .def(
           "prepare_write",
           [](PagePoolHandle& p, uint64_t id, const std::vector<uint32_t>& handles) {
             std::vector<PageCopy> copies =
-                p.with_terminations([&](std::vector<Termination>& t) { return p.pool.prepare_write(id, handles, t); });
+                p.with_terminations([&](std::vector<Termination>& t) { return p.pool->prepare_write(id, handles, t); });
             std::vector<std::pair<uint32_t, uint32_t>> pairs;
             pairs.reserve(copies.size());
             for (const PageCopy& copy : copies) pairs.emplace_back(copy.src_page, copy.dst_page);
@@ -836,28 +947,28 @@ PYBIND11_MODULE(_control, m) {
           py::arg("instance_id"), py::arg("handles"))
       .def(
           "fork",
-          [](PagePoolHandle& p, uint64_t id, const std::vector<uint32_t>& handles) { return p.pool.fork(id, handles); },
+          [](PagePoolHandle& p, uint64_t id, const std::vector<uint32_t>& handles) { return p.pool->fork(id, handles); },
           py::arg("instance_id"), py::arg("handles"))
       .def(
           "export_pages",
           [](PagePoolHandle& p, uint64_t id, const std::string& name, const std::vector<uint32_t>& handles,
-             bool persistent) { p.pool.export_pages(id, name, handles, persistent); },
+             bool persistent) { p.pool->export_pages(id, name, handles, persistent); },
           py::arg("instance_id"), py::arg("name"), py::arg("handles"), py::arg("persistent") = false)
       .def(
           "import_pages",
-          [](PagePoolHandle& p, uint64_t id, const std::string& name) { return p.pool.import_pages(id, name); },
+          [](PagePoolHandle& p, uint64_t id, const std::string& name) { return p.pool->import_pages(id, name); },
           py::arg("instance_id"), py::arg("name"))
       .def(
           "unexport",
-          [](PagePoolHandle& p, const std::string& name, std::optional<uint64_t> id) { p.pool.unexport(name, id); },
+          [](PagePoolHandle& p, const std::string& name, std::optional<uint64_t> id) { p.pool->unexport(name, id); },
           py::arg("name"), py::arg("instance_id") = py::none())
-      .def("export_names", [](const PagePoolHandle& p) { return p.pool.export_names(); })
+      .def("export_names", [](const PagePoolHandle& p) { return p.pool->export_names(); })
       .def(
-          "refcount", [](const PagePoolHandle& p, uint32_t page) { return p.pool.refcount(page); }, py::arg("page"))
+          "refcount", [](const PagePoolHandle& p, uint32_t page) { return p.pool->refcount(page); }, py::arg("page"))
       .def(
-          "handles", [](const PagePoolHandle& p, uint64_t id) { return p.pool.handles(id); }, py::arg("instance_id"))
-      .def("stats", [](const PagePoolHandle& p) { return pool_stats_dict(p.pool.stats()); })
-      .def("check_invariants", [](const PagePoolHandle& p) { p.pool.check_invariants(); });
+          "handles", [](const PagePoolHandle& p, uint64_t id) { return p.pool->handles(id); }, py::arg("instance_id"))
+      .def("stats", [](const PagePoolHandle& p) { return pool_stats_dict(p.pool->stats()); })
+      .def("check_invariants", [](const PagePoolHandle& p) { p.pool->check_invariants(); });
 
   // ---- load generator ----
   m.def(
@@ -880,7 +991,7 @@ PYBIND11_MODULE(_control, m) {
       },
       py::arg("scheduler"), py::arg("num_producers"), py::arg("commands_per_producer"), py::arg("window") = 1,
       py::arg("kind") = 0, py::arg("first_instance_id") = uint64_t{1} << 40,
-      "Run native producer threads (no GIL) against the scheduler; an engine loop must be taking batches.");
+      "Run native producer threads (no GIL) against the scheduler; a batch loop must be taking batches.");
   m.def(
       "wakeup_round_trip_ns",
       [](uint32_t iterations) {

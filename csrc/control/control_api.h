@@ -93,9 +93,19 @@ typedef struct PieControlApi {
   PieControlFuture* (*submit_forward)(PieControlQueue* queue, const void* command, int depends_on_previous,
                                       char* error, size_t error_size);
   /* A COPY_PAGES command of `count` spans, five uint32 each (pie::control::CopySpan: src_page, src_offset,
-   * dst_page, dst_offset, count), run after every earlier command of the queue has finished. */
-  PieControlFuture* (*submit_copies)(PieControlQueue* queue, const uint32_t* spans, size_t count, char* error,
-                                     size_t error_size);
+   * dst_page, dst_offset, count), run after every earlier command of the queue has finished. `pins` points
+   * to `num_pins` std::shared_ptr<void> (pool pins of its pages), which the command keeps while it lives. */
+  PieControlFuture* (*submit_copies)(PieControlQueue* queue, const uint32_t* spans, size_t count, const void* pins,
+                                     size_t num_pins, char* error, size_t error_size);
+  /* pool_resolve, and the pages pinned until the std::shared_ptr<void> written to `out_pins` (and every
+   * copy of it) is dropped: for a command that reads or writes them. */
+  int (*pool_resolve_pinned)(PieControlPool* pool, uint64_t instance_id, const uint32_t* handles, size_t count,
+                             uint32_t* out_pages, void* out_pins, char* error, size_t error_size);
+  /* pool_prepare_write, with the copies' source and destination pages pinned in `out_pins` (a
+   * std::shared_ptr<void>*; left empty when there is nothing to copy). */
+  int (*pool_prepare_write_pinned)(PieControlPool* pool, uint64_t instance_id, const uint32_t* handles, size_t count,
+                                   uint32_t* out_src_pages, uint32_t* out_dst_pages, size_t* out_num_copies,
+                                   void* out_pins, char* error, size_t error_size);
 } PieControlApi;
 
 #ifdef __cplusplus

@@ -4,7 +4,7 @@
 // A ForwardCommand is built once: by the runtime's forward.submit (from the WIT record, page handles
 // resolved to physical pages) or by a Python client of the control plane (pie.control.ForwardCommand).
 // It is checked once, by check_forward(), before it is submitted; the engine trusts what it receives.
-// The engine loop hands FORWARD batches to pie/control/handlers.py, which runs them on the model runner
+// The batch loop hands FORWARD batches to pie/control/handlers.py, which runs them on the model runner
 // and writes each output into `results`; then the command's future completes and its submitter reads
 // the results from the same object (it holds a shared_ptr).
 //
@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -69,6 +70,10 @@ struct ForwardCommand {
   std::vector<uint32_t> embed_slots;  // (T,) physical input-embedding slots read instead of tokens, or empty
   std::vector<ForwardOutput> outputs;
   std::vector<OutputValue> results;   // written by the engine, one per output, before the future completes
+  // The pages it reads and writes, pinned in the KV pool until the pass has run (write_outputs releases
+  // them) or the command is dropped unrun: an instance that frees them meanwhile cannot have them handed
+  // to another. Empty: not pinned (a Python client holds its pages until its passes are done).
+  std::shared_ptr<void> pins;
 
   uint32_t num_tokens() const { return static_cast<uint32_t>(token_ids.size()); }
   // Tokens in the KV sequence: full pages plus the last page's tokens (the one expression of it).
@@ -86,6 +91,7 @@ struct CopySpan {
 // A COPY_PAGES command: its spans run in order (a later span may read what an earlier one wrote).
 struct PageCopyCommand {
   std::vector<CopySpan> spans;
+  std::vector<std::shared_ptr<void>> pins;  // its source and destination pages, pinned until it has run
 };
 
 // What a command is checked against: the model and the engine it runs on.

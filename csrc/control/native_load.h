@@ -19,7 +19,7 @@ struct NativeLoadResult {
 
 // Each of `num_producers` threads opens a queue for instance first_instance_id + i, submits
 // `commands_per_producer` commands of `kind` (1 token, no payload) keeping at most `window` unresolved,
-// waits for all, and closes its queue. Someone else (the engine loop) must be taking batches.
+// waits for all, and closes its queue. Someone else (the batch loop) must be taking batches.
 NativeLoadResult drive_native_producers(const std::shared_ptr<Scheduler>& scheduler, uint32_t num_producers,
                                         uint32_t commands_per_producer, uint32_t window, int32_t kind,
                                         uint64_t first_instance_id);

@@ -14,6 +14,7 @@ PagePool::PagePool(uint32_t num_pages, uint32_t page_size, std::string resource_
   if (num_pages == 0) throw std::invalid_argument("a page pool needs num_pages >= 1");
   if (page_size == 0) throw std::invalid_argument("a page pool needs page_size >= 1");
   refcounts_.assign(num_pages, 0);
+  pins_.assign(num_pages, 0);
   free_pages_.reserve(num_pages);
   for (uint32_t page = num_pages; page-- > 0;) free_pages_.push_back(page);
 }
@@ -52,7 +53,31 @@ bool PagePool::has_instance(uint64_t instance_id) const {
 }
 
 void PagePool::unref_locked(uint32_t page) {
-  if (--refcounts_[page] == 0) free_pages_.push_back(page);
+  if (--refcounts_[page] == 0 && pins_[page] == 0) free_pages_.push_back(page);
+}
+
+namespace {
+struct PinnedPages {
+  std::shared_ptr<PagePool> pool;
+  std::vector<uint32_t> pages;
+};
+}  // namespace
+
+PagePins PagePool::pin_locked(std::vector<uint32_t> pages) {
+  for (uint32_t page : pages) ++pins_[page];
+  auto* pinned = new PinnedPages{shared_from_this(), std::move(pages)};
+  return PagePins(pinned, [](void* p) {
+    auto* pinned = static_cast<PinnedPages*>(p);
+    pinned->pool->unpin(pinned->pages);
+    delete pinned;
+  });
+}
+
+void PagePool::unpin(const std::vector<uint32_t>& pages) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (uint32_t page : pages) {
+    if (--pins_[page] == 0 && refcounts_[page] == 0) free_pages_.push_back(page);
+  }
 }
 
 uint32_t PagePool::take_free_page_locked() {
@@ -146,8 +171,8 @@ void PagePool::reserve_pages_locked(Account& requester, uint32_t count, std::vec
   // Simulate terminating newer instances, newest first, until enough pages would come free.
   std::unordered_map<uint32_t, uint32_t> num_dropped;  // page -> references the victims hold
   uint32_t num_freed = 0;
-  auto drop = [&](uint32_t page) {
-    if (++num_dropped[page] == refcounts_[page]) ++num_freed;
+  auto drop = [&](uint32_t page) {  // a pinned page comes free only when its command is done
+    if (++num_dropped[page] == refcounts_[page] && pins_[page] == 0) ++num_freed;
   };
   std::vector<Account*> victims;
   for (auto it = live_by_age_.rbegin(); it != live_by_age_.rend() && it->first > requester.age; ++it) {
@@ -227,8 +252,29 @@ std::vector<uint32_t> PagePool::resolve(uint64_t instance_id, const std::vector<
   return pages_of_locked(live_instance_locked(instance_id), handles);
 }
 
+std::vector<uint32_t> PagePool::resolve_pinned(uint64_t instance_id, const std::vector<uint32_t>& handles,
+                                               PagePins& pins) {
+  PagePins pinned;
+  std::vector<uint32_t> pages;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    pages = pages_of_locked(live_instance_locked(instance_id), handles);
+    pinned = pin_locked(pages);
+  }
+  pins.swap(pinned);  // pins it held before are released here, outside the lock (unpin takes it)
+  return pages;
+}
+
 std::vector<PageCopy> PagePool::prepare_write(uint64_t instance_id, const std::vector<uint32_t>& handles,
-                                              std::vector<Termination>& terminations) {
+                                              std::vector<Termination>& terminations, PagePins* pins) {
+  PagePins pinned;
+  std::vector<PageCopy> copies = split_shared_pages(instance_id, handles, terminations, pins ? &pinned : nullptr);
+  if (pins != nullptr) pins->swap(pinned);  // pins it held before are released here, outside the lock
+  return copies;
+}
+
+std::vector<PageCopy> PagePool::split_shared_pages(uint64_t instance_id, const std::vector<uint32_t>& handles,
+                                                     std::vector<Termination>& terminations, PagePins* pins) {
   std::lock_guard<std::mutex> lock(mutex_);
   Account& instance = live_instance_locked(instance_id);
   check_distinct(instance_id, resource_name_, handles);
@@ -250,6 +296,12 @@ std::vector<PageCopy> PagePool::prepare_write(uint64_t instance_id, const std::v
     --refcounts_[page];  // stays >= 1: another holder keeps it
     instance.page_of_handle[handles[i]] = copy;
     copies.push_back({page, copy});
+  }
+  if (pins != nullptr) {
+    std::vector<uint32_t> pinned;
+    pinned.reserve(2 * copies.size());
+    for (const PageCopy& c : copies) pinned.insert(pinned.end(), {c.src_page, c.dst_page});
+    *pins = pin_locked(std::move(pinned));
   }
   return copies;
 }
@@ -366,6 +418,7 @@ PoolStats PagePool::stats() const {
   stats.num_free = static_cast<uint32_t>(free_pages_.size());
   stats.num_used = num_pages_ - stats.num_free;
   for (uint32_t count : refcounts_) stats.num_shared += count > 1 ? 1 : 0;
+  for (uint32_t count : pins_) stats.num_pinned += count > 0 ? 1 : 0;
   std::unordered_set<uint32_t> exported;
   for (const auto& entry : exports_) exported.insert(entry.second.pages.begin(), entry.second.pages.end());
   stats.num_exported = static_cast<uint32_t>(exported.size());
@@ -433,9 +486,9 @@ void PagePool::check_invariants() const {
       fail("page " + std::to_string(page) + " has refcount " + std::to_string(refcounts_[page]) + " but " +
            std::to_string(expected[page]) + " holders");
     }
-    if ((refcounts_[page] == 0) != (on_free_list[page] != 0)) {
-      fail("page " + std::to_string(page) + " with refcount " + std::to_string(refcounts_[page]) +
-           (on_free_list[page] ? " is" : " is not") + " on the free list");
+    if ((refcounts_[page] == 0 && pins_[page] == 0) != (on_free_list[page] != 0)) {
+      fail("page " + std::to_string(page) + " with refcount " + std::to_string(refcounts_[page]) + " and " +
+           std::to_string(pins_[page]) + " pins" + (on_free_list[page] ? " is" : " is not") + " on the free list");
     }
   }
 }

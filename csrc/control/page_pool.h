@@ -18,12 +18,18 @@
 //     every handle of the instance (and its non-persistent exports) and leaves a record so that its
 //     later calls fail with the termination message until end_instance() removes it.
 //   - Quotas count the handles an instance holds (0 = unlimited).
+//   - Pins: a queued or running command pins the pages it reads or writes (resolve_pinned,
+//     prepare_write's copies). A pinned page is not handed out again, even once every handle and
+//     export of it is gone (an instance that frees its pages while its pass is in flight, or ends):
+//     a page is free exactly when it has no holder and no pin. Pins are not holders: copy-on-write
+//     looks at holders only. A pin is released when the last copy of its PagePins is dropped.
 // Every call either succeeds whole or changes nothing (terminations excepted: they are reported).
 // Thread-safe (one mutex).
 #pragma once
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -50,11 +56,15 @@ struct InstanceUsage {
   bool terminated = false;
 };
 
+// Pages pinned for a command: dropping the last copy unpins them (the pool outlives its pins).
+using PagePins = std::shared_ptr<void>;
+
 struct PoolStats {
   uint32_t num_pages = 0;
   uint32_t page_size = 0;
-  uint32_t num_used = 0;      // refcount > 0
+  uint32_t num_used = 0;      // held or pinned
   uint32_t num_free = 0;      // num_pages - num_used
+  uint32_t num_pinned = 0;    // pinned by at least one command
   uint32_t num_exported = 0;  // distinct pages listed by at least one export
   uint32_t num_shared = 0;    // refcount > 1
   uint32_t num_exports = 0;
@@ -62,8 +72,9 @@ struct PoolStats {
   std::vector<InstanceUsage> instances;  // by instance id
 };
 
-class PagePool {
+class PagePool : public std::enable_shared_from_this<PagePool> {
  public:
+  // Pins need the pool to outlive them: make it with std::make_shared.
   PagePool(uint32_t num_pages, uint32_t page_size, std::string resource_name);
 
   uint32_t num_pages() const { return num_pages_; }
@@ -83,8 +94,11 @@ class PagePool {
   std::vector<uint32_t> allocate(uint64_t instance_id, uint32_t count, std::vector<Termination>& terminations);
   void free(uint64_t instance_id, const std::vector<uint32_t>& handles);
   std::vector<uint32_t> resolve(uint64_t instance_id, const std::vector<uint32_t>& handles) const;
+  // resolve() and a pin of the pages in one step: no termination or free can slip in between.
+  std::vector<uint32_t> resolve_pinned(uint64_t instance_id, const std::vector<uint32_t>& handles, PagePins& pins);
+  // With `pins`: the copies' source and destination pages are pinned (for the copy command).
   std::vector<PageCopy> prepare_write(uint64_t instance_id, const std::vector<uint32_t>& handles,
-                                      std::vector<Termination>& terminations);
+                                      std::vector<Termination>& terminations, PagePins* pins = nullptr);
   std::vector<uint32_t> fork(uint64_t instance_id, const std::vector<uint32_t>& handles);
 
   void export_pages(uint64_t instance_id, const std::string& name, const std::vector<uint32_t>& handles,
@@ -128,6 +142,13 @@ class PagePool {
   void terminate_locked(Account& instance, const std::string& message, std::vector<Termination>& terminations);
   uint32_t take_free_page_locked();
   void unref_locked(uint32_t page);
+  // Pins the pages (under the lock); the result unpins them when dropped, which takes the lock: never
+  // drop a PagePins while holding it.
+  PagePins pin_locked(std::vector<uint32_t> pages);
+  void unpin(const std::vector<uint32_t>& pages);
+  // prepare_write under the lock, which it takes itself.
+  std::vector<PageCopy> split_shared_pages(uint64_t instance_id, const std::vector<uint32_t>& handles,
+                                             std::vector<Termination>& terminations, PagePins* pins);
   std::string plural() const { return resource_name_ + "s"; }
   std::string prefix(uint64_t instance_id) const { return "instance " + std::to_string(instance_id) + ": "; }
 
@@ -135,7 +156,8 @@ class PagePool {
   const uint32_t page_size_;
   const std::string resource_name_;
   mutable std::mutex mutex_;
-  std::vector<uint32_t> refcounts_;   // (num_pages,)
+  std::vector<uint32_t> refcounts_;   // (num_pages,) holders: handles and export listings
+  std::vector<uint32_t> pins_;        // (num_pages,) pins of commands; free <=> no holder and no pin
   std::vector<uint32_t> free_pages_;  // stack; the next page handed out is free_pages_.back()
   std::unordered_map<uint64_t, Account> instances_;
   std::map<uint64_t, uint64_t> live_by_age_;  // age -> instance id, not terminated

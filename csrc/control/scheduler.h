@@ -1,7 +1,7 @@
 // Command queues and the batch scheduler.
 //
 // Data flow: producers (inferlet threads, any number, no GIL) submit commands to their CommandQueue
-// (lock-free MPSC). The engine loop (one consumer at a time) calls Scheduler::take(), which moves
+// (lock-free MPSC). The batch loop (one consumer at a time) calls Scheduler::take(), which moves
 // submitted commands into per-queue pending lists, decides by the dispatch policy whether to form a
 // batch now, and returns it; the engine completes each command's future through the Batch.
 //

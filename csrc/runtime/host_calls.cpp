@@ -189,10 +189,11 @@ void* kv_copy_tokens(void*, void*, const void*, val_t* args, size_t nargs, val_t
     return trap("kv.copy-tokens: dst: " + std::to_string(dst) + " is not a page handle of this instance");
   if (count == 0) return nullptr;
   std::vector<CopySpan> copies;  // dst's own copy first if it is shared, then the tokens
-  if (!inst->prepare_write({dst}, copies, error)) return trap("kv.copy-tokens: dst: " + error);
-  if (!inst->resolve({src, dst}, pages, error)) return trap("kv.copy-tokens: " + error);
+  std::vector<std::shared_ptr<void>> pins(1);  // the pages the copies read and write, held until they ran
+  if (!inst->prepare_write({dst}, copies, pins, error)) return trap("kv.copy-tokens: dst: " + error);
+  if (!inst->resolve_pinned({src, dst}, pages, pins[0], error)) return trap("kv.copy-tokens: " + error);
   copies.push_back({pages[0], src_off, pages[1], dst_off, count});
-  if (!inst->submit_copies(0, std::move(copies), error)) return trap("kv.copy-tokens: " + error);
+  if (!inst->submit_copies(0, copies, pins, error)) return trap("kv.copy-tokens: " + error);
   return nullptr;
 }
 
@@ -340,20 +341,22 @@ void* forward_submit(void*, void*, const void*, val_t* args, size_t nargs, val_t
       return fail("fwd.output-masks: expected list<list<u32>>");
   }
   if (handles.empty()) return fail("fwd.pages: empty: the sequence must hold at least the input tokens");
-  if (!inst->resolve(handles, cmd->kv_page_ids, error)) return fail(error);
+  if (!inst->resolve_pinned(handles, cmd->kv_page_ids, cmd->pins, error)) return fail(error);
   if (auto problem = pie::control::check_forward(*cmd, inst->limits()))
     return fail(pie::control::describe(*problem, pie::control::FieldNaming::kWit));
   // The pass writes the last t slots of the sequence: those pages get their own copy first if shared
-  // (fork / import); page masks are folded into the mask rows.
+  // (fork / import); page masks are folded into the mask rows. The pages it reads and writes stay pinned
+  // (cmd->pins) until the command is dropped, however the instance frees them meanwhile.
   const uint32_t ps = inst->limits().page_size;
   const size_t t = cmd->num_tokens(), kv_len = cmd->kv_len(ps);
   const uint32_t q = args[0].of.u32;
   std::vector<uint32_t> written(handles.begin() + (kv_len - t) / ps, handles.end());
   std::vector<CopySpan> copies;
-  if (!inst->prepare_write(written, copies, error)) return fail("fwd.pages: " + error);
+  std::vector<std::shared_ptr<void>> copy_pins;
+  if (!inst->prepare_write(written, copies, copy_pins, error)) return fail("fwd.pages: " + error);
   if (!copies.empty()) {  // the copies moved some handles to new pages
-    if (!inst->submit_copies(q, copies, error)) return fail(error);
-    if (!inst->resolve(handles, cmd->kv_page_ids, error)) return fail(error);
+    if (!inst->submit_copies(q, copies, copy_pins, error)) return fail(error);
+    if (!inst->resolve_pinned(handles, cmd->kv_page_ids, cmd->pins, error)) return fail(error);
   }
   inst->apply_page_masks(handles, kv_len, t, cmd->mask);
   uint64_t future = inst->submit(q, std::move(cmd), error);

@@ -58,6 +58,18 @@ bool InstanceState::resolve(const std::vector<uint32_t>& handles, std::vector<ui
   return true;
 }
 
+bool InstanceState::resolve_pinned(const std::vector<uint32_t>& handles, std::vector<uint32_t>& pages,
+                                   std::shared_ptr<void>& pins, std::string& error) {
+  char err[kErrorSize] = {0};
+  pages.resize(handles.size());
+  if (ctl_.api->pool_resolve_pinned(ctl_.pool, id_, handles.data(), handles.size(), pages.data(), &pins, err,
+                                    sizeof err) != PIE_OK) {
+    error = std::string("fwd.pages: ") + err;
+    return false;
+  }
+  return true;
+}
+
 bool InstanceState::fork(const std::vector<uint32_t>& handles, std::vector<uint32_t>& out, std::string& error) {
   char err[kErrorSize] = {0};
   out.resize(handles.size());
@@ -69,17 +81,19 @@ bool InstanceState::fork(const std::vector<uint32_t>& handles, std::vector<uint3
 }
 
 bool InstanceState::prepare_write(const std::vector<uint32_t>& handles, std::vector<CopySpan>& copies,
-                                  std::string& error) {
+                                  std::vector<std::shared_ptr<void>>& pins, std::string& error) {
   if (handles.empty()) return true;
   char err[kErrorSize] = {0};
   std::vector<uint32_t> src(handles.size()), dst(handles.size());
   size_t n = 0;
-  if (ctl_.api->pool_prepare_write(ctl_.pool, id_, handles.data(), handles.size(), src.data(), dst.data(), &n, err,
-                                   sizeof err) != PIE_OK) {
+  std::shared_ptr<void> pinned;
+  if (ctl_.api->pool_prepare_write_pinned(ctl_.pool, id_, handles.data(), handles.size(), src.data(), dst.data(), &n,
+                                          &pinned, err, sizeof err) != PIE_OK) {
     error = err;
     return false;
   }
   for (size_t i = 0; i < n; ++i) copies.push_back({src[i], 0, dst[i], 0, limits_.page_size});
+  if (pinned) pins.push_back(std::move(pinned));
   return true;
 }
 
@@ -94,14 +108,15 @@ PieControlQueue* InstanceState::queue_of(uint32_t handle, std::string& error) {
   return it->second;
 }
 
-bool InstanceState::submit_copies(uint32_t queue, const std::vector<CopySpan>& copies, std::string& error) {
+bool InstanceState::submit_copies(uint32_t queue, const std::vector<CopySpan>& copies,
+                                  const std::vector<std::shared_ptr<void>>& pins, std::string& error) {
   if (copies.empty()) return true;
   PieControlQueue* q = queue_of(queue, error);
   if (!q) return false;
   static_assert(sizeof(CopySpan) == 5 * sizeof(uint32_t), "CopySpan is five uint32");
   char err[kErrorSize] = {0};
   PieControlFuture* fut = ctl_.api->submit_copies(q, reinterpret_cast<const uint32_t*>(copies.data()), copies.size(),
-                                                  err, sizeof err);
+                                                  pins.data(), pins.size(), err, sizeof err);
   if (!fut) {
     error = err;
     return false;

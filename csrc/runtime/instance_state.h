@@ -53,12 +53,19 @@ class InstanceState {
   bool allocate(uint32_t count, std::vector<uint32_t>& handles, std::string& error);
   bool free(const std::vector<uint32_t>& handles, std::string& error);
   bool resolve(const std::vector<uint32_t>& handles, std::vector<uint32_t>& pages, std::string& error);
+  // resolve, with the pages pinned in the pool until `pins` (and every copy of it) is dropped.
+  bool resolve_pinned(const std::vector<uint32_t>& handles, std::vector<uint32_t>& pages, std::shared_ptr<void>& pins,
+                      std::string& error);
   // New handles to the same pages (shared until written: copy-on-write).
   bool fork(const std::vector<uint32_t>& handles, std::vector<uint32_t>& out, std::string& error);
-  // Gives each handle whose page is shared its own copy; appends the whole-page copies to run first.
-  bool prepare_write(const std::vector<uint32_t>& handles, std::vector<CopySpan>& copies, std::string& error);
-  // Queues the copies on `queue` (0 = default), ordered before whatever is submitted after.
-  bool submit_copies(uint32_t queue, const std::vector<CopySpan>& copies, std::string& error);
+  // Gives each handle whose page is shared its own copy; appends the whole-page copies to run first and
+  // their pages' pins to `pins`.
+  bool prepare_write(const std::vector<uint32_t>& handles, std::vector<CopySpan>& copies,
+                     std::vector<std::shared_ptr<void>>& pins, std::string& error);
+  // Queues the copies on `queue` (0 = default), ordered before whatever is submitted after; the command
+  // keeps the pins of its pages.
+  bool submit_copies(uint32_t queue, const std::vector<CopySpan>& copies, const std::vector<std::shared_ptr<void>>& pins,
+                     std::string& error);
   // Embedding slot handles -> physical slots.
   bool resolve_embeddings(const std::vector<uint32_t>& handles, std::vector<uint32_t>& slots, std::string& error);
   // Page masks (kv.mask-page): hidden[o] hides slot o of the page from later passes of this instance.

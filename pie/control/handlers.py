@@ -2,7 +2,7 @@
 
 - FORWARD: a batch of `ForwardCommand`s (built and checked by the runtime's forward.submit, or by a
   Python client through `CommandQueue.submit_forward`) runs as one `ModelRunner.run`; each command gets
-  its results written into it, and then its future completes.
+  the engine's outputs written into it (`ForwardCommand.write_outputs`), and then its future completes.
 - COPY_PAGES: every span of every `PageCopyCommand`, in order, on the runner's KV cache.
 
 `to_request` is the one conversion between the control layer's command and the engine's request. The
@@ -18,49 +18,30 @@ import threading
 from typing import Any, Callable
 
 from pie.control._control import CommandKind, ForwardCommand, PageCopyCommand, Sampler, SamplerKind
-from pie.engine.batch import ForwardRequest, Greedy, Logprobs, RawLogits, Sample, SamplerOutput, TopKDistribution
+from pie.engine.batch import ForwardRequest, Greedy, Logprobs, RawLogits, Sample, TopKDistribution
 
 _SEED_MASK = 0x7FFF_FFFF_FFFF_FFFF  # a WIT seed is a u64; the engine's generators take int64
 
+_GREEDY, _RAW_LOGITS = Greedy(), RawLogits()  # immutable: one of each serves every output
+
 # SamplerKind -> the engine's sampler of a command's output
 _TO_SAMPLER: dict[SamplerKind, Callable[[Sampler], Any]] = {
-    SamplerKind.GREEDY: lambda s: Greedy(),
+    SamplerKind.GREEDY: lambda s: _GREEDY,
     SamplerKind.SAMPLE: lambda s: Sample(s.temperature, s.top_k, s.top_p, s.min_p,
                                          None if s.seed is None else s.seed & _SEED_MASK),
     SamplerKind.TOP_K_DISTRIBUTION: lambda s: TopKDistribution(s.top_k, s.temperature),
     SamplerKind.LOGPROBS: lambda s: Logprobs(tuple(s.token_ids)),
-    SamplerKind.RAW_LOGITS: lambda s: RawLogits(),
-}
-
-_NO_VALUES: list[float] = []
-
-# SamplerKind -> (ids, values) of the engine's output, as the command's OutputValue holds it
-_TO_RESULT: dict[SamplerKind, Callable[[Sampler, SamplerOutput], tuple[list[int], Any]]] = {
-    SamplerKind.GREEDY: lambda s, token: ([int(token)], _NO_VALUES),
-    SamplerKind.SAMPLE: lambda s, token: ([int(token)], _NO_VALUES),
-    SamplerKind.TOP_K_DISTRIBUTION: lambda s, dist: (dist[0], dist[1]),
-    SamplerKind.LOGPROBS: lambda s, logprobs: (s.token_ids, logprobs),
-    SamplerKind.RAW_LOGITS: lambda s, logits: ([], logits.float().numpy()),
+    SamplerKind.RAW_LOGITS: lambda s: _RAW_LOGITS,
 }
 
 
 def to_request(command: ForwardCommand, embeddings: Any = None) -> ForwardRequest:
     """The engine's request for a command; `embeddings` (the runner's EmbeddingTable) supplies the rows
     of its input-embedding slots."""
-    outputs = command.outputs
-    slots = command.embed_slots
-    masks = [o.vocab_mask for o in outputs]
-    return ForwardRequest(token_ids=command.token_ids, positions=command.positions,
-                          kv_page_ids=command.kv_page_ids, kv_last_page_len=command.kv_last_page_len,
-                          mask=command.mask,
-                          outputs=[(o.index, _TO_SAMPLER[o.sampler.kind](o.sampler)) for o in outputs],
-                          output_masks=masks if any(m is not None for m in masks) else None,
-                          input_embeddings=None if slots is None else embeddings.read(slots))
-
-
-def write_results(command: ForwardCommand, outputs: list[SamplerOutput]) -> None:
-    """The engine's outputs of a command (one per output, in order) into the command."""
-    command.set_results([_TO_RESULT[o.sampler.kind](o.sampler, value) for o, value in zip(command.outputs, outputs)])
+    fields = command.request_fields()
+    fields["outputs"] = [(index, _TO_SAMPLER[sampler.kind](sampler)) for index, sampler in fields["outputs"]]
+    slots = fields.pop("embed_slots")
+    return ForwardRequest(**fields, input_embeddings=None if slots is None else embeddings.read(slots))
 
 
 class ForwardHandler:
@@ -76,7 +57,7 @@ class ForwardHandler:
         with self.lock:
             results = self.runner.run(requests)
         for command, result in zip(commands, results):
-            write_results(command, result.outputs)
+            command.write_outputs(result.outputs)
         return [None] * len(commands)
 
 
@@ -91,6 +72,7 @@ class CopyHandler:
         with self.lock:
             for command in commands:
                 self.runner.cache.copy_spans(command.spans)
+                command.done()
         return [None] * len(commands)
 
 

@@ -133,7 +133,12 @@ class Sampling:
         greedy = [i for i, s in enumerate(samplers)
                   if isinstance(s, Greedy) or (isinstance(s, Sample) and s.temperature == 0)]
         if greedy:
-            ids = logits[greedy].argmax(dim=-1).tolist()
+            every_row = len(greedy) == len(samplers)
+            if logits.device.type == "cpu":  # numpy's argmax (first index on ties, as torch's): 4 us a 49k
+                rows = logits.numpy()  # row on these CPUs, torch's 60-90 us; (M, V) view
+                ids = (rows if every_row else rows[greedy]).argmax(axis=-1).tolist()
+            else:
+                ids = (logits if every_row else logits[greedy]).argmax(dim=-1).tolist()
             for i, t in zip(greedy, ids):
                 out[i] = t
         drawn = [i for i, s in enumerate(samplers) if isinstance(s, Sample) and s.temperature > 0]

@@ -155,11 +155,19 @@ def test_copy_commands_run_their_spans_in_order():
         def copy_spans(self, spans):
             self.copied += [(s.src_page, s.src_offset, s.dst_page, s.dst_offset, s.count) for s in spans]
 
+    class Done(PageCopyCommand):  # records that the handler released the command's pages
+        finished = 0
+
+        def done(self):
+            Done.finished += 1
+            super().done()
+
     runner = FakeRunner()
     runner.cache = Cache()
-    commands = [PageCopyCommand([CopySpan(1, 0, 2, 0, 4), CopySpan(2, 1, 2, 3, 1)]), PageCopyCommand([CopySpan(3, 0, 4, 0, 2)])]
+    commands = [Done([CopySpan(1, 0, 2, 0, 4), CopySpan(2, 1, 2, 3, 1)]), Done([CopySpan(3, 0, 4, 0, 2)])]
     forward_handlers(runner)[CommandKind.COPY_PAGES].execute(commands)
     assert runner.cache.copied == [(1, 0, 2, 0, 4), (2, 1, 2, 3, 1), (3, 0, 4, 0, 2)]
+    assert Done.finished == 2
 
 
 def test_planes_over_one_runner_share_its_pages():
@@ -190,11 +198,13 @@ def test_a_plane_over_another_runner_has_its_own_pages():
 def test_values_copy_out_of_the_command():
     cmd = command(outputs=[ForwardOutput(2, Sampler(SamplerKind.RAW_LOGITS))])
     values = np.arange(6, dtype=np.float32)
-    cmd.set_results([([], values)])
+    cmd.write_outputs([values])
     values[0] = 99  # the command holds its own copy
     assert cmd.results[0].values.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
-    with pytest.raises(ValueError, match="2 results for 1 outputs"):
-        cmd.set_results([([], values), ([], values)])
+    cmd.write_outputs([torch.arange(3, dtype=torch.float64)])  # a tensor (converted to float32)
+    assert cmd.results[0].values.tolist() == [0.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="2 outputs for 1 samplers"):
+        cmd.write_outputs([values, values])
 
 
 def test_batch_loop_resolves_forward_commands_after_writing_results(make_scheduler):

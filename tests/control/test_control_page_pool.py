@@ -204,3 +204,37 @@ def test_embedding_slots_are_accounted_the_same_way():
     with pytest.raises(InvalidHandle, match="embedding slot handle 9"):
         slots.free(5, [9])
     assert slots.end_instance(5) == 2 and slots.stats()["num_used"] == 0
+
+
+# ---- pins: pages a queued or running command uses ----------------------------------------------
+
+def test_a_freed_page_a_command_still_uses_is_never_handed_to_another_instance(pool, terminations):
+    """The attack: instance 1 submits a pass over its pages, frees them at once and lets instance 2
+    allocate everything. The pinned pages must not reach instance 2 before the pass is done."""
+    pool.add_instance(1)
+    pool.add_instance(2)
+    mine = pool.allocate(1, 3)
+    pinned = pool.resolve_pinned(1, mine)  # what forward.submit does for a pass
+    pool.free(1, mine)
+    assert pool.stats()["num_free"] == 13 and pool.stats()["num_pinned"] == 3
+    theirs = pool.resolve(2, pool.allocate(2, 13))
+    assert not set(theirs) & set(pinned.pages)
+    with pytest.raises(InstanceTerminated, match="exhausted"):
+        pool.allocate(2, 1)  # no newer instance to take from: the requester goes, the pinned pages stay
+    assert [i for i, _ in terminations] == [2]
+    pool.check_invariants()
+    pinned.release()  # the pass is done: the pages come free
+    assert pool.stats()["num_free"] == 16 and pool.stats()["num_pinned"] == 0
+
+
+def test_pins_outlive_the_instance_and_are_not_holders(pool):
+    pool.add_instance(1)
+    handles = pool.allocate(1, 2)
+    pinned = pool.resolve_pinned(1, handles)
+    assert all(pool.refcount(p) == 1 for p in pinned.pages)  # copy-on-write sees one holder: no copy
+    assert pool.prepare_write(1, handles) == []
+    pool.end_instance(1)  # its pages are still in use by its pass
+    assert pool.stats()["num_free"] == 14
+    pool.check_invariants()
+    del pinned  # dropping the pins releases them too
+    assert pool.stats()["num_free"] == 16

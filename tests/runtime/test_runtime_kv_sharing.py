@@ -6,6 +6,7 @@ ids), so a wrong copy, a missed copy-on-write or a misplaced mask shows as a dif
 import json
 import re
 import textwrap
+import time
 
 import pytest
 
@@ -401,3 +402,46 @@ def test_sdk_submit_overlaps_contexts_and_truncate(run_py, runtime):
     firsts, again, cached_ok = json.loads(r.output)
     assert firsts[0] == firsts[1] == firsts[2] == again
     assert cached_ok
+
+
+PASS_THEN_FREE = """
+from wit_world.imports import forward as F, kv
+pages = kv.allocate(2)
+f = F.submit(0, F.ForwardPass([1, 2], [], [0, 1], pages[:1], 2, [], [1], [F.Sampler_Greedy()], []))
+g = F.submit(0, F.ForwardPass([3], [], [0], pages[1:], 1, [], [0], [F.Sampler_Greedy()], []))
+kv.free(pages)  # before the passes ran
+print("freed")
+print(len(F.wait(f)), len(F.wait(g)))
+"""
+
+
+def test_pages_freed_under_a_queued_pass_stay_out_of_the_pool_until_it_ran(model):
+    """The attack: free the pages a queued pass reads and writes, hoping another tenant gets them. The
+    passes wait in the queue (fixed_wait policy) while the guest frees its pages: the pool keeps them
+    pinned, and they come free once the passes have run."""
+    import threading
+
+    from pie.control import SchedulerConfig
+    from pie.runtime import Runtime, RuntimeConfig
+
+    with Runtime(model, RuntimeConfig(scheduler=SchedulerConfig(policy="fixed_wait", max_wait=1.5))) as rt:
+        pool = rt.plane.kv_pages
+        free_before = pool.stats()["num_free"]
+        freed, seen = threading.Event(), {}
+
+        def on_output(text):
+            if text.startswith("freed"):
+                seen.update(pool.stats())
+                freed.set()
+
+        inst = rt.launch_source(PASS_THEN_FREE, on_output=on_output)
+        assert freed.wait(30)
+        assert seen["num_pinned"] == 2 and seen["num_free"] == free_before - 2  # freed, yet not reusable
+        result = inst.wait(60)
+        assert result.error is None and result.output == "freed\n1 1\n"
+        deadline = time.monotonic() + 10  # the batch loop drops its copy of the commands just after
+        while pool.stats()["num_pinned"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = pool.stats()
+        assert stats["num_pinned"] == 0 and stats["num_free"] == free_before
+        pool.check_invariants()

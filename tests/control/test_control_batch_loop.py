@@ -1,4 +1,4 @@
-"""The engine loop over a fake runner: results reach their futures, a bad request fails alone."""
+"""The batch loop over a fake runner: results reach their futures, a bad request fails alone."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pie.control import CommandFailed, CommandKind, BatchLoop, Policy
 from control_fakes import EchoRequest
 
 
-def test_engine_loop_runs_batches_on_the_runner_and_resolves_futures(make_scheduler, fake_runner):
+def test_batch_loop_runs_batches_on_the_runner_and_resolves_futures(make_scheduler, fake_runner):
     scheduler = make_scheduler(policy=Policy.EAGER)
     queues = [scheduler.create_queue(instance_id=i) for i in range(4)]
     futures = {(i, n): q.submit(CommandKind.FORWARD, EchoRequest((i, n))) for i, q in enumerate(queues) for n in range(5)}
@@ -69,7 +69,7 @@ def test_handler_errors_fail_the_batch_and_the_loop_goes_on(make_scheduler, capl
         unknown_kind.result(1)
 
 
-def test_engine_loop_thread_serves_blocking_producers_and_stops(make_scheduler, fake_runner):
+def test_batch_loop_thread_serves_blocking_producers_and_stops(make_scheduler, fake_runner):
     scheduler = make_scheduler(policy=Policy.ADAPTIVE, deadline=0.001)
     results = {}
 
