@@ -23,6 +23,7 @@ queues close and its futures are cancelled, its pages and embedding slots return
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import threading
 import weakref
@@ -107,6 +108,17 @@ class RunnerPools:
             plane._terminate_everywhere(instance_id, message)
 
 
+_running: "weakref.WeakSet[ControlPlane]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_planes() -> None:
+    """At interpreter exit, before daemon threads are torn down: a batch loop blocked in the scheduler
+    (native code) must not be killed there (the C++ runtime would abort the process)."""
+    for plane in list(_running):
+        plane.stop("the interpreter is exiting")
+
+
 class ControlPlane:
     def __init__(self, handlers: Mapping[int, Handler], *, pools: RunnerPools, max_batch_requests: int,
                  max_batch_tokens: int, scheduler_config: SchedulerConfig = SchedulerConfig(),
@@ -160,9 +172,11 @@ class ControlPlane:
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> "ControlPlane":
         self.loop.start()
+        _running.add(self)
         return self
 
     def stop(self, reason: str = "the control plane stopped") -> None:
+        _running.discard(self)
         self.loop.stop()
         self.scheduler.stop(reason)
         with self._lock:

@@ -11,7 +11,11 @@ from pie.control.config import SchedulerConfig
 @dataclass(frozen=True)
 class RuntimeConfig:
     deadline_s: float = 600.0  # wall-clock limit per instance (epoch interruption + host waits); 0 = none
-    memory_mb: int = 256  # linear-memory cap per instance (Store limits)
+    memory_mb: int = 256  # linear-memory cap per instance (Store limits; with max_memories 1, the whole Store's)
+    max_memories: int = 1  # linear memories a Store may create (the Python runtime component needs 1)
+    max_tables: int = 4  # tables a Store may create (it needs 2)
+    max_table_elements: int = 100_000  # elements of one table (8 bytes each; it needs about 5,700)
+    max_wasm_instances: int = 32  # core instances a Store may create (it needs 11 to 20)
     epoch_tick_s: float = 0.01  # epoch period: deadline granularity
     http_allow: tuple[str, ...] = ()  # hosts http.fetch may reach, "host" (any port) or "host:port";
     # none by default
@@ -23,6 +27,9 @@ class RuntimeConfig:
             raise ValueError(f"deadline_s must be >= 0, got {self.deadline_s}")
         if self.memory_mb <= 0:
             raise ValueError(f"memory_mb must be positive, got {self.memory_mb}")
+        for name in ("max_memories", "max_tables", "max_table_elements", "max_wasm_instances"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.epoch_tick_s <= 0:
             raise ValueError(f"epoch_tick_s must be positive, got {self.epoch_tick_s}")
 

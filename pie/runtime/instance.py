@@ -145,10 +145,7 @@ class Instance:
         self.state.bind()
         store = None
         try:
-            store = wasmtime.Store(self.sandbox.wasm_engine)
-            store.set_wasi(wasmtime.WasiConfig())  # no args, env, preopened dirs or sockets; stdio discarded
-            store.set_limits(memory_size=self.memory_mb << 20)
-            store.set_epoch_deadline(self.sandbox.deadline_ticks(self.deadline_s))
+            store = self.sandbox.new_store(self.memory_mb, self.deadline_s)
             instance = self.sandbox.linker.instantiate(store, self.component)
             if self.source is not None:
                 func = instance.get_func(store, "exec-source")

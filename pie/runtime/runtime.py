@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -56,22 +58,47 @@ def resolve_bundled(name: str, hint: str = "") -> Path:
 @dataclass(frozen=True)
 class Sandbox:
     """How an instance runs its guest: the wasmtime engine, the linker with every WIT function defined,
-    and the epoch period that deadlines are counted in (a ticker thread advances the epoch)."""
+    the epoch period that deadlines are counted in (a ticker thread advances the epoch), and the limits
+    of every Store (RuntimeConfig: memories, tables, table elements, core instances)."""
 
     wasm_engine: wasmtime.Engine
     linker: Linker
     epoch_tick_s: float
+    config: RuntimeConfig
 
     def deadline_ticks(self, deadline_s: float) -> int:
         if deadline_s == 0:
             return 1 << 62
         return max(1, int(round(deadline_s / self.epoch_tick_s)))
 
+    def new_store(self, memory_mb: int, deadline_s: float) -> wasmtime.Store:
+        """A Store with default-deny WASI (no args, env, preopened dirs or sockets; stdio discarded), its
+        limits and its deadline."""
+        c = self.config
+        store = wasmtime.Store(self.wasm_engine)
+        store.set_wasi(wasmtime.WasiConfig())
+        store.set_limits(memory_size=memory_mb << 20, memories=c.max_memories, tables=c.max_tables,
+                         table_elements=c.max_table_elements, instances=c.max_wasm_instances)
+        store.set_epoch_deadline(self.deadline_ticks(deadline_s))
+        return store
+
+
+_open: "weakref.WeakSet[Runtime]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_runtimes() -> None:
+    """A Runtime nobody closed is closed at interpreter exit, before daemon threads are torn down: an
+    instance thread or a batch loop killed inside native code would abort the process."""
+    for runtime in list(_open):
+        runtime.close()
+
 
 class Runtime:
     """Owns the wasmtime engine and linker (every WIT function defined once), the control plane over the
     model's runner (pages come from the runner's pools, shared with any other plane over it) and the
-    state the instances share."""
+    state the instances share. Close it (`with Runtime(...)`, or `close()`); one left open is closed at
+    interpreter exit."""
 
     def __init__(self, model: Any, config: RuntimeConfig = RuntimeConfig()):
         components.check_wasmtime_version()
@@ -88,7 +115,7 @@ class Runtime:
         linker = Linker(wasm_engine)
         linker.add_wasip2()
         api.define_all(linker)
-        self.sandbox = Sandbox(wasm_engine, linker, config.epoch_tick_s)
+        self.sandbox = Sandbox(wasm_engine, linker, config.epoch_tick_s, config)
         mc = runner.model_config
         self.services = InstanceServices(
             model=ModelInfo(model.name, mc.architecture, runner.vocab_size, mc.num_layers, runner.page_size,
@@ -104,6 +131,7 @@ class Runtime:
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="pie-epoch", daemon=True)
         self._ticker.start()
+        _open.add(self)
 
     # ---- components ---------------------------------------------------------------------------------
     @property
@@ -240,6 +268,7 @@ class Runtime:
 
     # ---- shutdown ------------------------------------------------------------------------------------
     def close(self, timeout: float = 10.0) -> None:
+        _open.discard(self)
         with self._lock:
             live = list(self.live.values())
         for inst in live:

@@ -58,3 +58,27 @@ def test_scheduler_policy_comes_from_the_configuration(model):
     with Runtime(model, RuntimeConfig(scheduler=SchedulerConfig(policy="fixed_size", batch_size=3))) as rt:
         assert rt.plane.scheduler.policy.name == "FIXED_SIZE"
         assert rt.plane.scheduler.batch_size == 3
+
+
+UNCLOSED = """
+import sys
+from pie.engine.model import Model
+from pie.runtime import Runtime
+rt = Runtime(Model(progress=False))   # the README's API, used without `with` and never closed
+print(rt.run("text_completion", ["--prompt", "Hi", "--max-tokens", "2", "--temperature", "0"]).error)
+if sys.argv[1] == "running":          # and one instance still waiting for client input at exit
+    rt.launch_source("from wit_world.imports import runtime\\nruntime.receive()\\n")
+print("exiting", flush=True)
+"""
+
+
+def test_a_runtime_left_open_does_not_abort_the_interpreter(model):
+    import subprocess
+    import sys
+    import tempfile
+
+    for case in ("idle", "running"):
+        done = subprocess.run([sys.executable, "-c", UNCLOSED, case], capture_output=True, text=True, timeout=300,
+                              cwd=tempfile.gettempdir())
+        assert done.returncode == 0, (case, done.returncode, done.stderr[-2000:])
+        assert done.stdout == "None\nexiting\n" and "terminate called" not in done.stderr, (case, done.stderr)

@@ -65,3 +65,38 @@ def test_terminate_stops_a_running_instance(runtime):
     inst.terminate("killed by the test")
     r = inst.wait(30)
     assert re.fullmatch(r"[a-z-]+\.[a-z-]+: .*killed by the test", r.error), r.error
+
+
+def _hostile(core_module_body: str) -> str:
+    """A component whose core module declares `core_module_body` besides the memory it runs with."""
+    return f"""
+(component
+  (core module $m
+    (memory (export "mem") 1)
+    {core_module_body}
+    (func (export "run") (result i32) (i32.const 16)))
+  (core instance $i (instantiate $m))
+  (alias core export $i "mem" (core memory $mem))
+  (type $r (result (error string)))
+  (func (export "run") (result $r) (canon lift (core func $i "run") (memory $mem)))
+)
+"""
+
+
+@pytest.mark.parametrize("declares, error", [
+    ("(memory 4) (memory 4) (memory 4)", "memory count too high"),  # many memories: each under the cap
+    ("(table 2000000 funcref)", "table"),  # one table far past the element limit
+    ("(table 1 funcref) (table 1 funcref) (table 1 funcref) (table 1 funcref) (table 1 funcref)",
+     "table count too high"),
+])
+def test_a_store_is_capped_as_a_whole(runtime, tmp_path, declares, error):
+    """The memory cap was per linear memory: a component could declare many memories (or huge tables) and
+    take a multiple of it. The Store now caps memories, tables, table elements and core instances."""
+    path = tmp_path / "hostile.wat"
+    path.write_text(_hostile(declares))
+    r = runtime.run(path)
+    assert r.error is not None and error in r.error, r.error
+    ok = tmp_path / "ok.wat"
+    ok.write_text(_hostile(""))
+    assert runtime.run(ok).error is None  # the same component without them runs
+    assert runtime.num_free_pages == runtime.num_pages
