@@ -389,6 +389,15 @@ py::dict pool_stats_dict(const PoolStats& stats) {
   result["num_exports"] = stats.num_exports;
   result["num_terminations"] = stats.num_terminations;
   result["instances"] = instances;
+  py::dict clients;
+  for (const auto& usage : stats.clients) {
+    py::dict entry;
+    entry["num_handles"] = usage.num_handles;
+    entry["quota"] = usage.quota;
+    entry["num_instances"] = usage.num_instances;
+    clients[py::int_(usage.client)] = entry;
+  }
+  result["clients"] = clients;
   return result;
 }
 
@@ -897,8 +906,13 @@ PYBIND11_MODULE(_control, m) {
       .def_readwrite("on_terminate", &PagePoolHandle::on_terminate,
                      "Called as on_terminate(instance_id, message) after the pool terminates an instance.")
       .def(
-          "add_instance", [](PagePoolHandle& p, uint64_t id, uint32_t quota) { p.pool->add_instance(id, quota); },
-          py::arg("instance_id"), py::arg("quota") = 0)
+          "add_instance",
+          [](PagePoolHandle& p, uint64_t id, uint32_t quota, uint64_t client, uint32_t client_quota) {
+            p.pool->add_instance(id, quota, client, client_quota);
+          },
+          py::arg("instance_id"), py::arg("quota") = 0, py::arg("client") = 0, py::arg("client_quota") = 0,
+          "Register an instance: its own quota (0 = unlimited) and its client's (client 0: none), which its "
+          "client's instances share.")
       .def(
           "has_instance", [](const PagePoolHandle& p, uint64_t id) { return p.pool->has_instance(id); },
           py::arg("instance_id"))

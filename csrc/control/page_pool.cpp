@@ -35,7 +35,7 @@ const PagePool::Account& PagePool::live_instance_locked(uint64_t instance_id) co
   return found->second;
 }
 
-void PagePool::add_instance(uint64_t instance_id, uint32_t quota) {
+void PagePool::add_instance(uint64_t instance_id, uint32_t quota, uint64_t client, uint32_t client_quota) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (instances_.count(instance_id) != 0) {
     throw std::invalid_argument(prefix(instance_id) + "already registered with the " + resource_name_ + " pool");
@@ -44,7 +44,17 @@ void PagePool::add_instance(uint64_t instance_id, uint32_t quota) {
   instance.id = instance_id;
   instance.age = next_age_++;
   instance.quota = quota;
+  instance.client = client;
   live_by_age_.emplace(instance.age, instance_id);
+  if (client != 0) {
+    Client& c = clients_[client];
+    c.quota = client_quota;
+    ++c.num_instances;
+  }
+}
+
+void PagePool::count_handles_locked(const Account& instance, int64_t delta) {
+  if (instance.client != 0) clients_.at(instance.client).num_handles += static_cast<uint32_t>(delta);
 }
 
 bool PagePool::has_instance(uint64_t instance_id) const {
@@ -89,6 +99,7 @@ uint32_t PagePool::take_free_page_locked() {
 
 void PagePool::release_all_locked(Account& instance) {
   for (const auto& entry : instance.page_of_handle) unref_locked(entry.second);
+  count_handles_locked(instance, -static_cast<int64_t>(instance.page_of_handle.size()));
   instance.page_of_handle.clear();
   for (const std::string& name : instance.owned_exports) {
     auto found = exports_.find(name);
@@ -113,6 +124,7 @@ uint32_t PagePool::end_instance(uint64_t instance_id) {
   const uint32_t num_released = static_cast<uint32_t>(instance.page_of_handle.size());
   release_all_locked(instance);
   if (!instance.terminated) live_by_age_.erase(instance.age);
+  if (instance.client != 0 && --clients_.at(instance.client).num_instances == 0) clients_.erase(instance.client);
   instances_.erase(found);
   return num_released;
 }
@@ -152,12 +164,18 @@ std::vector<uint32_t> PagePool::pages_of_locked(const Account& instance, const s
 }
 
 void PagePool::check_quota_locked(const Account& instance, size_t more) const {
-  if (instance.quota == 0) return;
   const size_t held = instance.page_of_handle.size();
-  if (held + more > instance.quota) {
+  if (instance.quota != 0 && held + more > instance.quota) {
     throw QuotaExceeded(prefix(instance.id) + "quota of " + std::to_string(instance.quota) + " " + plural() +
                         " exceeded (holds " + std::to_string(held) + ", asked for " + std::to_string(more) +
                         " more)");
+  }
+  if (instance.client == 0) return;
+  const Client& client = clients_.at(instance.client);
+  if (client.quota != 0 && client.num_handles + more > client.quota) {
+    throw QuotaExceeded(prefix(instance.id) + "its client's quota of " + std::to_string(client.quota) + " " +
+                        plural() + " exceeded (its " + std::to_string(client.num_instances) + " instances hold " +
+                        std::to_string(client.num_handles) + ", asked for " + std::to_string(more) + " more)");
   }
 }
 
@@ -217,6 +235,7 @@ std::vector<uint32_t> PagePool::allocate(uint64_t instance_id, uint32_t count, s
     instance.page_of_handle.emplace(handle, take_free_page_locked());
     handles.push_back(handle);
   }
+  count_handles_locked(instance, count);
   return handles;
 }
 
@@ -245,6 +264,7 @@ void PagePool::free(uint64_t instance_id, const std::vector<uint32_t>& handles) 
     unref_locked(found->second);
     instance.page_of_handle.erase(found);
   }
+  count_handles_locked(instance, -static_cast<int64_t>(handles.size()));
 }
 
 std::vector<uint32_t> PagePool::resolve(uint64_t instance_id, const std::vector<uint32_t>& handles) const {
@@ -319,6 +339,7 @@ std::vector<uint32_t> PagePool::fork(uint64_t instance_id, const std::vector<uin
     ++refcounts_[page];
     forked.push_back(handle);
   }
+  count_handles_locked(instance, static_cast<int64_t>(forked.size()));
   return forked;
 }
 
@@ -357,6 +378,7 @@ std::vector<uint32_t> PagePool::import_pages(uint64_t instance_id, const std::st
     ++refcounts_[page];
     handles.push_back(handle);
   }
+  count_handles_locked(instance, static_cast<int64_t>(handles.size()));
   return handles;
 }
 
@@ -431,6 +453,11 @@ PoolStats PagePool::stats() const {
   }
   std::sort(stats.instances.begin(), stats.instances.end(),
             [](const InstanceUsage& a, const InstanceUsage& b) { return a.instance_id < b.instance_id; });
+  for (const auto& entry : clients_) {
+    stats.clients.push_back({entry.first, entry.second.num_handles, entry.second.quota, entry.second.num_instances});
+  }
+  std::sort(stats.clients.begin(), stats.clients.end(),
+            [](const PoolStats::ClientUsage& a, const PoolStats::ClientUsage& b) { return a.client < b.client; });
   return stats;
 }
 
@@ -465,6 +492,21 @@ void PagePool::check_invariants() const {
     }
   }
   if (num_live != live_by_age_.size()) fail("the age index lists instances that are not live");
+  std::unordered_map<uint64_t, std::pair<uint32_t, uint32_t>> clients;  // client -> (handles, instances)
+  for (const auto& entry : instances_) {
+    if (entry.second.client == 0) continue;
+    auto& c = clients[entry.second.client];
+    c.first += static_cast<uint32_t>(entry.second.page_of_handle.size());
+    ++c.second;
+  }
+  if (clients.size() != clients_.size()) fail("the client index lists clients without instances");
+  for (const auto& entry : clients_) {
+    auto found = clients.find(entry.first);
+    if (found == clients.end() || found->second.first != entry.second.num_handles ||
+        found->second.second != entry.second.num_instances) {
+      fail("client " + std::to_string(entry.first) + "'s counts do not match its instances");
+    }
+  }
   for (const auto& entry : exports_) {
     if (entry.second.owner_alive) {
       auto owner = instances_.find(entry.second.owner);

@@ -17,7 +17,8 @@
 //     cannot, the requester itself is terminated and nothing else is disturbed. Termination releases
 //     every handle of the instance (and its non-persistent exports) and leaves a record so that its
 //     later calls fail with the termination message until end_instance() removes it.
-//   - Quotas count the handles an instance holds (0 = unlimited).
+//   - Quotas count the handles an instance holds (0 = unlimited), and, for the instances of one client
+//     (a client id given when they are added), the handles they hold together (its client quota).
 //   - Pins: a queued or running command pins the pages it reads or writes (resolve_pinned,
 //     prepare_write's copies). A pinned page is not handed out again, even once every handle and
 //     export of it is gone (an instance that frees its pages while its pass is in flight, or ends):
@@ -70,6 +71,13 @@ struct PoolStats {
   uint32_t num_exports = 0;
   uint64_t num_terminations = 0;
   std::vector<InstanceUsage> instances;  // by instance id
+  struct ClientUsage {
+    uint64_t client = 0;
+    uint32_t num_handles = 0;
+    uint32_t quota = 0;  // 0 = unlimited
+    uint32_t num_instances = 0;
+  };
+  std::vector<ClientUsage> clients;  // by client id
 };
 
 class PagePool : public std::enable_shared_from_this<PagePool> {
@@ -81,7 +89,9 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   uint32_t page_size() const { return page_size_; }
   const std::string& resource_name() const { return resource_name_; }
 
-  void add_instance(uint64_t instance_id, uint32_t quota);
+  // client: the instance's client (0: none); client_quota: the handles its client's instances may hold
+  // together (0 = unlimited; the latest given applies).
+  void add_instance(uint64_t instance_id, uint32_t quota, uint64_t client = 0, uint32_t client_quota = 0);
   bool has_instance(uint64_t instance_id) const;
   // Releases everything the instance holds (persistent exports stay) and forgets it.
   // Returns the number of handles released.
@@ -120,6 +130,7 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
     uint64_t id = 0;
     uint64_t age = 0;  // creation order; larger is newer
     uint32_t quota = 0;
+    uint64_t client = 0;  // 0: none
     uint32_t next_handle = 0;
     std::unordered_map<uint32_t, uint32_t> page_of_handle;
     std::vector<std::string> owned_exports;
@@ -136,7 +147,13 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   Account& live_instance_locked(uint64_t instance_id);
   const Account& live_instance_locked(uint64_t instance_id) const;
   std::vector<uint32_t> pages_of_locked(const Account& instance, const std::vector<uint32_t>& handles) const;
+  struct Client {
+    uint32_t quota = 0;
+    uint32_t num_handles = 0;  // held by its live instances
+    uint32_t num_instances = 0;
+  };
   void check_quota_locked(const Account& instance, size_t more) const;
+  void count_handles_locked(const Account& instance, int64_t delta);  // a client's share of a change
   void reserve_pages_locked(Account& requester, uint32_t count, std::vector<Termination>& terminations);
   void release_all_locked(Account& instance);
   void terminate_locked(Account& instance, const std::string& message, std::vector<Termination>& terminations);
@@ -160,6 +177,7 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   std::vector<uint32_t> pins_;        // (num_pages,) pins of commands; free <=> no holder and no pin
   std::vector<uint32_t> free_pages_;  // stack; the next page handed out is free_pages_.back()
   std::unordered_map<uint64_t, Account> instances_;
+  std::unordered_map<uint64_t, Client> clients_;
   std::map<uint64_t, uint64_t> live_by_age_;  // age -> instance id, not terminated
   std::map<std::string, Export> exports_;
   uint64_t next_age_ = 0;

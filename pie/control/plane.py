@@ -77,11 +77,12 @@ class RunnerPools:
     def all(self) -> list[PagePool]:
         return [self.kv_pages] + ([self.embed_slots] if self.embed_slots is not None else [])
 
-    def open_instance(self, plane: "ControlPlane", kv_quota: int, embed_quota: int) -> int:
+    def open_instance(self, plane: "ControlPlane", kv_quota: int, embed_quota: int, client: int = 0,
+                      kv_client_quota: int = 0) -> int:
         with self._lock:
             instance_id = next(self._next_instance_id)
             self._plane_of[instance_id] = plane
-        self.kv_pages.add_instance(instance_id, kv_quota)
+        self.kv_pages.add_instance(instance_id, kv_quota, client, kv_client_quota)
         if self.embed_slots is not None:
             self.embed_slots.add_instance(instance_id, embed_quota)
         return instance_id
@@ -191,9 +192,10 @@ class ControlPlane:
         self.stop()
 
     # ---- instances --------------------------------------------------------------------------
-    def open_instance(self, kv_quota: int = 0, embed_quota: int = 0) -> int:
-        """A new instance id, registered with the pools (quotas: 0 = unlimited)."""
-        instance_id = self.pools.open_instance(self, kv_quota, embed_quota)
+    def open_instance(self, kv_quota: int = 0, embed_quota: int = 0, client: int = 0, kv_client_quota: int = 0) -> int:
+        """A new instance id, registered with the pools. Quotas (0 = unlimited) count the KV pages and
+        embedding slots it holds; kv_client_quota the KV pages all instances of its client (0: none) hold."""
+        instance_id = self.pools.open_instance(self, kv_quota, embed_quota, client, kv_client_quota)
         with self._lock:
             self._live.add(instance_id)
         return instance_id

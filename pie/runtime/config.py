@@ -16,6 +16,8 @@ class RuntimeConfig:
     max_tables: int = 4  # tables a Store may create (it needs 2)
     max_table_elements: int = 100_000  # elements of one table (8 bytes each; it needs about 5,700)
     max_wasm_instances: int = 32  # core instances a Store may create (it needs 11 to 20)
+    kv_pages_per_instance: int = 0  # KV pages one instance may hold (0 = unlimited)
+    kv_pages_per_client: int = 0  # KV pages the instances of one client may hold together (0 = unlimited)
     epoch_tick_s: float = 0.01  # epoch period: deadline granularity
     http_allow: tuple[str, ...] = ()  # hosts http.fetch may reach, "host" (any port) or "host:port";
     # none by default
@@ -30,6 +32,9 @@ class RuntimeConfig:
         for name in ("max_memories", "max_tables", "max_table_elements", "max_wasm_instances"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("kv_pages_per_instance", "kv_pages_per_client"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = unlimited), got {getattr(self, name)}")
         if self.epoch_tick_s <= 0:
             raise ValueError(f"epoch_tick_s must be positive, got {self.epoch_tick_s}")
 

@@ -200,9 +200,12 @@ class Runtime:
                memory_mb: int | None = None, http_allow: Sequence[str] | None = None,
                on_output: Callable[[str], None] | None = None,
                on_log: Callable[[str], None] | None = None,
-               on_done: Callable[[InstanceResult], None] | None = None, **kwargs: Any) -> Instance:
+               on_done: Callable[[InstanceResult], None] | None = None, client: int = 0, **kwargs: Any) -> Instance:
+        """client: who launched it (0: nobody in particular); its instances share kv_pages_per_client."""
         deadline_s = self.config.deadline_s if deadline_s is None else deadline_s
-        instance_id = self.plane.open_instance()
+        c = self.config
+        instance_id = self.plane.open_instance(kv_quota=c.kv_pages_per_instance, client=client,
+                                               kv_client_quota=c.kv_pages_per_client)
         try:
             state = self._instance_state(instance_id, deadline_s)
         except BaseException:

@@ -40,6 +40,8 @@ def build_runtime(config: PieConfig, model: Any = None, progress: bool = True) -
     limits = config.limits
     runtime = Runtime(model, RuntimeConfig(deadline_s=limits.deadline_s, memory_mb=limits.memory_mb,
                                             http_allow=limits.http_allow,
+                                            kv_pages_per_instance=limits.kv_pages_per_instance,
+                                            kv_pages_per_client=limits.kv_pages_per_client,
                                             scheduler=config.scheduler.scheduler_config()))
     runtime.python_runtime()  # build or load the Python runtime component now, not at the first request
     return runtime

@@ -69,6 +69,8 @@ class LimitsSection:
     http_allow: tuple[str, ...] = ()  # hosts ("host" or "host:port") inferlets may reach with http.fetch
     max_instances: int = 4096  # live instances, server-wide
     max_instances_per_connection: int = 256
+    kv_pages_per_instance: int = 0  # KV pages one instance may hold; 0 = unlimited
+    kv_pages_per_client: int = 0  # KV pages the instances of one client (a connection, an HTTP request) hold together
 
     def __post_init__(self) -> None:
         if not self.deadline_s >= 0:
@@ -76,6 +78,9 @@ class LimitsSection:
         for name in ("memory_mb", "max_instances", "max_instances_per_connection"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"limits.{name} must be positive, got {getattr(self, name)}")
+        for name in ("kv_pages_per_instance", "kv_pages_per_client"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"limits.{name} must be >= 0 (0 = unlimited), got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

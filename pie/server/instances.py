@@ -9,8 +9,10 @@ after every output event of that instance.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +66,8 @@ class InstanceManager:
         self._empty = asyncio.Event()
         self._empty.set()
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pie-launch")
+        self._client_ids: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()  # owner -> client
+        self._next_client_id = itertools.count(1)
 
     # ---- launching ------------------------------------------------------------------------------
     async def launch(self, owner: Any, outbox: Outbox, arguments: Sequence[str], *, program: Program | None = None,
@@ -115,7 +119,8 @@ class InstanceManager:
             ready.wait()
             self._finished(cell["running"], outbox, result)
 
-        callbacks = {"on_output": on_output, "on_log": on_log if forward_log else None, "on_done": on_done}
+        callbacks = {"on_output": on_output, "on_log": on_log if forward_log else None, "on_done": on_done,
+                     "client": self._client_id(owner)}
         rt = self.runtime
         try:
             if program is None:  # a client's name is a bundled inferlet; a Path comes from the configuration
@@ -142,6 +147,15 @@ class InstanceManager:
             on_started(inst)
         ready.set()
         return inst
+
+    def _client_id(self, owner: Any) -> int:
+        """The client an owner (a connection, an HTTP request) is to the page pool: its instances share
+        limits.kv_pages_per_client."""
+        with self._lock:
+            client = self._client_ids.get(owner)
+            if client is None:
+                client = self._client_ids[owner] = next(self._next_client_id)
+            return client
 
     def _stalled(self, inst: Any, outbox: Outbox) -> None:
         if outbox.closed:

@@ -238,3 +238,26 @@ def test_pins_outlive_the_instance_and_are_not_holders(pool):
     pool.check_invariants()
     del pinned  # dropping the pins releases them too
     assert pool.stats()["num_free"] == 16
+
+
+def test_a_clients_instances_share_its_quota(pool):
+    pool.add_instance(1, quota=5, client=7, client_quota=6)
+    pool.add_instance(2, client=7, client_quota=6)
+    pool.add_instance(3, client=8)  # another client: its own count, no quota
+    pool.allocate(1, 4)
+    with pytest.raises(QuotaExceeded, match="instance 1: quota of 5 KV pages exceeded"):
+        pool.allocate(1, 2)  # its own quota first
+    with pytest.raises(QuotaExceeded, match=r"instance 2: its client's quota of 6 KV pages exceeded \(its 2 instances "
+                                            r"hold 4, asked for 3 more\)"):
+        pool.allocate(2, 3)
+    [h] = pool.allocate(2, 2)[:1]
+    with pytest.raises(QuotaExceeded, match="client's quota"):
+        pool.fork(2, [h])
+    assert pool.stats()["clients"][7] == {"num_handles": 6, "quota": 6, "num_instances": 2}
+    pool.allocate(3, 8)  # other clients are not affected
+    pool.end_instance(1)  # frees its share
+    pool.allocate(2, 4)
+    assert pool.stats()["clients"][7]["num_handles"] == 6
+    pool.end_instance(2)
+    assert 7 not in pool.stats()["clients"]
+    pool.check_invariants()

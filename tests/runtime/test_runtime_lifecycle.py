@@ -82,3 +82,22 @@ def test_a_runtime_left_open_does_not_abort_the_interpreter(model):
                               cwd=tempfile.gettempdir())
         assert done.returncode == 0, (case, done.returncode, done.stderr[-2000:])
         assert done.stdout == "None\nexiting\n" and "terminate called" not in done.stderr, (case, done.stderr)
+
+
+def test_page_quotas_come_from_the_configuration(model):
+    from pie.runtime import Runtime, RuntimeConfig
+
+    guest = "from wit_world.imports import kv\nkv.allocate(2)\nprint('two')\nkv.allocate(2)\nprint('four')\n"
+    with Runtime(model, RuntimeConfig(kv_pages_per_instance=3)) as rt:
+        r = rt.run_source(guest)
+        assert r.output == "two\n"
+        assert r.error.startswith("kv.allocate: count: instance ") and "quota of 3 KV pages exceeded" in r.error
+    with Runtime(model, RuntimeConfig(kv_pages_per_client=5)) as rt:
+        first = rt.launch_source(WAITS_FOR_INPUT.replace("runtime\n", "runtime, kv\nkv.allocate(4)\n", 1), client=9)
+        _wait_for_output(first, "waiting")
+        r = rt.run_source(guest, client=9)  # its client already holds 4 of 5
+        assert r.output == "" and "its client's quota of 5 KV pages exceeded" in r.error
+        assert rt.run_source(guest, client=10).output == "two\nfour\n"  # another client
+        first.terminate("done")
+        first.wait(30)
+        assert rt.run_source(guest, client=9).output == "two\nfour\n"  # its pages came back

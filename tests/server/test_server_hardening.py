@@ -13,7 +13,7 @@ PATHS = ["../../victim", "/tmp/victim", "..", "./x", "a" * 63, "A" * 64, "g" * 6
 
 
 def run(coro):
-    return asyncio.new_event_loop().run_until_complete(coro)
+    return asyncio.run(coro)
 
 
 @pytest.mark.parametrize("bad", PATHS)
@@ -82,3 +82,37 @@ def test_launch_by_name_never_reads_the_servers_working_directory(server, tmp_pa
     finally:
         os.chdir(before)
     pool_whole()
+
+
+HOLDS_TWO = "from wit_world.imports import kv, runtime\nkv.allocate(2)\nprint('holding')\nruntime.receive()\n"
+
+
+def test_a_connection_is_one_client_for_its_page_quota(server_runtime, tmp_path):
+    """kv_pages_per_client bounds what one client's instances hold together; another client is not
+    affected, and a client's pages come back when its instances end."""
+    from pie.client import PieClient
+    from pie.runtime import Runtime, RuntimeConfig
+    from pie.server import ServerThread, load_config
+
+    cfg = load_config().replace(server={"port": 0}, limits={"kv_pages_per_client": 3})
+    program = tmp_path / "holds_two.py"
+    program.write_text(HOLDS_TWO)
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(runner=server_runtime.runner, tokenizer=server_runtime.tokenizer,  # the same model
+                            name=server_runtime.model_name, eos_ids=server_runtime.services.eos_ids)
+    with Runtime(model, RuntimeConfig(kv_pages_per_client=3)) as rt, \
+            ServerThread(cfg, runtime=rt, programs_dir=tmp_path / "store").start() as srv:
+        async def main():
+            async with PieClient(srv.ws_url) as one, PieClient(srv.ws_url) as other:
+                first = await one.launch(str(program))
+                assert (await first.recv()).data.startswith("holding")
+                second = await one.launch(str(program))
+                done = await second.wait()
+                assert "its client's quota of 3 KV pages exceeded" in done.error
+                third = await other.launch(str(program))  # another connection: its own quota
+                assert (await third.recv()).data.startswith("holding")
+                await third.terminate()
+                await first.terminate()
+
+        run(main())
