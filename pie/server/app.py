@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from pie.server.auth import bearer_matches, is_websocket_upgrade
 from pie.server.config import PieConfig
 from pie.server.instances import InstanceManager
 from pie.server.openai_api import OpenAIRoutes
@@ -67,7 +68,7 @@ class Server:
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         self.instances = InstanceManager(self.runtime, self.config.limits, asyncio.get_running_loop())
-        app = web.Application(client_max_size=self.config.server.max_body_bytes, middlewares=[self._errors])
+        app = web.Application(client_max_size=self.config.server.max_body_bytes, middlewares=[self._errors, self._auth])
         app.router.add_get("/", self._root)
         app.router.add_get("/ws", self._root)
         app.router.add_get("/health", self._health)
@@ -129,6 +130,16 @@ class Server:
             return web.json_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
                                      .body(), status=500)
 
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """With a token configured, every HTTP request carries it; a websocket upgrade goes on to its session,
+        which takes the token as its first frame and refuses everything else until then."""
+        token = self.config.auth.token
+        if not token or bearer_matches(request, token) or is_websocket_upgrade(request):
+            return await handler(request)
+        error = APIError(401, "Incorrect API key provided (send 'Authorization: Bearer TOKEN')", code="invalid_api_key")
+        return web.json_response(error.body(), status=401, headers={"WWW-Authenticate": "Bearer"})
+
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "model": self.model_name})
 
@@ -141,7 +152,9 @@ class Server:
         if len(self.sessions) >= self.config.server.max_connections or not self.instances.accepting:
             return web.json_response({"error": "the server takes no more connections"}, status=503)
         await ws.prepare(request)
-        session = Session(ws, self.config, self.instances, self.programs, self.stats)
+        transport = request.transport
+        session = Session(ws, self.config, self.instances, self.programs, self.stats,
+                          abort=lambda: transport.abort() if transport is not None else None)
         self.sessions.add(session)
         try:
             await session.run()

@@ -36,14 +36,21 @@ class ServerSection:
     outbox_messages: int = 1024  # messages queued for one connection (or one HTTP request) before its
     # instances wait for the client to read
     slow_client_s: float = 30.0  # an instance that waited this long for room is terminated (slow client)
+    reply_backlog: int = 256  # replies queued for one connection before it stops reading requests; after
+    # slow_client_s more without room, it is closed (1008)
+    auth_timeout_s: float = 10.0  # with a token: a connection that has not authenticated by then is closed
+    idle_timeout_s: float = 600.0  # a connection with no request and no instance this long is closed; 0 = never
     grace_s: float = 30.0  # SIGINT / SIGTERM: how long running instances may finish before they are terminated
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"server.port must be in 0..65535, got {self.port}")
-        for name in ("max_frame_bytes", "max_body_bytes", "max_program_bytes", "max_connections", "outbox_messages"):
+        for name in ("max_frame_bytes", "max_body_bytes", "max_program_bytes", "max_connections", "outbox_messages",
+                     "reply_backlog"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"server.{name} must be positive, got {getattr(self, name)}")
+        if not self.auth_timeout_s > 0 or not self.idle_timeout_s >= 0:
+            raise ConfigError("server.auth_timeout_s must be positive and server.idle_timeout_s >= 0 (0 = never)")
         if not self.slow_client_s > 0:
             raise ConfigError(f"server.slow_client_s must be positive, got {self.slow_client_s}")
         if not self.grace_s >= 0:

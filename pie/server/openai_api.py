@@ -8,7 +8,6 @@ OpenAI objects or server-sent events.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
@@ -159,17 +158,7 @@ class OpenAIRoutes:
         app.router.add_get("/v1/models/{model}", self.model)
 
     # ---- common ----------------------------------------------------------------------------------
-    def _check_auth(self, request: web.Request) -> None:
-        token = self.config.auth.token
-        if not token:
-            return
-        given = request.headers.get("Authorization", "")
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())):
-            raise APIError(401, "Incorrect API key provided (send 'Authorization: Bearer TOKEN')",
-                           code="invalid_api_key")
-
     async def _body(self, request: web.Request) -> dict:
-        self._check_auth(request)
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -360,15 +349,10 @@ class OpenAIRoutes:
         return {"id": self.model_name, "object": "model", "created": int(self.started_at), "owned_by": "pie"}
 
     async def models(self, request: web.Request) -> web.Response:
-        try:
-            self._check_auth(request)
-        except APIError as e:
-            return error_response(e)
         return web.json_response({"object": "list", "data": [self._model_object()]})
 
     async def model(self, request: web.Request) -> web.Response:
         try:
-            self._check_auth(request)
             if request.match_info["model"] != self.model_name:
                 raise APIError(404, f"The model '{request.match_info['model']}' does not exist", param="model",
                                code="model_not_found")

@@ -5,7 +5,8 @@ queued for one consumer coroutine (a websocket connection's writer, or an HTTP r
 `loop.call_soon_threadsafe`. At most `capacity` such events wait; a further one makes its instance's
 thread wait for room, up to `stall_s` seconds, after which the put fails and the caller terminates that
 instance (a slow client). Other clients, the loop and the engine never wait. Control events (responses,
-`done`) are never blocked: at most one per request or instance.
+`done`) are never blocked: at most one per request or instance; `num_control` counts those waiting, so
+that a connection stops reading requests while too many of its replies are unread.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Outbox:
         self._slots = threading.Semaphore(capacity)
         self._queue: asyncio.Queue[tuple[Any, bool]] = asyncio.Queue()
         self.closed = False
+        self.num_control = 0  # control events queued, not yet taken (loop thread only)
 
     def put_from_thread(self, event: Any) -> bool:
         """From an instance thread: queues `event`, waiting for room up to stall_s. False if no room came
@@ -50,18 +52,21 @@ class Outbox:
     def post_from_thread(self, event: Any) -> None:
         """From any thread, never waits (control events)."""
         try:
-            self.loop.call_soon_threadsafe(self._queue.put_nowait, (event, False))
+            self.loop.call_soon_threadsafe(self.put, event)
         except RuntimeError:
             pass
 
     def put(self, event: Any) -> None:
         """From the loop thread, never waits (control events)."""
+        self.num_control += 1
         self._queue.put_nowait((event, False))
 
     async def get(self) -> Any:
         event, counted = await self._queue.get()
         if counted:
             self._slots.release()
+        else:
+            self.num_control -= 1
         return event
 
     def qsize(self) -> int:

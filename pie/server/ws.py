@@ -8,7 +8,6 @@ error answer and the connection stays open; a frame over 4x the limit closes it 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import re
 from typing import Any, Callable
@@ -16,6 +15,7 @@ from typing import Any, Callable
 import msgpack
 from aiohttp import WSMsgType, web
 
+from pie.server.auth import token_matches
 from pie.server.config import PieConfig
 from pie.server.instances import InstanceManager, LaunchError, stop_instance
 from pie.server.outbox import Outbox
@@ -32,8 +32,11 @@ class Session:
     """stats: the server's counters (the `stats` request)."""
 
     def __init__(self, ws: web.WebSocketResponse, config: PieConfig, instances: InstanceManager,
-                 programs: ProgramStore, stats: Callable[[], dict[str, Any]]):
+                 programs: ProgramStore, stats: Callable[[], dict[str, Any]],
+                 abort: Callable[[], None] = lambda: None):
+        """abort: drops the connection at once (when even a close frame cannot be written)."""
         self.ws = ws
+        self.abort = abort
         self.config = config
         self.instances = instances
         self.programs = programs
@@ -44,17 +47,30 @@ class Session:
         self.uploads: dict[str, Upload] = {}
         self.instance_ids: set[int] = set()
         self.close_after_reply = False
+        self.opened_at = asyncio.get_running_loop().time()
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._write())
         try:
-            async for msg in self.ws:
+            while True:
+                if not await self._room_for_replies():
+                    await self._close_for(1008, "the client does not read its replies")
+                    break
+                try:
+                    msg = await asyncio.wait_for(self.ws.receive(), self._receive_timeout())
+                except asyncio.TimeoutError:
+                    if self.authenticated:
+                        await self._close_for(1000, "idle: no request and no instance for "
+                                                    f"{self.config.server.idle_timeout_s:g} s")
+                    else:
+                        await self._close_for(1008, "authentication timed out")
+                    break
                 if msg.type == WSMsgType.BINARY:
                     await self._on_frame(msg.data)
                 elif msg.type == WSMsgType.TEXT:
                     self.outbox.put(error_response(None, "malformed", "text frames are not part of the protocol: "
                                                                       "send msgpack maps in binary frames"))
-                else:  # ERROR (e.g. a frame over the hard limit): aiohttp has closed the connection
+                else:  # CLOSE, or ERROR (e.g. a frame over the hard limit): the connection is over
                     break
                 if self.close_after_reply:
                     break
@@ -65,6 +81,37 @@ class Session:
             self.outbox.close()
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
+
+    def _receive_timeout(self) -> float | None:
+        """How long to wait for the next frame: the rest of the authentication window, the idle timeout
+        while the connection runs no instance, else forever."""
+        cfg = self.config.server
+        if not self.authenticated:
+            return max(0.0, self.opened_at + cfg.auth_timeout_s - asyncio.get_running_loop().time())
+        if cfg.idle_timeout_s > 0 and not self.instance_ids:
+            return cfg.idle_timeout_s
+        return None
+
+    async def _room_for_replies(self) -> bool:
+        """Stops reading requests while reply_backlog replies wait to be written (the client is not
+        reading them); False when none left within slow_client_s."""
+        cfg = self.config.server
+        if self.outbox.num_control < cfg.reply_backlog:
+            return True
+        deadline = asyncio.get_running_loop().time() + cfg.slow_client_s
+        while self.outbox.num_control >= cfg.reply_backlog:
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def _close_for(self, code: int, reason: str, timeout: float = 2.0) -> None:
+        """Closes with a close frame, or, when the client does not read even that, drops the connection."""
+        log.info("closing a connection: %s", reason)
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), timeout)
+        except asyncio.TimeoutError:
+            self.abort()
 
     async def _flush(self, writer: asyncio.Task, timeout: float = 2.0) -> None:
         await self.drain_outbox(timeout)
@@ -136,7 +183,7 @@ class Session:
 
     async def _on_auth(self, msg: dict) -> dict:
         expected = self.config.auth.token
-        if expected and not hmac.compare_digest(msg["token"].encode(), expected.encode()):
+        if expected and not token_matches(msg["token"], expected):
             self.close_after_reply = True
             raise ProtocolError("unauthenticated", "wrong token", msg["corr_id"])
         self.authenticated = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 
@@ -116,3 +117,123 @@ def test_a_connection_is_one_client_for_its_page_quota(server_runtime, tmp_path)
                 await first.terminate()
 
         run(main())
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_a_client_that_never_reads_its_replies_is_bounded(server, server_config, monkeypatch):
+    """The attack: pings on a socket that is never read (it once grew the server by ~430 MB). The replies
+    waiting for such a client stay within reply_backlog (the server stops reading its requests meanwhile,
+    and closes the connection if it stays so for slow_client_s); other clients are served."""
+    import msgpack
+
+    from pie.client import PieClient
+    from pie.server import outbox
+    from raw_websocket import connect, frame
+
+    peak = [0]
+    put = outbox.Outbox.put
+
+    def counting_put(self, event):
+        put(self, event)
+        peak[0] = max(peak[0], self.qsize())
+
+    monkeypatch.setattr(outbox.Outbox, "put", counting_put)
+    before = _rss_mb()
+    s = connect("127.0.0.1", server.server.port)
+    s.settimeout(5)  # a send that cannot go on for 5 s: the server has stopped reading
+    sent = 0
+    try:
+        for i in range(500_000):
+            s.sendall(frame(msgpack.packb({"type": "ping", "corr_id": i})))
+            sent += 1
+    except OSError:  # a timeout, or the server dropped the connection
+        pass
+    s.close()
+    assert sent < 500_000, "the server read every request of a client that reads none of the replies"
+    assert peak[0] <= server_config.server.reply_backlog + 1, peak[0]
+    assert _rss_mb() - before < 100
+
+    async def other():
+        async with PieClient(server.ws_url) as client:
+            return (await client.ping())["version"]
+
+    assert run(other()) == 1
+
+
+def test_a_connection_that_never_authenticates_is_closed(server_config, server_runtime, tmp_path):
+    import aiohttp
+
+    from pie.server import ServerThread
+
+    cfg = server_config.replace(auth={"token": "sesame"}, server={"auth_timeout_s": 0.5})
+    with ServerThread(cfg, runtime=server_runtime, programs_dir=tmp_path).start() as srv:
+        async def main():
+            async with aiohttp.ClientSession() as session:
+                ws = await session.ws_connect(srv.ws_url)
+                t = time.monotonic()
+                msg = await ws.receive(timeout=10)  # nothing sent: the server closes
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+                assert ws.close_code == 1008 and time.monotonic() - t < 5
+
+        run(main())
+
+
+def test_an_idle_connection_is_closed(server_config, server_runtime, tmp_path):
+    import aiohttp
+
+    from pie.client import PieClient
+    from pie.server import ServerThread
+
+    cfg = server_config.replace(server={"idle_timeout_s": 0.5})
+    with ServerThread(cfg, runtime=server_runtime, programs_dir=tmp_path).start() as srv:
+        async def main():
+            async with PieClient(srv.ws_url) as client:
+                assert (await client.ping())["version"] == 1
+                await asyncio.sleep(2)
+                assert client.closed is not None and client.closed.close_code == 1000
+
+        run(main())
+
+
+def test_a_token_guards_every_http_route(server_config, server_runtime, tmp_path):
+    """With [auth] token set, no HTTP route answers without `Authorization: Bearer TOKEN` (the server's info at
+    GET /, /health, every /v1 route): 401 and nothing else; with the token each answers as before."""
+    import http.client
+    import json
+
+    from pie.server import ServerThread
+
+    cfg = server_config.replace(auth={"token": "sesame"})
+    with ServerThread(cfg, runtime=server_runtime, programs_dir=tmp_path).start() as srv:
+        m = srv.server.model_name
+        routes = [("GET", "/", None), ("GET", "/health", None), ("GET", "/v1/models", None),
+                  ("GET", "/v1/models/anything", None),
+                  ("POST", "/v1/completions", {"model": m, "prompt": "hi", "max_tokens": 1}),
+                  ("POST", "/v1/chat/completions", {"model": m, "messages": [{"role": "user", "content": "hi"}],
+                                                    "max_tokens": 1}),
+                  ("POST", "/v1/responses", {"model": m, "input": "hi", "max_output_tokens": 1})]
+        def status(method, path, body, headers):
+            conn = http.client.HTTPConnection("127.0.0.1", srv.server.port, timeout=60)
+            conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                         headers={"Content-Type": "application/json", **headers})
+            resp = conn.getresponse()
+            data = resp.read()
+            conn.close()
+            return resp.status, data
+
+        for method, path, body in routes:
+            for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"},
+                            {"Authorization": "Basic sesame"}]:
+                code, data = status(method, path, body, headers)
+                assert code == 401, (method, path, headers, code, data)
+                assert json.loads(data)["error"]["code"] == "invalid_api_key"
+            code, _ = status(method, path, body, {"Authorization": "Bearer sesame"})
+            assert code != 401, (method, path)
+            assert code == (404 if path.endswith("anything") else 200), (method, path, code)
