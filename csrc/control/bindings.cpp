@@ -388,13 +388,30 @@ py::dict pool_stats_dict(const PoolStats& stats) {
   result["num_pinned"] = stats.num_pinned;
   result["num_exports"] = stats.num_exports;
   result["num_terminations"] = stats.num_terminations;
+  result["num_evictions"] = stats.num_evictions;
   result["instances"] = instances;
+  py::list exports;
+  for (const ExportInfo& e : stats.exports) {
+    py::dict entry;
+    entry["name"] = e.name;
+    entry["client"] = e.client;
+    entry["owner"] = e.owner;
+    entry["owner_alive"] = e.owner_alive;
+    entry["ownerless"] = !e.client_alive;
+    entry["shared"] = e.shared;
+    entry["persistent"] = e.persistent;
+    entry["num_pages"] = e.num_pages;
+    entry["idle_s"] = e.idle_s;
+    exports.append(entry);
+  }
+  result["exports"] = exports;
   py::dict clients;
   for (const auto& usage : stats.clients) {
     py::dict entry;
     entry["num_handles"] = usage.num_handles;
     entry["quota"] = usage.quota;
     entry["num_instances"] = usage.num_instances;
+    entry["num_export_pages"] = usage.num_export_pages;
     clients[py::int_(usage.client)] = entry;
   }
   result["clients"] = clients;
@@ -966,17 +983,28 @@ PYBIND11_MODULE(_control, m) {
       .def(
           "export_pages",
           [](PagePoolHandle& p, uint64_t id, const std::string& name, const std::vector<uint32_t>& handles,
-             bool persistent) { p.pool->export_pages(id, name, handles, persistent); },
-          py::arg("instance_id"), py::arg("name"), py::arg("handles"), py::arg("persistent") = false)
+             bool persistent, bool shared) { p.pool->export_pages(id, name, handles, persistent, shared); },
+          py::arg("instance_id"), py::arg("name"), py::arg("handles"), py::arg("persistent") = false,
+          py::arg("shared") = false)
       .def(
           "import_pages",
           [](PagePoolHandle& p, uint64_t id, const std::string& name) { return p.pool->import_pages(id, name); },
           py::arg("instance_id"), py::arg("name"))
       .def(
           "unexport",
-          [](PagePoolHandle& p, const std::string& name, std::optional<uint64_t> id) { p.pool->unexport(name, id); },
-          py::arg("name"), py::arg("instance_id") = py::none())
-      .def("export_names", [](const PagePoolHandle& p) { return p.pool->export_names(); })
+          [](PagePoolHandle& p, const std::string& name, std::optional<uint64_t> id, uint64_t client) {
+            p.pool->unexport(name, id, client);
+          },
+          py::arg("name"), py::arg("instance_id") = py::none(), py::arg("client") = 0)
+      .def(
+          "export_names",
+          [](const PagePoolHandle& p, std::optional<uint64_t> id) { return p.pool->export_names(id); },
+          py::arg("instance_id") = py::none())
+      .def(
+          "end_client", [](PagePoolHandle& p, uint64_t client) { p.pool->end_client(client); }, py::arg("client"))
+      .def(
+          "set_export_idle_s", [](PagePoolHandle& p, double seconds) { p.pool->set_export_idle_s(seconds); },
+          py::arg("seconds"))
       .def(
           "refcount", [](const PagePoolHandle& p, uint32_t page) { return p.pool->refcount(page); }, py::arg("page"))
       .def(

@@ -53,6 +53,19 @@ void PagePool::add_instance(uint64_t instance_id, uint32_t quota, uint64_t clien
   }
 }
 
+void PagePool::forget_client_if_unused_locked(uint64_t client) {
+  auto found = clients_.find(client);
+  if (found != clients_.end() && found->second.num_instances == 0 && found->second.num_exports == 0) {
+    clients_.erase(found);
+  }
+}
+
+void PagePool::set_export_idle_s(double seconds) {
+  if (!(seconds >= 0)) throw std::invalid_argument("export_idle_s must be >= 0 (0: never idle)");
+  std::lock_guard<std::mutex> lock(mutex_);
+  export_idle_ = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+}
+
 void PagePool::count_handles_locked(const Account& instance, int64_t delta) {
   if (instance.client != 0) clients_.at(instance.client).num_handles += static_cast<uint32_t>(delta);
 }
@@ -101,17 +114,15 @@ void PagePool::release_all_locked(Account& instance) {
   for (const auto& entry : instance.page_of_handle) unref_locked(entry.second);
   count_handles_locked(instance, -static_cast<int64_t>(instance.page_of_handle.size()));
   instance.page_of_handle.clear();
-  for (const std::string& name : instance.owned_exports) {
-    auto found = exports_.find(name);
-    if (found == exports_.end()) continue;
-    if (found->second.persistent) {
-      found->second.owner_alive = false;
-      continue;
-    }
-    for (uint32_t page : found->second.pages) unref_locked(page);
-    exports_.erase(found);
-  }
+  const std::vector<ExportKey> owned = std::move(instance.owned_exports);
   instance.owned_exports.clear();
+  for (const ExportKey& key : owned) {
+    auto found = exports_.find(key);
+    if (found == exports_.end()) continue;
+    found->second.owner_alive = false;  // persistent: stays, charged to its client only
+    if (!found->second.persistent) drop_export_locked(found);
+  }
+  instance.num_export_pages = 0;
 }
 
 uint32_t PagePool::end_instance(uint64_t instance_id) {
@@ -124,8 +135,12 @@ uint32_t PagePool::end_instance(uint64_t instance_id) {
   const uint32_t num_released = static_cast<uint32_t>(instance.page_of_handle.size());
   release_all_locked(instance);
   if (!instance.terminated) live_by_age_.erase(instance.age);
-  if (instance.client != 0 && --clients_.at(instance.client).num_instances == 0) clients_.erase(instance.client);
+  const uint64_t client = instance.client;
   instances_.erase(found);
+  if (client != 0) {
+    --clients_.at(client).num_instances;
+    forget_client_if_unused_locked(client);
+  }
   return num_released;
 }
 
@@ -164,18 +179,23 @@ std::vector<uint32_t> PagePool::pages_of_locked(const Account& instance, const s
 }
 
 void PagePool::check_quota_locked(const Account& instance, size_t more) const {
-  const size_t held = instance.page_of_handle.size();
+  // "holds H" or "holds H and exports E": the export part only where exports count.
+  auto holdings = [](size_t handles, size_t export_pages) {
+    return std::to_string(handles) + (export_pages ? " and exports " + std::to_string(export_pages) : "");
+  };
+  const size_t held = instance.page_of_handle.size() + instance.num_export_pages;
   if (instance.quota != 0 && held + more > instance.quota) {
     throw QuotaExceeded(prefix(instance.id) + "quota of " + std::to_string(instance.quota) + " " + plural() +
-                        " exceeded (holds " + std::to_string(held) + ", asked for " + std::to_string(more) +
-                        " more)");
+                        " exceeded (holds " + holdings(instance.page_of_handle.size(), instance.num_export_pages) +
+                        ", asked for " + std::to_string(more) + " more)");
   }
   if (instance.client == 0) return;
   const Client& client = clients_.at(instance.client);
-  if (client.quota != 0 && client.num_handles + more > client.quota) {
+  if (client.quota != 0 && size_t{client.num_handles} + client.num_export_pages + more > client.quota) {
     throw QuotaExceeded(prefix(instance.id) + "its client's quota of " + std::to_string(client.quota) + " " +
                         plural() + " exceeded (its " + std::to_string(client.num_instances) + " instances hold " +
-                        std::to_string(client.num_handles) + ", asked for " + std::to_string(more) + " more)");
+                        holdings(client.num_handles, client.num_export_pages) + ", asked for " +
+                        std::to_string(more) + " more)");
   }
 }
 
@@ -186,30 +206,53 @@ void PagePool::reserve_pages_locked(Account& requester, uint32_t count, std::vec
                                std::to_string(requester.id) + " needed " + std::to_string(count) + " " + plural() +
                                ", " + std::to_string(free_pages_.size()) + " free of " + std::to_string(num_pages_) +
                                ")";
-  // Simulate terminating newer instances, newest first, until enough pages would come free.
-  std::unordered_map<uint32_t, uint32_t> num_dropped;  // page -> references the victims hold
+  // Simulate dropping evictable exports, least recently used first, then terminating newer instances,
+  // newest first, until enough pages would come free.
+  std::unordered_map<uint32_t, uint32_t> num_dropped;  // page -> references the evictions and victims hold
   uint32_t num_freed = 0;
   auto drop = [&](uint32_t page) {  // a pinned page comes free only when its command is done
     if (++num_dropped[page] == refcounts_[page] && pins_[page] == 0) ++num_freed;
   };
+  std::vector<std::map<ExportKey, Export>::iterator> evicted;
+  {
+    const Clock::time_point now = Clock::now();
+    for (auto it = exports_.begin(); it != exports_.end(); ++it) {
+      if (evictable_locked(it->second, now)) evicted.push_back(it);
+    }
+    std::sort(evicted.begin(), evicted.end(),
+              [](const auto& a, const auto& b) { return a->second.last_used < b->second.last_used; });
+    size_t num_evicted = 0;
+    while (num_evicted < evicted.size() && num_freed < needed) {
+      for (uint32_t page : evicted[num_evicted]->second.pages) drop(page);
+      ++num_evicted;
+    }
+    evicted.resize(num_evicted);
+  }
+  auto is_evicted = [&](const ExportKey& key) {
+    return std::any_of(evicted.begin(), evicted.end(), [&](const auto& it) { return it->first == key; });
+  };
   std::vector<Account*> victims;
-  for (auto it = live_by_age_.rbegin(); it != live_by_age_.rend() && it->first > requester.age; ++it) {
+  for (auto it = live_by_age_.rbegin(); it != live_by_age_.rend() && it->first > requester.age && num_freed < needed;
+       ++it) {
     Account& victim = instances_.at(it->second);
     victims.push_back(&victim);
     for (const auto& entry : victim.page_of_handle) drop(entry.second);
-    for (const std::string& name : victim.owned_exports) {
-      const Export& exported = exports_.at(name);
-      if (!exported.persistent) {
+    for (const ExportKey& key : victim.owned_exports) {
+      const Export& exported = exports_.at(key);
+      if (!exported.persistent && !is_evicted(key)) {
         for (uint32_t page : exported.pages) drop(page);
       }
     }
-    if (num_freed >= needed) break;
   }
   if (num_freed < needed) {
     const std::string message = "instance " + std::to_string(requester.id) + " terminated: " + shortage +
                                 "; no newer instance holds enough to free";
     terminate_locked(requester, message, terminations);
     throw InstanceTerminated(message);
+  }
+  for (auto it : evicted) {
+    drop_export_locked(it);
+    ++num_evictions_;
   }
   for (Account* victim : victims) {
     terminate_locked(*victim,
@@ -346,27 +389,74 @@ std::vector<uint32_t> PagePool::fork(uint64_t instance_id, const std::vector<uin
 // ---------------------------------------------------------------------------------------------
 // Exports
 
+std::map<PagePool::ExportKey, PagePool::Export>::iterator PagePool::visible_export_locked(uint64_t client,
+                                                                                       const std::string& name) {
+  auto found = exports_.find({client, name});
+  return found != exports_.end() ? found : exports_.find({kSharedScope, name});
+}
+
+void PagePool::uncharge_client_locked(Export& exported) {
+  if (!exported.client_alive) return;
+  exported.client_alive = false;
+  if (exported.client == 0) return;
+  Client& client = clients_.at(exported.client);
+  --client.num_exports;
+  client.num_export_pages -= static_cast<uint32_t>(exported.pages.size());
+}
+
+void PagePool::drop_export_locked(std::map<ExportKey, Export>::iterator found) {
+  Export& exported = found->second;
+  if (exported.owner_alive) {
+    Account& owner = instances_.at(exported.owner);
+    auto& owned = owner.owned_exports;
+    owned.erase(std::remove(owned.begin(), owned.end(), found->first), owned.end());
+    owner.num_export_pages -= static_cast<uint32_t>(exported.pages.size());
+  }
+  const uint64_t client = exported.client;
+  uncharge_client_locked(exported);
+  for (uint32_t page : exported.pages) unref_locked(page);
+  exports_.erase(found);
+  if (client != 0) forget_client_if_unused_locked(client);
+}
+
+bool PagePool::evictable_locked(const Export& exported, Clock::time_point now) const {
+  if (!exported.client_alive) return true;  // ownerless
+  return export_idle_ != Clock::duration::zero() && now - exported.last_used >= export_idle_;
+}
+
 void PagePool::export_pages(uint64_t instance_id, const std::string& name, const std::vector<uint32_t>& handles,
-                            bool persistent) {
+                            bool persistent, bool shared) {
   std::lock_guard<std::mutex> lock(mutex_);
   Account& instance = live_instance_locked(instance_id);
   if (name.empty()) throw std::invalid_argument(prefix(instance_id) + "an export needs a non-empty name");
-  if (exports_.count(name) != 0) {
+  if (visible_export_locked(instance.client, name) != exports_.end() ||
+      (shared && exports_.count({kSharedScope, name}) != 0)) {
     throw std::invalid_argument(prefix(instance_id) + "an export named '" + name + "' already exists");
   }
   Export exported;
   exported.owner = instance_id;
+  exported.client = instance.client;
   exported.persistent = persistent;
+  exported.shared = shared;
   exported.pages = pages_of_locked(instance, handles);
+  check_quota_locked(instance, exported.pages.size());
+  exported.last_used = Clock::now();
   for (uint32_t page : exported.pages) ++refcounts_[page];
-  exports_.emplace(name, std::move(exported));
-  instance.owned_exports.push_back(name);
+  const ExportKey key{shared ? kSharedScope : instance.client, name};
+  instance.owned_exports.push_back(key);
+  instance.num_export_pages += static_cast<uint32_t>(exported.pages.size());
+  if (instance.client != 0) {
+    Client& client = clients_.at(instance.client);
+    ++client.num_exports;
+    client.num_export_pages += static_cast<uint32_t>(exported.pages.size());
+  }
+  exports_.emplace(key, std::move(exported));
 }
 
 std::vector<uint32_t> PagePool::import_pages(uint64_t instance_id, const std::string& name) {
   std::lock_guard<std::mutex> lock(mutex_);
   Account& instance = live_instance_locked(instance_id);
-  auto found = exports_.find(name);
+  auto found = visible_export_locked(instance.client, name);
   if (found == exports_.end()) throw InvalidHandle(prefix(instance_id) + "no export named '" + name + "'");
   const std::vector<uint32_t>& pages = found->second.pages;
   check_quota_locked(instance, pages.size());
@@ -379,35 +469,59 @@ std::vector<uint32_t> PagePool::import_pages(uint64_t instance_id, const std::st
     handles.push_back(handle);
   }
   count_handles_locked(instance, static_cast<int64_t>(handles.size()));
+  found->second.last_used = Clock::now();
   return handles;
 }
 
-void PagePool::unexport(const std::string& name, std::optional<uint64_t> instance_id) {
+void PagePool::unexport(const std::string& name, std::optional<uint64_t> instance_id, uint64_t client) {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (instance_id) live_instance_locked(*instance_id);
-  auto found = exports_.find(name);
+  if (instance_id) client = live_instance_locked(*instance_id).client;
+  auto found = visible_export_locked(client, name);
   if (found == exports_.end()) {
     throw InvalidHandle((instance_id ? prefix(*instance_id) : std::string()) + "no export named '" + name + "'");
   }
-  Export& exported = found->second;
+  const Export& exported = found->second;
   if (instance_id && exported.owner_alive && exported.owner != *instance_id) {
     throw InvalidHandle(prefix(*instance_id) + "export '" + name + "' belongs to instance " +
                         std::to_string(exported.owner));
   }
-  if (exported.owner_alive) {
-    auto& owned = instances_.at(exported.owner).owned_exports;
-    owned.erase(std::remove(owned.begin(), owned.end(), name), owned.end());
+  if (instance_id && exported.client_alive && exported.client != client) {
+    throw InvalidHandle(prefix(*instance_id) + "export '" + name + "' is shared by another client: only its " +
+                        "instances may remove it");
   }
-  for (uint32_t page : exported.pages) unref_locked(page);
-  exports_.erase(found);
+  drop_export_locked(found);
 }
 
-std::vector<std::string> PagePool::export_names() const {
+std::vector<std::string> PagePool::export_names(std::optional<uint64_t> instance_id) const {
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<std::string> names;
   names.reserve(exports_.size());
-  for (const auto& entry : exports_) names.push_back(entry.first);
+  const uint64_t client = instance_id ? live_instance_locked(*instance_id).client : 0;
+  for (const auto& entry : exports_) {
+    if (!instance_id || entry.first.first == client || entry.first.first == kSharedScope) {
+      names.push_back(entry.first.second);
+    }
+  }
+  std::sort(names.begin(), names.end());
+  names.erase(std::unique(names.begin(), names.end()), names.end());
   return names;
+}
+
+void PagePool::end_client(uint64_t client) {
+  if (client == 0) throw std::invalid_argument("client 0 is the local user: it never ends");
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto it = exports_.begin(); it != exports_.end();) {
+    auto next = std::next(it);
+    if (it->second.client == client && it->second.client_alive) {
+      if (it->second.shared) {
+        uncharge_client_locked(it->second);  // ownerless: evictable, importable by the other clients
+      } else {
+        drop_export_locked(it);  // nobody else can see it
+      }
+    }
+    it = next;
+  }
+  forget_client_if_unused_locked(client);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -446,6 +560,14 @@ PoolStats PagePool::stats() const {
   stats.num_exported = static_cast<uint32_t>(exported.size());
   stats.num_exports = static_cast<uint32_t>(exports_.size());
   stats.num_terminations = num_terminations_;
+  stats.num_evictions = num_evictions_;
+  const Clock::time_point now = Clock::now();
+  for (const auto& entry : exports_) {
+    const Export& e = entry.second;
+    stats.exports.push_back({entry.first.second, e.client, e.owner, e.owner_alive, e.client_alive, e.shared,
+                             e.persistent, static_cast<uint32_t>(e.pages.size()),
+                             std::chrono::duration<double>(now - e.last_used).count()});
+  }
   for (const auto& entry : instances_) {
     const Account& instance = entry.second;
     stats.instances.push_back({instance.id, static_cast<uint32_t>(instance.page_of_handle.size()), instance.quota,
@@ -454,7 +576,8 @@ PoolStats PagePool::stats() const {
   std::sort(stats.instances.begin(), stats.instances.end(),
             [](const InstanceUsage& a, const InstanceUsage& b) { return a.instance_id < b.instance_id; });
   for (const auto& entry : clients_) {
-    stats.clients.push_back({entry.first, entry.second.num_handles, entry.second.quota, entry.second.num_instances});
+    stats.clients.push_back({entry.first, entry.second.num_handles, entry.second.quota, entry.second.num_instances,
+                             entry.second.num_export_pages});
   }
   std::sort(stats.clients.begin(), stats.clients.end(),
             [](const PoolStats::ClientUsage& a, const PoolStats::ClientUsage& b) { return a.client < b.client; });
@@ -484,37 +607,57 @@ void PagePool::check_invariants() const {
       if (handle.first >= instance.next_handle) fail("handle beyond next_handle");
       ++expected[handle.second];
     }
-    for (const std::string& name : instance.owned_exports) {
-      auto found = exports_.find(name);
+    uint32_t export_pages = 0;
+    for (const ExportKey& key : instance.owned_exports) {
+      auto found = exports_.find(key);
       if (found == exports_.end() || found->second.owner != instance.id || !found->second.owner_alive) {
-        fail("instance " + std::to_string(instance.id) + " lists export '" + name + "' it does not own");
+        fail("instance " + std::to_string(instance.id) + " lists export '" + key.second + "' it does not own");
       }
+      export_pages += static_cast<uint32_t>(found->second.pages.size());
+    }
+    if (export_pages != instance.num_export_pages) {
+      fail("instance " + std::to_string(instance.id) + "'s export page count does not match its exports");
     }
   }
   if (num_live != live_by_age_.size()) fail("the age index lists instances that are not live");
-  std::unordered_map<uint64_t, std::pair<uint32_t, uint32_t>> clients;  // client -> (handles, instances)
+  std::unordered_map<uint64_t, Client> clients;  // recomputed: handles, instances, exports, export pages
   for (const auto& entry : instances_) {
     if (entry.second.client == 0) continue;
-    auto& c = clients[entry.second.client];
-    c.first += static_cast<uint32_t>(entry.second.page_of_handle.size());
-    ++c.second;
+    Client& c = clients[entry.second.client];
+    c.num_handles += static_cast<uint32_t>(entry.second.page_of_handle.size());
+    ++c.num_instances;
   }
-  if (clients.size() != clients_.size()) fail("the client index lists clients without instances");
+  for (const auto& entry : exports_) {
+    if (entry.second.client == 0 || !entry.second.client_alive) continue;
+    Client& c = clients[entry.second.client];
+    ++c.num_exports;
+    c.num_export_pages += static_cast<uint32_t>(entry.second.pages.size());
+  }
+  if (clients.size() != clients_.size()) fail("the client index lists clients without instances or exports");
   for (const auto& entry : clients_) {
     auto found = clients.find(entry.first);
-    if (found == clients.end() || found->second.first != entry.second.num_handles ||
-        found->second.second != entry.second.num_instances) {
-      fail("client " + std::to_string(entry.first) + "'s counts do not match its instances");
+    if (found == clients.end() || found->second.num_handles != entry.second.num_handles ||
+        found->second.num_instances != entry.second.num_instances ||
+        found->second.num_exports != entry.second.num_exports ||
+        found->second.num_export_pages != entry.second.num_export_pages) {
+      fail("client " + std::to_string(entry.first) + "'s counts do not match its instances and exports");
     }
   }
   for (const auto& entry : exports_) {
+    if ((entry.first.first == kSharedScope) != entry.second.shared ||
+        (!entry.second.shared && entry.first.first != entry.second.client)) {
+      fail("export '" + entry.first.second + "' is filed under the wrong scope");
+    }
     if (entry.second.owner_alive) {
       auto owner = instances_.find(entry.second.owner);
       if (owner == instances_.end() || owner->second.terminated) {
-        fail("export '" + entry.first + "' claims a live owner that is gone");
+        fail("export '" + entry.first.second + "' claims a live owner that is gone");
       }
     } else if (!entry.second.persistent) {
-      fail("non-persistent export '" + entry.first + "' outlived its owner");
+      fail("non-persistent export '" + entry.first.second + "' outlived its owner");
+    }
+    if (!entry.second.client_alive && !entry.second.shared) {
+      fail("private export '" + entry.first.second + "' outlived its client");
     }
     for (uint32_t page : entry.second.pages) ++expected[page];
   }

@@ -11,14 +11,22 @@
 //     (copy-on-write), and returns the (src, dst) copies the engine must perform before writing.
 //     fork() shares every page, so only a partly filled last page, the one both forks append to,
 //     is ever copied.
-//   - An export holds its pages until unexported, or until its owner ends unless it is persistent.
-//   - Exhaustion: when an allocation (or a copy-on-write) cannot be met, the newest instances that
-//     are newer than the requester are terminated, newest first, as long as that frees enough; if it
-//     cannot, the requester itself is terminated and nothing else is disturbed. Termination releases
+//   - Exports: an export holds its pages until unexported, or until its owner instance ends unless it is
+//     persistent. It has a scope: its client's (only that client's instances import, list and unexport
+//     it) or, when shared, every client's. A name is unique among the exports one client sees (its own
+//     and the shared ones). An export's pages count toward its owner instance's quota while it lives and
+//     toward its client's quota until the client ends (end_client): then its private exports are dropped
+//     and its shared ones become ownerless. An export that is ownerless, or has not been imported for
+//     export_idle_s (0: never idle), is evictable.
+//   - Exhaustion: when an allocation (or a copy-on-write) cannot be met, evictable exports are dropped,
+//     least recently imported first, then the newest instances that are newer than the requester are
+//     terminated, newest first, as long as that frees enough; if it cannot, the requester itself is
+//     terminated and nothing else is disturbed. Termination releases
 //     every handle of the instance (and its non-persistent exports) and leaves a record so that its
 //     later calls fail with the termination message until end_instance() removes it.
-//   - Quotas count the handles an instance holds (0 = unlimited), and, for the instances of one client
-//     (a client id given when they are added), the handles they hold together (its client quota).
+//   - Quotas count the handles an instance holds and the pages listed by the exports it owns (0 =
+//     unlimited), and, for the instances of one client (a client id given when they are added), the
+//     handles they hold together plus the pages of the client's exports (its client quota).
 //   - Pins: a queued or running command pins the pages it reads or writes (resolve_pinned,
 //     prepare_write's copies). A pinned page is not handed out again, even once every handle and
 //     export of it is gone (an instance that frees its pages while its pass is in flight, or ends):
@@ -28,6 +36,7 @@
 // Thread-safe (one mutex).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -60,6 +69,18 @@ struct InstanceUsage {
 // Pages pinned for a command: dropping the last copy unpins them (the pool outlives its pins).
 using PagePins = std::shared_ptr<void>;
 
+struct ExportInfo {
+  std::string name;
+  uint64_t client = 0;          // the exporter's client (0: the local user)
+  uint64_t owner = 0;           // the exporting instance
+  bool owner_alive = true;      // that instance has not ended
+  bool client_alive = true;     // that client has not ended (false: ownerless)
+  bool shared = false;
+  bool persistent = false;
+  uint32_t num_pages = 0;
+  double idle_s = 0;            // seconds since it was exported or last imported
+};
+
 struct PoolStats {
   uint32_t num_pages = 0;
   uint32_t page_size = 0;
@@ -70,12 +91,15 @@ struct PoolStats {
   uint32_t num_shared = 0;    // refcount > 1
   uint32_t num_exports = 0;
   uint64_t num_terminations = 0;
+  uint64_t num_evictions = 0;  // exports dropped under pressure
   std::vector<InstanceUsage> instances;  // by instance id
+  std::vector<ExportInfo> exports;       // by (client, name); shared ones by (their client, name) too
   struct ClientUsage {
     uint64_t client = 0;
     uint32_t num_handles = 0;
     uint32_t quota = 0;  // 0 = unlimited
     uint32_t num_instances = 0;
+    uint32_t num_export_pages = 0;  // pages listed by its exports (counted toward its quota)
   };
   std::vector<ClientUsage> clients;  // by client id
 };
@@ -93,6 +117,11 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   // together (0 = unlimited; the latest given applies).
   void add_instance(uint64_t instance_id, uint32_t quota, uint64_t client = 0, uint32_t client_quota = 0);
   bool has_instance(uint64_t instance_id) const;
+  // The client is gone: its private exports are dropped, its shared ones lose their owner (evictable).
+  // Its instances, if any still live, keep their handles. Client 0 (the local user) never ends.
+  void end_client(uint64_t client);
+  // Exports not imported for this long are evictable under pressure (0: never).
+  void set_export_idle_s(double seconds);
   // Releases everything the instance holds (persistent exports stay) and forgets it.
   // Returns the number of handles released.
   uint32_t end_instance(uint64_t instance_id);
@@ -112,11 +141,15 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   std::vector<uint32_t> fork(uint64_t instance_id, const std::vector<uint32_t>& handles);
 
   void export_pages(uint64_t instance_id, const std::string& name, const std::vector<uint32_t>& handles,
-                    bool persistent);
+                    bool persistent, bool shared = false);
+  // An export the instance sees: its client's of that name, else a shared one.
   std::vector<uint32_t> import_pages(uint64_t instance_id, const std::string& name);
-  // With an instance id, only the owner may unexport while it lives; without one (the system), always.
-  void unexport(const std::string& name, std::optional<uint64_t> instance_id);
-  std::vector<std::string> export_names() const;
+  // With an instance id: an export it sees, which only its owner may remove while the owner lives, then
+  // any instance of the owner's client, then (ownerless) anyone who sees it. Without one (the system):
+  // the export `client` sees, always.
+  void unexport(const std::string& name, std::optional<uint64_t> instance_id, uint64_t client = 0);
+  // With an instance id: the names it sees (sorted, once each); without: every export's name.
+  std::vector<std::string> export_names(std::optional<uint64_t> instance_id = std::nullopt) const;
 
   uint32_t refcount(uint32_t page) const;
   std::vector<uint32_t> handles(uint64_t instance_id) const;  // sorted
@@ -126,6 +159,10 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   void check_invariants() const;
 
  private:
+  using Clock = std::chrono::steady_clock;
+  // (scope, name): scope is the exporter's client, or kSharedScope for a shared export.
+  using ExportKey = std::pair<uint64_t, std::string>;
+  static constexpr uint64_t kSharedScope = ~uint64_t{0};
   struct Account {  // the pool's account of one instance: its handles, quota, exports, termination
     uint64_t id = 0;
     uint64_t age = 0;  // creation order; larger is newer
@@ -133,25 +170,38 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
     uint64_t client = 0;  // 0: none
     uint32_t next_handle = 0;
     std::unordered_map<uint32_t, uint32_t> page_of_handle;
-    std::vector<std::string> owned_exports;
+    std::vector<ExportKey> owned_exports;
+    uint32_t num_export_pages = 0;  // pages listed by owned_exports
     bool terminated = false;
     std::string termination_message;
   };
   struct Export {
-    uint64_t owner = 0;
-    bool owner_alive = true;
+    uint64_t owner = 0;         // the exporting instance
+    bool owner_alive = true;    // it has not ended
+    uint64_t client = 0;        // its client
+    bool client_alive = true;   // the client has not ended (client 0 never does)
     bool persistent = false;
+    bool shared = false;
     std::vector<uint32_t> pages;
+    Clock::time_point last_used;  // exported or last imported (eviction order: oldest first)
   };
 
   Account& live_instance_locked(uint64_t instance_id);
   const Account& live_instance_locked(uint64_t instance_id) const;
   std::vector<uint32_t> pages_of_locked(const Account& instance, const std::vector<uint32_t>& handles) const;
-  struct Client {
+  struct Client {  // kept while it has instances or exports charged to it
     uint32_t quota = 0;
     uint32_t num_handles = 0;  // held by its live instances
     uint32_t num_instances = 0;
+    uint32_t num_exports = 0;       // exports charged to it (client_alive)
+    uint32_t num_export_pages = 0;  // their pages
   };
+  // The export `client` sees under `name` (its own scope first, then the shared one), or end().
+  std::map<ExportKey, Export>::iterator visible_export_locked(uint64_t client, const std::string& name);
+  void drop_export_locked(std::map<ExportKey, Export>::iterator found);  // unref, uncharge, forget
+  void uncharge_client_locked(Export& exported);
+  bool evictable_locked(const Export& exported, Clock::time_point now) const;
+  void forget_client_if_unused_locked(uint64_t client);
   void check_quota_locked(const Account& instance, size_t more) const;
   void count_handles_locked(const Account& instance, int64_t delta);  // a client's share of a change
   void reserve_pages_locked(Account& requester, uint32_t count, std::vector<Termination>& terminations);
@@ -179,9 +229,11 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   std::unordered_map<uint64_t, Account> instances_;
   std::unordered_map<uint64_t, Client> clients_;
   std::map<uint64_t, uint64_t> live_by_age_;  // age -> instance id, not terminated
-  std::map<std::string, Export> exports_;
+  std::map<ExportKey, Export> exports_;
+  Clock::duration export_idle_{0};  // 0: exports never become idle
   uint64_t next_age_ = 0;
   uint64_t num_terminations_ = 0;
+  uint64_t num_evictions_ = 0;
 };
 
 }  // namespace pie::control

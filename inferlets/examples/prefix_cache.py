@@ -8,17 +8,21 @@ saved under a name derived from its token ids (`--name` to choose one): the firs
 the token ids in the kv-store); a later launch gets a context that shares those pages (copy-on-write: the
 partly filled last page is copied when the suffix is written into it) and computes only the suffix. The
 generation itself is `text_completion`'s, so with the same arguments (e.g. greedy) the text is the same.
-The export outlives the instance until `--drop` removes it. Two first launches racing each other both
-compute the prefix; the later one finds the other's export just before publishing and uses it (only if
-both publish at the very same moment does the later `kv.export-pages` trap on the taken name).
+The export outlives the instance until `--drop` removes it (or its client ends, or the server evicts it
+under pool pressure). It is private to the launching client (a server connection, an HTTP request) unless
+`--shared`: then every client's launches import it, passing the prefix tokens they computed the name from
+(another client's kv-store is not theirs to read). Importing a shared prefix trusts whoever published it.
+Two first launches racing each other both compute the prefix; the later one finds the other's export just
+before publishing and uses it (only if both publish at the very same moment does the later
+`kv.export-pages` trap on the taken name).
 
     pie run prefix_cache -- --system "You are a terse assistant." --prompt "Name a planet." --max-tokens 16
     pie run prefix_cache -- --system "You are a terse assistant." --drop
 
 Arguments: --system (required), --prompt (required unless --drop), --max-tokens (256), --temperature
 (1.0; 0 = greedy), --top-p, --top-k, --min-p, --seed, --stop (repeatable), --ignore-eos, --raw (no chat
-template: system and prompt joined by a blank line), --name (the export's name), --drop (remove the saved
-prefix and exit), --json.
+template: system and prompt joined by a blank line), --name (the export's name), --shared (publish and
+look up the prefix for every client), --drop (remove the saved prefix and exit), --json.
 
 Output: the generated text (as `text_completion`); with --json one JSON line {"text", "name", "imported",
 "prefix_tokens", "prompt_tokens", "computed_prompt_tokens"} (the prompt tokens this launch computed).
@@ -68,6 +72,7 @@ def main():
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
     parser.add_argument("--name", default=None, help="name of the saved prefix")
+    parser.add_argument("--shared", action="store_true", help="share the saved prefix with every client")
     parser.add_argument("--drop", action="store_true", help="remove the saved prefix and exit")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -84,7 +89,8 @@ def main():
             print(f"no saved prefix {name}")
         return
 
-    ctx = Context.open(name) if prefix else None
+    expected = prefix if args.shared else None  # a shared prefix's token ids are not in our kv-store
+    ctx = Context.open(name, expected) if prefix else None
     imported = ctx is not None
     if ctx is not None and ctx.tokens != prefix:  # a name given twice for different prefixes
         ctx.free()
@@ -98,10 +104,10 @@ def main():
             computed_prefix = len(prefix)
             if name in KV.list_exports():  # another launch saved it meanwhile: use that one
                 ctx.free()
-                ctx = Context.open(name)
+                ctx = Context.open(name, expected)
                 imported = True
             else:
-                ctx.save(name)
+                ctx.save(name, shared=args.shared)
     ctx.fill_tokens(whole[len(prefix):])
     sampler = inferlet.sample(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
     text = ctx.generate(max_tokens=args.max_tokens, sampler=sampler, stop=args.stop, ignore_eos=args.ignore_eos)

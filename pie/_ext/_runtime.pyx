@@ -4,6 +4,7 @@
 linker instances through the wasmtime C API, the C++ state of each instance (csrc/runtime/instance_state.h),
 and the Python conversion of cold calls. Private: used through pie.runtime."""
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, int32_t, int8_t, int16_t, uint16_t
 from libc.stdlib cimport malloc, free
@@ -179,7 +180,10 @@ cdef object _decode(val_t* v):
     if k == 10: return v.of.f64
     if k == 11: return chr(v.of.character)
     if k == 12: return (<char*>v.of.string.data)[:v.of.string.size].decode("utf-8")
-    if k == 13: return [_decode(&v.of.list.data[i]) for i in range(v.of.list.size)]
+    if k == 13:
+        if v.of.list.size and v.of.list.data[0].kind == 2:
+            return _decode_u8_list(&v.of.list)
+        return [_decode(&v.of.list.data[i]) for i in range(v.of.list.size)]
     if k == 14: return tuple([_decode(&v.of.record.data[i].val) for i in range(v.of.record.size)])
     if k == 15: return tuple([_decode(&v.of.tuple.data[i]) for i in range(v.of.tuple.size)])
     if k == 16:
@@ -190,6 +194,28 @@ cdef object _decode(val_t* v):
     if k == 19:
         return ("ok" if v.of.result.is_ok else "err", None if v.of.result.val == NULL else _decode(v.of.result.val))
     raise TypeError(f"component value kind {k} is not supported by the runtime")
+
+
+cdef bytes _decode_u8_list(vallist_t* lst):
+    """A list<u8> (every element of kind u8: a list's elements share one type) as bytes, in one C loop:
+    no Python int per byte."""
+    cdef size_t i, n = lst.size
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n)  # fresh and unshared: filled before anyone sees it
+    cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
+    for i in range(n):
+        p[i] = lst.data[i].of.u8
+    return out
+
+
+cdef void _encode_u8_list(const uint8_t[::1] data, val_t* out) noexcept:
+    """A bytes-like value as a list<u8>, in one C loop: no Python int per byte (the component value
+    model holds one val per element, so the bytes are spread, not block-copied)."""
+    cdef size_t i, n = data.shape[0]
+    out.kind = 13
+    api().vallist_new_uninit(&out.of.list, n)
+    for i in range(n):
+        out.of.list.data[i].kind = 2
+        out.of.list.data[i].of.u8 = data[i]
 
 
 cdef void _set_bytes(wasm_byte_vec_t* out, bytes b):
@@ -229,6 +255,9 @@ cdef void _encode(object desc, object value, val_t* out) except *:
         return
     tag = desc[0]
     if tag == "list":
+        if desc[1] == "u8" and isinstance(value, (bytes, bytearray, memoryview)):
+            _encode_u8_list(value, out)  # the view is taken before `out` is touched: a failure leaves it as is
+            return
         n = len(value)
         out.kind = 13
         api().vallist_new_uninit(&out.of.list, n)

@@ -215,6 +215,12 @@ class ControlPlane:
         self.scheduler.end_instance(instance_id, reason)
         self.pools.end_instance(instance_id)
 
+    def end_client(self, client: int) -> None:
+        """The client (a connection, an HTTP request: the id its instances were opened with) is gone and
+        will open no more instances: its private KV exports are dropped, its shared ones become ownerless
+        (evictable under pressure, still importable). Call it once its instances have ended."""
+        self.kv_pages.end_client(client)
+
     def terminate_instance(self, instance_id: int, reason: str) -> None:
         """Stops the instance now (a trap, its client went away): everything is released, and its
         later pool calls raise InstanceTerminated until end_instance."""

@@ -10,14 +10,12 @@ Every function of every interface in `inferlets/wit/inferlet.wit` is defined on 
 from __future__ import annotations
 
 import re
-import urllib.error
-import urllib.parse
-import urllib.request
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable
 
 from pie._ext import _runtime
 from pie.runtime.grammar import GRAMMAR_COLD
+from pie.runtime.http_fetch import host_allowed, http_fetch  # noqa: F401  (host_allowed: re-exported)
 from pie.runtime.paths import wit_dir
 
 if TYPE_CHECKING:
@@ -80,14 +78,20 @@ def _kv_pool(inst: "Instance") -> Any:
     return inst.services.plane.kv_pages
 
 
-def kv_export_pages(inst: "Instance", name: str, pages: list[int]) -> None:
-    """Exports outlive their owner (persistent) until unexported."""
+MAX_EXPORT_NAME = 1024  # bytes of an export's name (names are kept by the pool for as long as the export)
+
+
+def kv_export_pages(inst: "Instance", name: str, pages: list[int], options: tuple[bool, bool]) -> None:
+    """options: (persistent, shared). The export is in this instance's client's scope unless shared."""
     from pie.control import InvalidHandle
 
+    persistent, shared = options
     if not name:
         raise ValueError("name: an export needs a non-empty name")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_EXPORT_NAME:
+        raise ValueError(f"name: an export name is at most {MAX_EXPORT_NAME} bytes (UTF-8)")
     try:
-        _kv_pool(inst).export_pages(inst.id, name, pages, persistent=True)
+        _kv_pool(inst).export_pages(inst.id, name, pages, persistent=persistent, shared=shared)
     except InvalidHandle as e:
         raise ValueError(f"pages: {_pool_message(e)}") from None
     except ValueError as e:
@@ -99,7 +103,7 @@ def kv_import_pages(inst: "Instance", name: str) -> list[int] | None:
 
     try:
         return _kv_pool(inst).import_pages(inst.id, name)
-    except InvalidHandle:  # no export of that name
+    except InvalidHandle:  # no export of that name in this client's view
         return None
 
 
@@ -107,13 +111,13 @@ def kv_unexport_pages(inst: "Instance", name: str) -> None:
     from pie.control import InvalidHandle
 
     try:
-        _kv_pool(inst).unexport(name, inst.id)
+        _kv_pool(inst).unexport(name, inst.id, inst.client)
     except InvalidHandle as e:
         raise ValueError(f"name: {_pool_message(e)}") from None
 
 
 def kv_list_exports(inst: "Instance") -> list[str]:
-    return sorted(_kv_pool(inst).export_names())
+    return _kv_pool(inst).export_names(inst.id)  # sorted, this client's and the shared ones
 
 
 def _pool_message(e: BaseException) -> str:
@@ -213,27 +217,27 @@ def queues_destroy(inst: "Instance", q: int) -> None:
 
 
 def kv_store_get(inst: "Instance", key: str) -> str | None:
-    return inst.services.kv_store.get(key)
+    return inst.services.kv_store.get(key, inst.client)
 
 
 def kv_store_set(inst: "Instance", key: str, value: str) -> None:
-    inst.services.kv_store.set(key, value)
+    inst.services.kv_store.set(key, value, inst.client)
 
 
 def kv_store_delete(inst: "Instance", key: str) -> bool:
-    return inst.services.kv_store.delete(key)
+    return inst.services.kv_store.delete(key, inst.client)
 
 
 def kv_store_list_keys(inst: "Instance", prefix: str) -> list[str]:
-    return inst.services.kv_store.list_keys(prefix)
+    return inst.services.kv_store.list_keys(prefix, inst.client)
 
 
 def messaging_broadcast(inst: "Instance", topic: str, message: str) -> None:
-    inst.services.broker.broadcast(topic, message)
+    inst.services.broker.broadcast(topic, message, inst.client)
 
 
 def messaging_subscribe(inst: "Instance", topic: str) -> int:
-    return inst.services.broker.subscribe(inst.id, topic)
+    return inst.services.broker.subscribe(inst.id, topic, inst.client)
 
 
 def messaging_receive(inst: "Instance", handle: int) -> str:
@@ -290,50 +294,6 @@ def tokenizer_apply_chat_template(inst: "Instance", messages: list[tuple[str, st
         raise ValueError(f"the model {inst.services.model.name} has no chat template")
     return inst.services.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
                                                       add_generation_prompt=add_generation_prompt)
-
-
-HTTP_TIMEOUT_S = 30.0
-HTTP_MAX_BODY = 16 << 20  # bytes of a response body an inferlet may receive
-
-
-def host_allowed(host: str, port: int, allow: tuple[str, ...]) -> bool:
-    """Whether `host:port` is on the allow-list ("host" allows every port, "host:port" one)."""
-    host = host.lower()
-    return any(entry.lower() in (host, f"{host}:{port}") for entry in allow)
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Redirects are returned to the inferlet, not followed: a redirect could leave the allow-list."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)  # no proxies from the host's env
-
-
-def http_fetch(inst: "Instance", request: tuple) -> tuple[str, Any]:
-    """request: (method, url, headers, body) -> ("ok", (status, headers, body)) or ("err", reason)."""
-    method, url, headers, body = request
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "err", f"req.url: {url!r} is not an http(s) URL"
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    if not host_allowed(parts.hostname, port, inst.http_allow):
-        return "err", (f"req.url: host {parts.hostname}:{port} is not on the allow-list "
-                       f"({', '.join(inst.http_allow) or 'empty'}; set http_allow in the configuration)")
-    req = urllib.request.Request(url, data=bytes(body) if body else None, method=method.upper(),
-                                 headers=dict(headers))
-    try:
-        with _HTTP.open(req, timeout=HTTP_TIMEOUT_S) as resp:
-            status, resp_headers, data = resp.status, list(resp.headers.items()), resp.read(HTTP_MAX_BODY + 1)
-    except urllib.error.HTTPError as e:  # a status >= 400 (or an unfollowed redirect) is still a response
-        status, resp_headers, data = e.code, list(e.headers.items()), e.read(HTTP_MAX_BODY + 1)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        return "err", f"{method} {url}: {getattr(e, 'reason', e)}"
-    if len(data) > HTTP_MAX_BODY:
-        return "err", f"{method} {url}: response body over {HTTP_MAX_BODY} bytes"
-    return "ok", (status, resp_headers, list(data))
 
 
 _U32_LIST = ("list", "u32")

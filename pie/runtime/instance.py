@@ -57,14 +57,19 @@ def explain_wasm_error(e: BaseException, deadline_s: float, elapsed: float) -> s
 class Instance:
     def __init__(self, instance_id: int, state: Any, component: Any, arguments: Sequence[str], *, services: Any,
                  sandbox: Any, source: str | None = None, filename: str = "inferlet.py", deadline_s: float,
-                 memory_mb: int, http_allow: Sequence[str] = (), on_output: Callable[[str], None] | None = None,
+                 memory_mb: int, http_allow: Sequence[str] = (), http_timeout_s: float = 30.0,
+                 http_max_body_bytes: int = 16 << 20, on_output: Callable[[str], None] | None = None,
                  on_log: Callable[[str], None] | None = None,
                  on_done: Callable[[InstanceResult], None] | None = None,
                  on_terminate: Callable[[int, str], None] | None = None,
-                 on_end: Callable[["Instance", str], None] | None = None):
+                 on_end: Callable[["Instance", str], None] | None = None, client: int = 0,
+                 keep_output: bool = True, max_kept_output_bytes: int = 64 << 20, inbox_messages: int = 1024):
         """state: the instance's pie._ext._runtime.InstanceState; on_terminate(id, reason): told when the
         instance is terminated (to release it in the control plane at once); on_end(instance, reason):
-        called on the instance thread once it has ended, before `done` is set."""
+        called on the instance thread once it has ended, before `done` is set. client: who launched it (its
+        kv-store and messaging namespace). keep_output: keep what it sends and logs for the result (a
+        server that streams it passes False); what is kept is capped at max_kept_output_bytes (UTF-8),
+        past which `runtime.send` / `runtime.log` fail. inbox_messages: client messages it holds unread."""
         self.id = instance_id
         self.state = state
         self.services = services
@@ -76,17 +81,23 @@ class Instance:
         self.deadline_s = deadline_s
         self.memory_mb = memory_mb
         self.http_allow = tuple(http_allow)  # hosts ("host" or "host:port") http.fetch may reach
+        self.http_timeout_s = http_timeout_s  # wall-clock limit of one http.fetch (besides the deadline)
+        self.http_max_body_bytes = http_max_body_bytes  # largest response body http.fetch returns
         self.on_output = on_output
         self.on_log = on_log
         self.on_done = on_done  # called on the instance thread with the result, once it has ended
         self.on_terminate = on_terminate
         self.on_end = on_end
-        self.messages: list[str] = []
+        self.client = client
+        self.keep_output = keep_output
+        self.max_kept_output_bytes = max_kept_output_bytes
+        self.kept_output_bytes = 0
+        self.messages: list[str] = []  # kept (keep_output) for the result
         self.logs: list[str] = []
         self.return_value: str | None = None
         self.error: str | None = None
         self.timings: dict[str, float] = {}
-        self.inbox: "queue.Queue[str]" = queue.Queue()
+        self.inbox: "queue.Queue[str]" = queue.Queue(inbox_messages)
         self.queues: dict[int, Any] = {}  # queues.create handles -> pie.control CommandQueue
         self.next_queue_handle = 1
         self.terminate_reason: str | None = None
@@ -95,14 +106,27 @@ class Instance:
 
     # ---- called by host functions (on the instance thread) ----------------------------------------
     def emit(self, message: str) -> None:
-        self.messages.append(message)
+        self._keep(self.messages, message)
         if self.on_output is not None:
             self.on_output(message)
 
     def add_log(self, message: str) -> None:
-        self.logs.append(message)
+        self._keep(self.logs, message)
         if self.on_log is not None:
             self.on_log(message)
+
+    def _keep(self, kept: list[str], message: str) -> None:
+        if not self.keep_output:
+            return
+        size = len(message.encode("utf-8", "surrogatepass"))
+        if self.kept_output_bytes + size > self.max_kept_output_bytes:
+            from pie.runtime.shared import LimitReached
+
+            raise LimitReached(f"the instance's kept output would reach {self.kept_output_bytes + size} bytes, "
+                               f"over its limit (max_kept_output_bytes = {self.max_kept_output_bytes}); a "
+                               f"launcher that streams the output keeps none (keep_output=False)")
+        self.kept_output_bytes += size
+        kept.append(message)
 
     def receive(self) -> str:
         """Next client message; waits in slices so a termination or the deadline ends the wait."""
@@ -124,8 +148,9 @@ class Instance:
         return self
 
     def send(self, message: str) -> None:
-        """A message from the client (read by runtime.receive)."""
-        self.inbox.put(message)
+        """A message from the client (read by runtime.receive). Raises queue.Full when the instance holds
+        `inbox_messages` unread."""
+        self.inbox.put_nowait(message)
 
     def terminate(self, reason: str) -> None:
         """Stops the instance at its next host call (its pending waits return at once)."""

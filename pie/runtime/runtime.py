@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -111,6 +112,7 @@ class Runtime:
         self.vocab_size = runner.vocab_size
         self.page_size = runner.page_size
         self.plane = ControlPlane.serving(runner, config.scheduler, on_terminate=self._on_plane_terminate).start()
+        self.plane.kv_pages.set_export_idle_s(config.export_idle_s)  # pool-wide: the runner's pool
         wasm_engine = components.make_engine()
         linker = Linker(wasm_engine)
         linker.add_wasip2()
@@ -123,10 +125,10 @@ class Runtime:
             tokenizer=model.tokenizer, eos_ids=frozenset(model.eos_ids), plane=self.plane,
             embeddings=runner.embeddings, embed_tokens=runner.embed_tokens,
             grammar=GrammarHost(model.tokenizer, runner.vocab_size, frozenset(model.eos_ids)),  # compiles at first use
-            kv_store=KeyValueStore(), broker=Broker())
+            kv_store=KeyValueStore(config.store), broker=Broker(config.store))
         self._lock = threading.Lock()
         self.live: dict[int, Instance] = {}
-        self._components: dict[str, Any] = {}
+        self._components: OrderedDict[str, Any] = OrderedDict()  # key -> compiled component, LRU last
         self._python_runtime: Any = None
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="pie-epoch", daemon=True)
@@ -155,14 +157,28 @@ class Runtime:
             self.sandbox.wasm_engine.increment_epoch()
 
     def load_component(self, wasm: bytes, key: str | None = None) -> Any:
+        """The compiled component of `wasm`: from memory (at most max_cached_components, least recently
+        used dropped), else from the on-disk cache, else compiled."""
         key = key or components.cache_key(wasm)
-        with self._lock:
-            comp = self._components.get(key)
+        comp = self._cached_component(key)
         if comp is None:
             comp = components.load_component(self.sandbox.wasm_engine, wasm, self.config.components_dir)
-            with self._lock:
-                self._components[key] = comp
+            self._cache_component(key, comp)
         return comp
+
+    def _cached_component(self, key: str) -> Any:
+        with self._lock:
+            comp = self._components.get(key)
+            if comp is not None:
+                self._components.move_to_end(key)
+            return comp
+
+    def _cache_component(self, key: str, comp: Any) -> None:
+        with self._lock:
+            self._components[key] = comp
+            self._components.move_to_end(key)
+            while len(self._components) > self.config.max_cached_components:
+                self._components.popitem(last=False)
 
     def python_runtime(self) -> Any:
         """The compiled Python-runtime component (built at first use, then cached on disk and here: the
@@ -171,14 +187,8 @@ class Runtime:
         if comp is not None:
             return comp
         path = python_runtime.ensure_built(self.config.pie_home)
-        key = "python-runtime:" + path.name
-        with self._lock:
-            comp = self._components.get(key)
-        if comp is None:
-            comp = self.load_component(path.read_bytes())
-            with self._lock:
-                self._components[key] = comp
-        self._python_runtime = comp
+        comp = self.load_component(path.read_bytes(), "python-runtime:" + path.name)
+        self._python_runtime = comp  # held here: never dropped by the LRU
         return comp
 
     # ---- instances ----------------------------------------------------------------------------------
@@ -198,10 +208,14 @@ class Runtime:
 
     def _start(self, component: Any, arguments: Sequence[str], *, deadline_s: float | None = None,
                memory_mb: int | None = None, http_allow: Sequence[str] | None = None,
+               http_timeout_s: float | None = None, http_max_body_bytes: int | None = None,
                on_output: Callable[[str], None] | None = None,
                on_log: Callable[[str], None] | None = None,
-               on_done: Callable[[InstanceResult], None] | None = None, client: int = 0, **kwargs: Any) -> Instance:
-        """client: who launched it (0: nobody in particular); its instances share kv_pages_per_client."""
+               on_done: Callable[[InstanceResult], None] | None = None, client: int = 0, keep_output: bool = True,
+               **kwargs: Any) -> Instance:
+        """client: who launched it (0: the local user); its instances share kv_pages_per_client, a kv-store
+        and messaging namespace, and their exports. keep_output=False: the result's output and log stay
+        empty (on_output / on_log see everything)."""
         deadline_s = self.config.deadline_s if deadline_s is None else deadline_s
         c = self.config
         instance_id = self.plane.open_instance(kv_quota=c.kv_pages_per_instance, client=client,
@@ -214,8 +228,13 @@ class Runtime:
         inst = Instance(instance_id, state, component, arguments, services=self.services, sandbox=self.sandbox,
                         deadline_s=deadline_s, memory_mb=memory_mb or self.config.memory_mb,
                         http_allow=self.config.http_allow if http_allow is None else http_allow,
+                        http_timeout_s=c.http_timeout_s if http_timeout_s is None else http_timeout_s,
+                        http_max_body_bytes=c.http_max_body_bytes if http_max_body_bytes is None
+                        else http_max_body_bytes,
                         on_output=on_output, on_log=on_log, on_done=on_done,
-                        on_terminate=self.plane.terminate_instance, on_end=self._instance_ended, **kwargs)
+                        on_terminate=self.plane.terminate_instance, on_end=self._instance_ended, client=client,
+                        keep_output=keep_output, max_kept_output_bytes=c.max_kept_output_bytes,
+                        inbox_messages=c.inbox_messages, **kwargs)
         state.set_owner(inst)
         with self._lock:
             self.live[inst.id] = inst
@@ -247,6 +266,15 @@ class Runtime:
         self.services.grammar.end_instance(inst.id)
         with self._lock:
             self.live.pop(inst.id, None)
+
+    def end_client(self, client: int) -> None:
+        """A client (a server's connection or HTTP request) is gone and launches nothing more: what it kept
+        in the kv-store goes, and its exports lose their owner (pie.control: private ones are dropped,
+        shared persistent ones become evictable). Its instances must have been stopped already."""
+        if client == 0:
+            raise ValueError("client 0 is the local user: it never ends")
+        self.services.kv_store.end_client(client)
+        self.plane.end_client(client)
 
     def bind_test_instance(self) -> Any:
         """C++ state bound to the calling thread, for driving components directly (tests, benchmarks).
@@ -305,3 +333,4 @@ class _TestOwner:
 
     id: int
     services: InstanceServices
+    client: int = 0

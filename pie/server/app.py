@@ -34,16 +34,11 @@ log = logging.getLogger("pie.server")
 
 def build_runtime(config: PieConfig, model: Any = None, progress: bool = True) -> Any:
     from pie.engine.model import Model
-    from pie.runtime import Runtime, RuntimeConfig
+    from pie.runtime import Runtime
 
     if model is None:
         model = Model(config.model.name, config.model.engine_config(), progress=progress)
-    limits = config.limits
-    runtime = Runtime(model, RuntimeConfig(deadline_s=limits.deadline_s, memory_mb=limits.memory_mb,
-                                            http_allow=limits.http_allow,
-                                            kv_pages_per_instance=limits.kv_pages_per_instance,
-                                            kv_pages_per_client=limits.kv_pages_per_client,
-                                            scheduler=config.scheduler.scheduler_config()))
+    runtime = Runtime(model, config.limits.runtime_config(scheduler=config.scheduler.scheduler_config()))
     runtime.python_runtime()  # build or load the Python runtime component now, not at the first request
     return runtime
 
@@ -58,7 +53,8 @@ class Server:
         self.owns_runtime = runtime is None
         self.runtime = runtime if runtime is not None else build_runtime(config, model, progress)
         self.model_name = self.runtime.model_name
-        self.programs = ProgramStore(Path(programs_dir) if programs_dir else self.runtime.config.pie_home / "programs")
+        self.programs = ProgramStore(Path(programs_dir) if programs_dir else self.runtime.config.pie_home / "programs",
+                                     config.server.programs_memory_bytes, config.server.programs_disk_bytes)
         self.sessions: set[Session] = set()
         self.started_at = time.time()
         self.instances: InstanceManager | None = None
@@ -169,7 +165,8 @@ class Server:
                                "instances": self.instances.stats(),
                                "kv_pages": {"num_pages": rt.num_pages, "num_free": rt.num_free_pages}}
         plane = rt.plane.stats()
-        out["kv_pages"] = {k: v for k, v in plane["kv_pages"].items() if k != "instances"}
+        # Counters only: which instance, client or export holds what is no client's business.
+        out["kv_pages"] = {k: v for k, v in plane["kv_pages"].items() if k not in ("instances", "clients", "exports")}
         out["scheduler"] = plane["scheduler"]
         out["num_plane_instances"] = len(plane["live_instances"])
         return out

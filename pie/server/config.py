@@ -18,6 +18,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pie.runtime.config import RuntimeConfig
+from pie.runtime.shared import StoreLimits
+
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -32,6 +35,8 @@ class ServerSection:
     max_frame_bytes: int = 1 << 20  # websocket frames larger than this get an error (4x: the connection closes, 1009)
     max_body_bytes: int = 4 << 20  # HTTP request bodies larger than this get 413
     max_program_bytes: int = 64 << 20  # an uploaded program
+    programs_memory_bytes: int = 256 << 20  # uploaded programs kept in memory (least recently used go)
+    programs_disk_bytes: int = 4 << 30  # uploaded programs kept in $PIE_HOME/programs (least recently used go)
     max_connections: int = 1024  # websocket connections at once
     outbox_messages: int = 1024  # messages queued for one connection (or one HTTP request) before its
     # instances wait for the client to read
@@ -46,7 +51,7 @@ class ServerSection:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"server.port must be in 0..65535, got {self.port}")
         for name in ("max_frame_bytes", "max_body_bytes", "max_program_bytes", "max_connections", "outbox_messages",
-                     "reply_backlog"):
+                     "reply_backlog", "programs_memory_bytes", "programs_disk_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"server.{name} must be positive, got {getattr(self, name)}")
         if not self.auth_timeout_s > 0 or not self.idle_timeout_s >= 0:
@@ -67,17 +72,40 @@ class AuthSection:
         return bool(self.token)
 
 
+_RUNTIME = RuntimeConfig()  # the runtime's defaults, so that both places agree
+_STORE = StoreLimits()
+
+
 @dataclass(frozen=True)
 class LimitsSection:
-    """Runtime limits and capabilities of every instance the server launches."""
+    """Runtime limits and capabilities of every instance the server launches. Every key but the two
+    max_instances ones is a RuntimeConfig (or StoreLimits) field of the same name; docs/security.md lists
+    what each bounds and what happens at the bound."""
 
     deadline_s: float = 600.0  # wall-clock limit per instance; 0 = none
     memory_mb: int = 256  # linear-memory cap per instance
     http_allow: tuple[str, ...] = ()  # hosts ("host" or "host:port") inferlets may reach with http.fetch
+    http_timeout_s: float = _RUNTIME.http_timeout_s  # wall-clock limit of one http.fetch, connect to last body
+    # byte (the instance's remaining deadline bounds it too)
+    http_max_body_bytes: int = _RUNTIME.http_max_body_bytes  # largest response body http.fetch hands an inferlet
     max_instances: int = 4096  # live instances, server-wide
     max_instances_per_connection: int = 256
     kv_pages_per_instance: int = 0  # KV pages one instance may hold; 0 = unlimited
     kv_pages_per_client: int = 0  # KV pages the instances of one client (a connection, an HTTP request) hold together
+    export_idle_s: float = _RUNTIME.export_idle_s  # a KV export not imported this long may be evicted under
+    # pool pressure (0: only ownerless ones)
+    max_memories: int = _RUNTIME.max_memories  # linear memories one instance's Store may create
+    max_tables: int = _RUNTIME.max_tables  # tables one instance's Store may create
+    max_table_elements: int = _RUNTIME.max_table_elements  # elements of one table
+    max_wasm_instances: int = _RUNTIME.max_wasm_instances  # core instances one Store may create
+    inbox_messages: int = _RUNTIME.inbox_messages  # client messages one instance holds unread
+    max_cached_components: int = _RUNTIME.max_cached_components  # compiled components kept in memory
+    kv_store_keys: int = _STORE.kv_store_keys  # kv-store keys one client may hold
+    kv_store_bytes: int = _STORE.kv_store_bytes  # kv-store bytes (keys + values) one client may hold
+    kv_store_total_bytes: int = _STORE.kv_store_total_bytes  # kv-store bytes, all clients together
+    messaging_queue_messages: int = _STORE.messaging_queue_messages  # unread messages of one subscription
+    messaging_queue_bytes: int = _STORE.messaging_queue_bytes  # unread bytes of one subscription
+    messaging_subscriptions: int = _STORE.messaging_subscriptions  # subscriptions one instance holds
 
     def __post_init__(self) -> None:
         if not self.deadline_s >= 0:
@@ -85,9 +113,16 @@ class LimitsSection:
         for name in ("memory_mb", "max_instances", "max_instances_per_connection"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"limits.{name} must be positive, got {getattr(self, name)}")
-        for name in ("kv_pages_per_instance", "kv_pages_per_client"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"limits.{name} must be >= 0 (0 = unlimited), got {getattr(self, name)}")
+        try:  # the runtime's own checks, with the section's names
+            self.runtime_config()
+        except ValueError as e:
+            raise ConfigError(f"limits.{e}") from None
+
+    def runtime_config(self, **more: Any) -> RuntimeConfig:
+        """The RuntimeConfig of these limits (`more`: its other fields, e.g. the scheduler)."""
+        store = {f.name: getattr(self, f.name) for f in fields(StoreLimits)}
+        runtime = {f.name: getattr(self, f.name) for f in fields(RuntimeConfig) if hasattr(self, f.name)}
+        return RuntimeConfig(**runtime, store=StoreLimits(**store), **more)
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,19 @@ output and log bridged into the owner's Outbox, a `done` event when they end, te
 Launches run on a small thread pool (compiling a component or reading the Python runtime must not hold
 up the event loop). The instance's on_done callback (on its own thread, as it ends) turns into the owner's `done` event,
 after every output event of that instance.
+
+Each owner is one client of the runtime (its instances share a page quota, a kv-store and messaging
+namespace, their KV exports). When the owner is gone (`end_owner`) its instances are stopped and, once the
+last has ended and no launch of it is under way, the runtime forgets the client (Runtime.end_client): its
+kv-store goes, its private exports are dropped and its shared ones become ownerless. The server keeps no
+copy of what an instance printed: everything goes to the owner's outbox as it comes (keep_output=False).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import queue
 import threading
 import time
 import weakref
@@ -37,6 +44,7 @@ class Running:
     instance: Any  # pie.runtime.Instance
     owner: Any
     program: str  # bundled name or program hash
+    client: int = 0  # the owner's client id in the runtime
     started: float = field(default_factory=time.time)
 
     def describe(self) -> dict[str, Any]:
@@ -48,7 +56,10 @@ def stop_instance(inst: Any, reason: str) -> None:
     """Terminates `inst` (at its next host call). Also wakes a pending runtime.receive with the end of
     input: Instance.terminate does not interrupt that wait, and the guest's next call then traps."""
     inst.terminate(reason)
-    inst.send("")
+    try:
+        inst.send("")
+    except queue.Full:  # a full inbox: the pending receive returns at once anyway
+        pass
 
 
 class InstanceManager:
@@ -68,6 +79,10 @@ class InstanceManager:
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pie-launch")
         self._client_ids: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()  # owner -> client
         self._next_client_id = itertools.count(1)
+        self._launching: dict[int, int] = {}  # client -> launches under way (on the executor)
+        self._ending: set[int] = set()  # clients whose owner is gone, forgotten once nothing of theirs runs
+        self._gone: "weakref.WeakSet[Any]" = weakref.WeakSet()  # owners that ended: they launch nothing more
+        self.num_clients_ended = 0
 
     # ---- launching ------------------------------------------------------------------------------
     async def launch(self, owner: Any, outbox: Outbox, arguments: Sequence[str], *, program: Program | None = None,
@@ -119,27 +134,28 @@ class InstanceManager:
             ready.wait()
             self._finished(cell["running"], outbox, result)
 
-        callbacks = {"on_output": on_output, "on_log": on_log if forward_log else None, "on_done": on_done,
-                     "client": self._client_id(owner)}
-        rt = self.runtime
-        try:
-            if program is None:  # a client's name is a bundled inferlet; a Path comes from the configuration
-                path = inferlet if isinstance(inferlet, Path) else resolve_bundled(inferlet)
-                inst = rt.launch(path, arguments, **kwargs, **callbacks)
-                name = str(inferlet)
-            elif program.kind == "python":
-                inst = rt.launch_source(program.source, arguments, filename=program.name, **kwargs, **callbacks)
-                name = program.hash
-            else:
-                component = rt.load_component(program.data, "program:" + program.hash)
-                inst = rt.launch_component(component, arguments, **kwargs, **callbacks)
-                name = program.hash
-        except ValueError as e:  # InferletNotFound, InvalidComponent, ...
-            raise LaunchError("bad_program", str(e)) from None
-        running = Running(inst, owner, name)
         with self._lock:
-            self.live[inst.id] = running
-            self.num_launched += 1
+            if owner in self._gone:
+                raise LaunchError("gone", "the client that asked for this launch has gone")
+            client = self._client_id_locked(owner)
+            self._launching[client] = self._launching.get(client, 0) + 1
+        try:
+            inst, name = self._start(owner, arguments, program, inferlet, kwargs, client,
+                                     {"on_output": on_output, "on_log": on_log if forward_log else None,
+                                      "on_done": on_done})
+            running = Running(inst, owner, name, client)
+            with self._lock:
+                self.live[inst.id] = running
+                self.num_launched += 1
+                gone = owner in self._gone  # it went while this launch was under way
+            if gone:
+                stop_instance(inst, "the client went away")
+        finally:
+            with self._lock:
+                self._launching[client] -= 1
+                if not self._launching[client]:
+                    del self._launching[client]
+            self._end_client_if_done(client)
         self.loop.call_soon_threadsafe(self._empty.clear)
         cell["inst"] = inst
         cell["running"] = running
@@ -148,14 +164,29 @@ class InstanceManager:
         ready.set()
         return inst
 
-    def _client_id(self, owner: Any) -> int:
-        """The client an owner (a connection, an HTTP request) is to the page pool: its instances share
-        limits.kv_pages_per_client."""
-        with self._lock:
-            client = self._client_ids.get(owner)
-            if client is None:
-                client = self._client_ids[owner] = next(self._next_client_id)
-            return client
+    def _start(self, owner: Any, arguments: list[str], program: Program | None, inferlet: str | Path | None,
+               kwargs: dict[str, Any], client: int, callbacks: dict[str, Any]) -> tuple[Any, str]:
+        """(the started instance, the program's name for listings)."""
+        rt = self.runtime
+        kwargs = {**kwargs, **callbacks, "client": client, "keep_output": False}
+        try:
+            if program is None:  # a client's name is a bundled inferlet; a Path comes from the configuration
+                path = inferlet if isinstance(inferlet, Path) else resolve_bundled(inferlet)
+                return rt.launch(path, arguments, **kwargs), str(inferlet)
+            if program.kind == "python":
+                return rt.launch_source(program.source, arguments, filename=program.name, **kwargs), program.hash
+            component = rt.load_component(program.data, "program:" + program.hash)
+            return rt.launch_component(component, arguments, **kwargs), program.hash
+        except ValueError as e:  # InferletNotFound, InvalidComponent, ...
+            raise LaunchError("bad_program", str(e)) from None
+
+    def _client_id_locked(self, owner: Any) -> int:
+        """The client an owner (a connection, an HTTP request) is to the runtime: its instances share
+        limits.kv_pages_per_client, a kv-store and messaging namespace, and their exports."""
+        client = self._client_ids.get(owner)
+        if client is None:
+            client = self._client_ids[owner] = next(self._next_client_id)
+        return client
 
     def _stalled(self, inst: Any, outbox: Outbox) -> None:
         if outbox.closed:
@@ -174,6 +205,7 @@ class InstanceManager:
             self.num_failed += result.error is not None
             empty = not self.live
         outbox.post_from_thread(("done", inst.id, result))
+        self._end_client_if_done(running.client)
         if empty:
             try:
                 self.loop.call_soon_threadsafe(self._set_empty_if_empty)
@@ -194,16 +226,36 @@ class InstanceManager:
         with self._lock:
             return [r for r in self.live.values() if r.owner is owner]
 
-    def terminate_owner(self, owner: Any, reason: str) -> int:
-        running = self.owned_by(owner)
+    def end_owner(self, owner: Any, reason: str) -> int:
+        """The owner is gone: its instances are stopped (returns how many), it launches nothing more, and
+        its client is forgotten by the runtime once the last of them has ended."""
+        with self._lock:
+            self._gone.add(owner)
+            client = self._client_ids.get(owner)
+            if client is not None:
+                self._ending.add(client)
+            running = [r for r in self.live.values() if r.owner is owner]
         for r in running:
             stop_instance(r.instance, reason)
+        if client is not None:
+            self._end_client_if_done(client)
         return len(running)
+
+    def _end_client_if_done(self, client: int) -> None:
+        """Forgets an ending client in the runtime once none of its instances runs or is being launched."""
+        with self._lock:
+            if client not in self._ending or client in self._launching or \
+                    any(r.client == client for r in self.live.values()):
+                return
+            self._ending.discard(client)
+            self.num_clients_ended += 1
+        self.runtime.end_client(client)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {"num_live": len(self.live), "num_launched": self.num_launched, "num_finished": self.num_finished,
-                    "num_failed": self.num_failed, "num_slow_client": self.num_slow_client}
+                    "num_failed": self.num_failed, "num_slow_client": self.num_slow_client,
+                    "num_clients_ending": len(self._ending), "num_clients_ended": self.num_clients_ended}
 
     async def drain(self, grace_s: float, terminate_wait_s: float = 10.0) -> int:
         """Stops taking instances; lets the running ones finish for grace_s seconds, then terminates the

@@ -58,7 +58,7 @@ class ChoiceRun:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.instances.terminate_owner(self, "the HTTP request ended")
+        self.instances.end_owner(self, "the HTTP request ended")
         self.outbox.close()
 
     async def events(self) -> AsyncIterator[tuple[int, dict]]:

@@ -3,6 +3,11 @@
 
 An upload arrives in chunks (`Upload`); it is stored only when the last chunk completes it and its hash
 matches.
+
+Both places are bounded: memory holds at most `memory_bytes` of programs (least recently used go first;
+one larger than that stays on disk only), the folder at most `disk_bytes` (least recently used files go,
+by modification time, which a read refreshes; the program just stored always stays). A program that has
+gone is uploaded again (`query` says it is missing).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,24 +93,37 @@ class Upload:
 
 
 class ProgramStore:
-    def __init__(self, folder: Path | None):
+    def __init__(self, folder: Path | None, memory_bytes: int = 256 << 20, disk_bytes: int = 4 << 30):
+        if memory_bytes <= 0 or disk_bytes <= 0:
+            raise ValueError("a program store needs positive memory_bytes and disk_bytes")
         self.folder = folder
-        self._lock = threading.Lock()
-        self._programs: dict[str, Program] = {}
+        self.memory_bytes = memory_bytes
+        self.disk_bytes = disk_bytes
+        self._lock = threading.Lock()  # guards _programs, _held; serializes the folder's writes and trims
+        self._programs: OrderedDict[str, Program] = OrderedDict()  # least recently used first
+        self._held = 0  # bytes of _programs
 
     def __len__(self) -> int:
         return len(self._programs)
 
+    @property
+    def memory_held(self) -> int:
+        return self._held
+
     def put(self, program: Program) -> None:
+        self._remember(program)
+        if self.folder is None:
+            return
         with self._lock:
-            self._programs[program.hash] = program
-        if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            path = self.folder / f"{program.hash}{SUFFIX[program.kind]}"
-            if not path.exists():
+            path = self._path(program.hash, program.kind)
+            if path.exists():
+                os.utime(path)
+            else:
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
                 tmp.write_bytes(program.data)
                 tmp.replace(path)
+            self._trim_folder_locked(keep=path)
 
     def get(self, digest: str) -> Program | None:
         """The program of that hash, from memory or the store's folder; None if it has none. A hash that is
@@ -112,20 +131,63 @@ class ProgramStore:
         check_hash(digest, "program")
         with self._lock:
             program = self._programs.get(digest)
+            if program is not None:
+                self._programs.move_to_end(digest)
         if program is not None or self.folder is None:
             return program
-        for kind, suffix in SUFFIX.items():
-            path = self.folder / f"{digest}{suffix}"
+        for kind in SUFFIX:
+            path = self._path(digest, kind)
             if path.is_file():
                 data = path.read_bytes()
                 if sha256(data) != digest:  # a damaged file: forget it
                     path.unlink(missing_ok=True)
                     return None
-                program = Program(digest, kind, f"{digest[:12]}{suffix}", data)
-                with self._lock:
-                    self._programs[digest] = program
+                try:
+                    os.utime(path)  # recently used: the folder's trim keeps it longest
+                except OSError:
+                    pass
+                program = Program(digest, kind, f"{digest[:12]}{SUFFIX[kind]}", data)
+                self._remember(program)
                 return program
         return None
 
     def has(self, digest: str) -> bool:
         return self.get(digest) is not None
+
+    def _path(self, digest: str, kind: str) -> Path:
+        assert self.folder is not None and is_program_hash(digest)
+        return self.folder / f"{digest}{SUFFIX[kind]}"
+
+    def _remember(self, program: Program) -> None:
+        """Keeps `program` in memory (most recently used), dropping the least recently used past the bound."""
+        size = len(program.data)
+        with self._lock:
+            old = self._programs.pop(program.hash, None)
+            if old is not None:
+                self._held -= len(old.data)
+            if size > self.memory_bytes:
+                return  # on disk only
+            self._programs[program.hash] = program
+            self._held += size
+            while self._held > self.memory_bytes:
+                _, dropped = self._programs.popitem(last=False)
+                self._held -= len(dropped.data)
+
+    def _trim_folder_locked(self, keep: Path) -> None:
+        """Removes the least recently used program files until the folder holds at most disk_bytes."""
+        assert self.folder is not None
+        files = []
+        total = 0
+        for entry in os.scandir(self.folder):
+            stem, dot, suffix = entry.name.partition(".")
+            if not (is_program_hash(stem) and "." + suffix in SUFFIX.values() and entry.is_file()):
+                continue  # not a program file: left alone
+            st = entry.stat()
+            files.append((st.st_mtime_ns, entry.path, st.st_size))
+            total += st.st_size
+        for _mtime, path, size in sorted(files):
+            if total <= self.disk_bytes:
+                break
+            if path != str(keep):
+                Path(path).unlink(missing_ok=True)
+                total -= size

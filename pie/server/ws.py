@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import re
 from typing import Any, Callable
 
@@ -75,7 +76,7 @@ class Session:
                 if self.close_after_reply:
                     break
         finally:
-            self.instances.terminate_owner(self, "the client disconnected")
+            self.instances.end_owner(self, "the client disconnected")
             if self.close_after_reply:
                 await self._flush(writer)
             self.outbox.close()
@@ -247,7 +248,12 @@ class Session:
         return running.instance
 
     async def _on_send(self, msg: dict) -> dict:
-        self._running(msg).send(msg["message"])
+        inst = self._running(msg)
+        try:
+            inst.send(msg["message"])
+        except queue.Full:
+            raise ProtocolError("limit_reached", f"instance {inst.id} holds {inst.inbox.maxsize} unread messages, "
+                                f"its limit (limits.inbox_messages): wait for it to read", msg["corr_id"]) from None
         return {}
 
     async def _on_terminate(self, msg: dict) -> dict:

@@ -56,6 +56,11 @@ class PoolModel(RuleBasedStateMachine):
     def live(self) -> list[int]:
         return sorted(self.handles)
 
+    def charged(self, instance: int) -> int:
+        """What counts toward an instance's quota: its handles and the pages of the exports it owns."""
+        exported = sum(len(pages) for owner, _persistent, pages in self.exports.values() if owner == instance)
+        return len(self.handles[instance]) + exported
+
     # ---- rules --------------------------------------------------------------------------------
     @rule(quota=st.sampled_from([0, 0, 3, 8]))
     def add_instance(self, quota):
@@ -73,7 +78,7 @@ class PoolModel(RuleBasedStateMachine):
         try:
             got = self.pool.allocate(instance, count)
         except QuotaExceeded:
-            assert self.quota[instance] and len(self.handles[instance]) + count > self.quota[instance]
+            assert self.quota[instance] and self.charged(instance) + count > self.quota[instance]
             assert not self.terminated_now
             return
         except InstanceTerminated:
@@ -144,7 +149,12 @@ class PoolModel(RuleBasedStateMachine):
         handles = self.draw_handles(data, instance)
         name = f"export-{self.next_export}"
         self.next_export += 1
-        self.pool.export_pages(instance, name, handles, persistent)
+        try:
+            self.pool.export_pages(instance, name, handles, persistent)
+        except QuotaExceeded:  # an export's pages count toward its owner's quota
+            assert self.quota[instance] and self.charged(instance) + len(handles) > self.quota[instance]
+            return
+        assert not self.quota[instance] or self.charged(instance) + len(handles) <= self.quota[instance]
         self.exports[name] = (instance, persistent, [self.handles[instance][h] for h in handles])
 
     @precondition(lambda self: self.handles and self.exports)

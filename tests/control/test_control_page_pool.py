@@ -253,7 +253,7 @@ def test_a_clients_instances_share_its_quota(pool):
     [h] = pool.allocate(2, 2)[:1]
     with pytest.raises(QuotaExceeded, match="client's quota"):
         pool.fork(2, [h])
-    assert pool.stats()["clients"][7] == {"num_handles": 6, "quota": 6, "num_instances": 2}
+    assert pool.stats()["clients"][7] == {"num_handles": 6, "quota": 6, "num_instances": 2, "num_export_pages": 0}
     pool.allocate(3, 8)  # other clients are not affected
     pool.end_instance(1)  # frees its share
     pool.allocate(2, 4)

@@ -57,6 +57,31 @@ def test_prefix_cache_second_launch_computes_only_the_suffix(runtime, measure, c
             runtime.plane.kv_pages.unexport(name)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_prefix_cache_is_one_clients_unless_shared(runtime, measure, system, shared):
+    """Two clients (two connections of a server): without --shared each computes and keeps its own prefix;
+    with it the second imports the first's. Ending the clients leaves nothing but an ownerless shared one."""
+    alice, bob = 101, 102
+    args = ["--system", system, "--prompt", "Name a planet.", "--max-tokens", 4, "--temperature", 0, "--json"]
+    args += ["--shared"] if shared else []
+    exports0 = runtime.plane.kv_pages.stats()["num_exports"]
+    try:
+        first = measure("prefix_cache", *args, client=alice).json()
+        again = measure("prefix_cache", *args, client=alice).json()
+        other = measure("prefix_cache", *args, client=bob).json()
+        assert not first["imported"] and again["imported"]
+        assert other["imported"] == shared and other["text"] == first["text"]
+        assert runtime.plane.kv_pages.stats()["num_exports"] == exports0 + (1 if shared else 2)
+    finally:
+        runtime.end_client(alice)
+        runtime.end_client(bob)
+    left = [e for e in runtime.plane.kv_pages.stats()["exports"] if e["name"] == first["name"]]
+    assert [(e["shared"], e["ownerless"]) for e in left] == ([(True, True)] if shared else [])
+    if shared:
+        runtime.plane.kv_pages.unexport(first["name"])
+    assert runtime.plane.kv_pages.stats()["num_exports"] == exports0
+
+
 def test_prefix_tree_computes_each_shared_prefix_once(runtime, measure, chat_tokens, completion):
     system = "Answer briefly."
     prompts = ["Alice has 3 apples and 2 pears. How many apples?",

@@ -15,6 +15,7 @@ PRELUDE = """
 import json, sys
 from wit_world.imports import forward as F, kv, embeddings
 PS = kv.page_size()
+KEEP = kv.ExportOptions(persistent=True, shared=False)  # outlives the exporter, this client's only
 
 def run(tokens, positions, pages, last, samplers, mask=(), out_masks=(), embeds=()):
     n = len(tokens) or len(embeds)
@@ -135,9 +136,10 @@ print(json.dumps([a, b, c, d]))
     ("kv.fork([p[0], 999])", r"kv\.fork: pages: .*999"),
     ("kv.mask_page(p[0], [1])", r"kv\.mask-page: mask: runs add up to 1, not the page size \d+"),
     ("kv.mask_page(999, [PS])", r"kv\.mask-page: p: 999 is not a page handle of this instance"),
-    ("kv.export_pages('', p)", r"kv\.export-pages: name: an export needs a non-empty name"),
-    ("kv.export_pages('x', [999])", r"kv\.export-pages: pages: .*999"),
-    ("kv.export_pages('dup', p); kv.export_pages('dup', p)", r"kv\.export-pages: name: .*'dup' already exists"),
+    ("kv.export_pages('', p, KEEP)", r"kv\.export-pages: name: an export needs a non-empty name"),
+    ("kv.export_pages('é' * 513, p, KEEP)", r"kv\.export-pages: name: an export name is at most 1024 bytes"),
+    ("kv.export_pages('x', [999], KEEP)", r"kv\.export-pages: pages: .*999"),
+    ("kv.export_pages('dup', p, KEEP); kv.export_pages('dup', p, KEEP)", r"kv\.export-pages: name: .*'dup' already exists"),
     ("kv.unexport_pages('no-such-export')", r"kv\.unexport-pages: name: no export named 'no-such-export'"),
 ])
 def test_kv_sharing_errors(runtime, call, error):
@@ -154,7 +156,7 @@ def test_exports_outlive_their_owner_and_are_shared_read_only(runtime, run_py, p
 toks = json.loads(sys.argv[1]); n = len(toks)
 pages = pages_for(n - 1)
 run(toks[:-1], range(n - 1), pages, last_len(n - 1), [])
-kv.export_pages("test-prefix", pages)
+kv.export_pages("test-prefix", pages, KEEP)
 print(json.dumps([len(pages), kv.list_exports()]))
 """, toks)
     assert owner[1] == ["test-prefix"]
@@ -188,7 +190,7 @@ print(json.dumps([missing, a, b, ref]))
 
 def test_only_the_owner_unexports_while_it_lives(runtime):
     owner = runtime.launch_source(PRELUDE + """
-kv.export_pages("owned", kv.allocate(1))
+kv.export_pages("owned", kv.allocate(1), KEEP)
 print("exported", flush=True)
 from wit_world.imports import runtime as R
 R.receive()

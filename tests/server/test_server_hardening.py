@@ -237,3 +237,141 @@ def test_a_token_guards_every_http_route(server_config, server_runtime, tmp_path
             code, _ = status(method, path, body, {"Authorization": "Bearer sesame"})
             assert code != 401, (method, path)
             assert code == (404 if path.endswith("anything") else 200), (method, path, code)
+
+
+EXPORTS_AND_STORES = """
+import sys
+from wit_world.imports import kv, kv_store
+mine = kv.allocate(2)
+kv.export_pages("private-" + sys.argv[1], mine[:1], kv.ExportOptions(persistent=True, shared=False))
+kv.export_pages("shared-" + sys.argv[1], mine[1:], kv.ExportOptions(persistent=True, shared=True))
+kv_store.set("note", sys.argv[1])
+print(sorted(kv.list_exports()), kv_store.get("note"))
+"""
+
+SEES = """
+from wit_world.imports import kv, kv_store
+print(sorted(kv.list_exports()), kv_store.get("note"))
+"""
+
+
+def test_what_a_connection_leaves_behind_goes_with_it(server, server_runtime, tmp_path, pool_whole):
+    """Exports and kv-store entries are the connection's: another connection sees only the shared export;
+    when the connection closes its private export and its store go, and its shared export is ownerless
+    (evictable, removable by anyone)."""
+    from pie.client import PieClient
+
+    writer, reader = tmp_path / "writer.py", tmp_path / "reader.py"
+    dropper = tmp_path / "dropper.py"
+    writer.write_text(EXPORTS_AND_STORES)
+    reader.write_text(SEES)
+    dropper.write_text("from wit_world.imports import kv\nkv.unexport_pages('shared-alice')\n")
+    pool = server_runtime.plane.kv_pages
+
+    def exports():
+        return {e["name"]: e for e in pool.stats()["exports"]}
+
+    async def main():
+        async with PieClient(server.ws_url) as other:
+            async with PieClient(server.ws_url) as alice:
+                r = await alice.run(str(writer), ["alice"])
+                assert r.ok and r.output == "['private-alice', 'shared-alice'] alice\n", r
+                r = await alice.run(str(reader))  # a later instance of the same connection
+                assert r.output == "['private-alice', 'shared-alice'] alice\n", r
+                r = await other.run(str(reader))
+                assert r.output == "['shared-alice'] None\n", r
+            deadline = time.monotonic() + 30
+            while "private-alice" in exports():
+                assert time.monotonic() < deadline, exports()
+                await asyncio.sleep(0.05)
+            assert exports()["shared-alice"]["ownerless"]
+            r = await other.run(str(reader))
+            assert r.output == "['shared-alice'] None\n", r
+            r = await other.run(str(dropper))  # ownerless: anyone who sees it may remove it
+            assert r.ok and "shared-alice" not in exports(), r
+        assert server.stats()["instances"]["num_clients_ended"] >= 2
+
+    run(main())
+    if "shared-alice" in exports():
+        pool.unexport("shared-alice")
+    pool_whole()
+
+
+def test_stats_name_no_other_clients_exports(server):
+    from pie.client import PieClient
+
+    async def main():
+        async with PieClient(server.ws_url) as client:
+            return await client.stats()
+
+    stats = run(main())
+    assert set(stats["kv_pages"]) >= {"num_pages", "num_free", "num_exports", "num_evictions"}
+    assert not {"instances", "clients", "exports"} & set(stats["kv_pages"]), stats["kv_pages"]
+
+
+def _program(n: int, size: int):
+    from pie.server.programs import Program
+
+    data = (f"# program {n}\n".encode() + b"x" * size)[:size]
+    return Program(sha256(data), "python", f"p{n}.py", data)
+
+
+def test_the_program_store_is_bounded_in_memory_and_on_disk(tmp_path):
+    """Uploads of many distinct programs: memory holds the most recently used up to its bound, the folder
+    too; a program that went from both is simply missing (the client uploads it again)."""
+    folder = tmp_path / "store"
+    store = ProgramStore(folder, memory_bytes=3000, disk_bytes=5000)
+    programs = [_program(i, 1000) for i in range(8)]
+    for i, p in enumerate(programs):
+        store.put(p)
+        os.utime(folder / f"{p.hash}.py", ns=(i * 10**9, i * 10**9))  # distinct ages, whatever the clock
+        assert store.memory_held <= 3000
+    assert len(store) == 3
+    on_disk = sorted(f.name for f in folder.iterdir())
+    assert on_disk == sorted(f"{p.hash}.py" for p in programs[3:])  # the 5 most recent
+    assert store.get(programs[0].hash) is None  # gone from both
+    assert store.get(programs[4].hash).data == programs[4].data  # from disk, back in memory (and recently used)
+    assert programs[4].hash in store._programs and len(store) == 3
+    store.put(_program(100, 4000))  # larger than memory: kept on disk only, pushing out the oldest files
+    assert store.memory_held <= 3000 and _program(100, 4000).hash not in store._programs
+    assert store.get(_program(100, 4000).hash).data == _program(100, 4000).data
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 5000
+    (folder / "notes.txt").write_text("not a program: left alone")
+    store.put(_program(101, 1000))
+    assert (folder / "notes.txt").exists()
+
+
+def test_one_program_larger_than_the_disk_bound_is_still_kept(tmp_path):
+    store = ProgramStore(tmp_path, memory_bytes=10, disk_bytes=10)
+    big = _program(1, 100)
+    store.put(big)
+    assert store.get(big.hash).data == big.data  # the program just stored always stays
+
+
+NEVER_READS = """
+from wit_world.imports import messaging
+print("up", flush=True)
+messaging.receive(messaging.subscribe("nobody-broadcasts-here"))  # blocks; never reads its inbox
+"""
+
+
+def test_an_instance_that_never_reads_its_input_bounds_its_inbox(server, server_config, tmp_path, pool_whole):
+    from pie.client import PieClient
+
+    program = tmp_path / "never_reads.py"
+    program.write_text(NEVER_READS)
+    limit = server_config.limits.inbox_messages
+
+    async def main():
+        async with PieClient(server.ws_url) as client:
+            inst = await client.launch(str(program))
+            assert (await inst.recv()).data.startswith("up")
+            for _ in range(limit):
+                await inst.send("m")
+            with pytest.raises(Exception, match="limit_reached"):
+                await inst.send("one too many")
+            assert (await client.ping())["version"] == 1  # the connection goes on
+            await inst.terminate()
+
+    run(main())
+    pool_whole()

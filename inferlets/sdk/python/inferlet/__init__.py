@@ -305,25 +305,41 @@ class Context:
             child.num_cached = self.num_cached
         return child
 
-    def save(self, name: str) -> None:
+    def save(self, name: str, *, persistent: bool = True, shared: bool = False) -> None:
         """Publishes the computed prefix (tokens[:num_cached]: flush() first to include pending tokens)
-        under `name`, for this or any later instance to `Context.open`. It outlives this instance until
-        `Context.drop_saved(name)`."""
+        under `name`, for `Context.open` in this or another instance of this client (of every client with
+        `shared=True`). Persistent (the default), it outlives this instance until `Context.drop_saved(name)`,
+        until this client ends (a shared one then lives on, ownerless), or until the server evicts it
+        under pool pressure (ownerless ones, and ones nobody opened for a while, go first); otherwise it
+        ends with this instance. Its pages count toward this instance's and this client's page quotas.
+        The token ids are kept in this client's kv-store; another client opening a shared prefix passes
+        the tokens it expects (`Context.open(name, tokens)`)."""
         if self.num_cached == 0:
             raise ValueError("Context.save: nothing computed yet (fill and flush first)")
-        kv.export_pages(name, self._cached_pages())
+        kv.export_pages(name, self._cached_pages(), kv.ExportOptions(persistent=persistent, shared=shared))
         kv_store.set(_PREFIX_KEY + name, ",".join(map(str, self.tokens[:self.num_cached])))
 
     @classmethod
-    def open(cls, name: str) -> Optional["Context"]:
+    def open(cls, name: str, tokens: Optional[Sequence[int]] = None) -> Optional["Context"]:
         """A context continuing a prefix saved under `name` (its pages shared, not recomputed), or None
-        if there is no such prefix."""
-        tokens = kv_store.get(_PREFIX_KEY + name)
-        pages = kv.import_pages(name) if tokens is not None else None
+        if there is no such prefix. `tokens`: the prefix's token ids, when the caller knows them (a
+        shared prefix saved by another client, whose kv-store this one cannot read); otherwise they come
+        from this client's kv-store. Raises ValueError when the export's pages cannot hold exactly
+        those tokens."""
+        if tokens is None:
+            saved = kv_store.get(_PREFIX_KEY + name)
+            if saved is None:
+                return None
+            tokens = [int(t) for t in saved.split(",")]
+        pages = kv.import_pages(name)
         if pages is None:
             return None
         ctx = cls()
-        ctx.tokens = [int(t) for t in tokens.split(",")]
+        if len(pages) != -(-len(tokens) // ctx.page_size):
+            kv.free(pages)
+            raise ValueError(f"Context.open: export '{name}' has {len(pages)} pages, which do not hold "
+                             f"{len(tokens)} tokens of {ctx.page_size} a page")
+        ctx.tokens = [int(t) for t in tokens]
         ctx.pages = list(pages)
         ctx.num_cached = len(ctx.tokens)
         return ctx
