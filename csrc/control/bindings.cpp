@@ -516,16 +516,17 @@ PYBIND11_MODULE(_control, m) {
 
   py::class_<ForwardLimits>(m, "ForwardLimits", "What forward commands are checked against (the model and engine).")
       .def(py::init([](uint32_t vocab_size, uint32_t page_size, uint32_t num_pages, uint32_t max_tokens,
-                       uint32_t num_embed_slots) {
-             return ForwardLimits{vocab_size, page_size, num_pages, max_tokens, num_embed_slots};
+                       uint32_t num_embed_slots, uint32_t max_position) {
+             return ForwardLimits{vocab_size, page_size, num_pages, max_tokens, num_embed_slots, max_position};
            }),
            py::arg("vocab_size"), py::arg("page_size"), py::arg("num_pages"), py::arg("max_tokens"),
-           py::arg("num_embed_slots") = 0u)
+           py::arg("num_embed_slots") = 0u, py::arg("max_position") = 0u)
       .def_readonly("vocab_size", &ForwardLimits::vocab_size)
       .def_readonly("page_size", &ForwardLimits::page_size)
       .def_readonly("num_pages", &ForwardLimits::num_pages)
       .def_readonly("max_tokens", &ForwardLimits::max_tokens)
-      .def_readonly("num_embed_slots", &ForwardLimits::num_embed_slots);
+      .def_readonly("num_embed_slots", &ForwardLimits::num_embed_slots)
+      .def_readonly("max_position", &ForwardLimits::max_position);
 
   py::class_<ForwardCommand, std::shared_ptr<ForwardCommand>>(
       m, "ForwardCommand",

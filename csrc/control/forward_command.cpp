@@ -69,6 +69,11 @@ std::optional<ForwardError> check_forward(const ForwardCommand& c, const Forward
                                                     str(limits.num_embed_slots) + ")");
   }
   if (c.positions.size() != t) return fail(F::kPositions, -1, str(c.positions.size()) + " positions for " + str(t) + " tokens");
+  if (limits.max_position != 0)
+    for (size_t i = 0; i < t; ++i)
+      if (c.positions[i] >= limits.max_position)
+        return fail(F::kPositions, int64_t(i), "position " + str(c.positions[i]) + " is past the model's " +
+                                                   str(limits.max_position) + " positions");
   if (c.kv_page_ids.empty()) return fail(F::kPages, -1, "empty: the sequence must hold at least the input tokens");
   for (size_t i = 0; i < c.kv_page_ids.size(); ++i)
     if (c.kv_page_ids[i] >= limits.num_pages)

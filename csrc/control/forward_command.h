@@ -101,6 +101,7 @@ struct ForwardLimits {
   uint32_t num_pages = 0;
   uint32_t max_tokens = 0;       // input tokens of one pass (the engine's batch token budget)
   uint32_t num_embed_slots = 0;
+  uint32_t max_position = 0;     // positions are < this (0: unbounded); the model runner's max_position
 };
 
 // The field a check failed on. Each front end names it in its own words (forward_field_name).

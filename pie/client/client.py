@@ -224,8 +224,19 @@ class PieClient:
         fut = asyncio.get_running_loop().create_future()
         self._pending[corr_id] = fut
         message = {"type": kind, "corr_id": corr_id, **{k: v for k, v in fields.items() if v is not None}}
-        await self._ws.send_bytes(msgpack.packb(message, use_bin_type=True))
+        await self._send(corr_id, message)
         return await fut
+
+    async def _send(self, corr_id: Any, message: dict) -> None:
+        """Sends one request frame; a connection already gone raises ConnectionClosed (and the request's
+        future is forgotten, never left to fail unobserved)."""
+        try:
+            await self._ws.send_bytes(msgpack.packb(message, use_bin_type=True))
+        except (ConnectionError, aiohttp.ClientError) as e:
+            fut = self._pending.pop(corr_id, None)
+            if fut is not None and not fut.done():
+                fut.cancel()
+            raise self.closed or ConnectionClosed(f"the connection is gone ({type(e).__name__}: {e})") from None
 
     async def ping(self) -> dict:
         return await self.request("ping")
@@ -252,7 +263,7 @@ class PieClient:
                 break
             message = {"type": "upload", "corr_id": corr_id, "hash": digest, "kind": kind, "name": name or "",
                        "chunk_index": index, "num_chunks": len(chunks), "data": chunk}
-            await self._ws.send_bytes(msgpack.packb(message, use_bin_type=True))
+            await self._send(corr_id, message)
         await fut
         return digest
 

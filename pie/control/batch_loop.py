@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import traceback
 from typing import Any, Callable, Mapping, Protocol, Sequence, Union
 
 from pie.control._control import Batch, Scheduler
@@ -108,7 +109,9 @@ class BatchLoop:
                 return
             self._run_on(execute, batch)
         except BaseException as error:  # the loop survives; every future learns what happened
-            log.exception("batch loop: batch of kind %d failed", batch.kind)
+            # the traceback as text: a log record that kept the exception would keep its frames, and with
+            # them the batch's commands and the pages they pin, for as long as a handler keeps records
+            log.error("batch loop: batch of kind %d failed\n%s", batch.kind, traceback.format_exc())
             batch.fail_unresolved(f"engine error: {type(error).__name__}: {error}")
             if not isinstance(error, Exception):
                 raise
@@ -117,6 +120,9 @@ class BatchLoop:
 
     @staticmethod
     def _run_on(execute: Callable[[list[Any]], Sequence[Any]], batch: Batch) -> None:
+        """Runs the batch; a failure the handler attributes to one command (`request_index`) fails that
+        command and the rest run again. A failure it cannot attribute, in a batch of several commands
+        (from many instances), runs each command alone: one tenant's bad command fails only itself."""
         payloads = batch.payloads
         indices = list(range(len(payloads)))
         while indices:
@@ -128,8 +134,28 @@ class BatchLoop:
                     batch.set_error(indices[bad], f"{type(error).__name__}: {error}")
                     del indices[bad]
                     continue
-                raise
+                if len(indices) == 1:
+                    raise
+                log.warning("batch loop: a batch of %d commands failed (%s: %s); running them one at a time",
+                            len(indices), type(error).__name__, error)
+                BatchLoop._run_alone(execute, batch, indices)
+                return
             if len(results) != len(indices):
                 raise RuntimeError(f"the handler returned {len(results)} results for {len(indices)} commands")
             batch.complete(results, indices)
             return
+
+    @staticmethod
+    def _run_alone(execute: Callable[[list[Any]], Sequence[Any]], batch: Batch, indices: list[int]) -> None:
+        """Each command of `indices` in a batch of its own (re-running one that already ran in the failed
+        batch writes the same K/V again: its inputs are the same)."""
+        payloads = batch.payloads
+        for i in indices:
+            try:
+                results = execute([payloads[i]])
+                if len(results) != 1:
+                    raise RuntimeError(f"the handler returned {len(results)} results for 1 command")
+            except Exception as error:
+                batch.set_error(i, f"engine error: {type(error).__name__}: {error}")
+                continue
+            batch.complete(results, [i])

@@ -157,7 +157,7 @@ class ControlPlane:
 
         pools = RunnerPools.of(runner)
         limits = ForwardLimits(vocab_size=runner.vocab_size, page_size=runner.page_size, num_pages=runner.num_pages,
-                               max_tokens=runner.max_batch_tokens,
+                               max_tokens=runner.max_batch_tokens, max_position=getattr(runner, "max_position", 0),
                                num_embed_slots=pools.embed_slots.num_pages if pools.embed_slots is not None else 0)
         return cls.for_runner(runner, scheduler_config, forward_handlers(runner, pools.execute_lock), limits=limits,
                               on_terminate=on_terminate)

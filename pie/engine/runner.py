@@ -46,6 +46,9 @@ class ModelRunner:
         self.embeddings = EmbeddingTable(engine_config.embedding_slots, model_config.hidden_size,
                                          engine_config.torch_dtype, engine_config.device)
         self.max_batch_tokens = engine_config.max_batch_tokens
+        # Positions a pass may use: the model's context or the KV cache's capacity, whichever is larger
+        # (a hostile position must not make an attention backend size its RoPE tables to it).
+        self.max_position = max(model_config.max_position_embeddings, self.num_pages * self.page_size)
         self.max_batch_requests = engine_config.max_batch_requests
         self.sampling = Sampling(seed)
         # The attention backend: pie's CUDA kernels (pie.engine.attention.cuda) on CUDA devices when
@@ -111,6 +114,8 @@ class ModelRunner:
         for pos in request.positions:
             if pos < 0:
                 raise fail("positions", f"position {pos} is negative")
+            if pos >= self.max_position:
+                raise fail("positions", f"position {pos} is past the model's {self.max_position} positions")
         pages = list(request.kv_page_ids)
         if not pages:
             raise fail("kv_page_ids", "no KV pages: the sequence must hold at least the input tokens")

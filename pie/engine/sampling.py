@@ -172,7 +172,8 @@ class Sampling:
         filtered = any(s.top_k > 0 or s.top_p < 1 or s.min_p > 0 for s in samplers)
         if filtered:
             if all(s.top_k > 0 for s in samplers):  # only the top max(k) can be kept: no full sort
-                probs, order = probs.topk(max(s.top_k for s in samplers), dim=-1)  # (R, K) each, descending
+                # (R, K) each, descending; a top-k past the vocabulary keeps all (as the CUDA sampler)
+                probs, order = probs.topk(min(max(s.top_k for s in samplers), probs.shape[1]), dim=-1)
             else:
                 probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (R, V) each
             keep = torch.ones_like(probs, dtype=torch.bool)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pie._ext import _runtime
 from pie.runtime.grammar import GRAMMAR_COLD
-from pie.runtime.http_fetch import host_allowed, http_fetch  # noqa: F401  (host_allowed: re-exported)
+from pie.runtime.http_fetch import http_fetch
 from pie.runtime.paths import wit_dir
 
 if TYPE_CHECKING:

@@ -43,9 +43,9 @@ def test_handler_errors_fail_the_batch_and_the_loop_goes_on(make_scheduler, capl
 
     def flaky(payloads):
         calls.append(list(payloads))
-        if len(calls) == 1:
+        if len(calls) <= 3:  # the batch, then each of its two commands alone
             raise RuntimeError("device lost")
-        if len(calls) == 2:
+        if len(calls) == 4:
             return [1]  # wrong number of results
         return [p * 10 for p in payloads]
 
@@ -67,6 +67,28 @@ def test_handler_errors_fail_the_batch_and_the_loop_goes_on(make_scheduler, capl
     assert third.result(1) == 50
     with pytest.raises(CommandFailed, match="no handler for command kind 9"):
         unknown_kind.result(1)
+
+
+def test_an_unattributed_failure_fails_only_the_command_that_causes_it(make_scheduler, caplog):
+    """One tenant's command that breaks the handler in a way it cannot attribute (no request_index) must not
+    fail the other tenants' commands of the same batch: they run again, each alone."""
+    scheduler = make_scheduler(policy=Policy.EAGER)
+    queues = [scheduler.create_queue(instance_id=i) for i in (1, 2, 3)]
+    calls = []
+
+    def handler(payloads):
+        calls.append(list(payloads))
+        if "poison" in payloads:
+            raise RuntimeError("selected index k out of range")
+        return [p.upper() for p in payloads]
+
+    loop = BatchLoop(scheduler, {0: handler})
+    futures = [q.submit(0, p) for q, p in zip(queues, ["a", "poison", "c"])]
+    loop.run_once(timeout=1)
+    assert futures[0].result(1) == "A" and futures[2].result(1) == "C"
+    with pytest.raises(CommandFailed, match="engine error: RuntimeError: selected index k out of range"):
+        futures[1].result(1)
+    assert calls == [["a", "poison", "c"], ["a"], ["poison"], ["c"]]
 
 
 def test_batch_loop_thread_serves_blocking_producers_and_stops(make_scheduler, fake_runner):
@@ -94,3 +116,34 @@ def test_batch_loop_thread_serves_blocking_producers_and_stops(make_scheduler, f
     assert sum(loop.batch_sizes) == 160
     # Concurrent inferlets were batched horizontally, not run one call at a time.
     assert max(loop.batch_sizes) > 1
+
+
+def test_a_logged_failure_keeps_nothing_of_the_batch_alive(make_scheduler, caplog):
+    """A handler that keeps log records (pytest's capture, a memory handler) must not keep the failed batch's
+    payloads alive through the traceback's frames: a command pins its pages while it is alive."""
+    import gc
+    import weakref
+
+    class Payload:
+        pass
+
+    scheduler = make_scheduler(policy=Policy.EAGER)
+    q = scheduler.create_queue(instance_id=1)
+
+    def broken(payloads):
+        held = list(payloads)  # noqa: F841  (a frame local: what a traceback keeps)
+        raise RuntimeError("device lost")
+
+    loop = BatchLoop(scheduler, {0: broken})
+    payload = Payload()
+    alive = weakref.ref(payload)
+    future = q.submit(0, payload)
+    del payload
+    with caplog.at_level("ERROR", logger="pie.control.batch_loop"):
+        loop.run_once(timeout=1)
+    with pytest.raises(CommandFailed, match="device lost"):
+        future.result(1)
+    del future
+    gc.collect()
+    assert any("device lost" in r.getMessage() for r in caplog.records)
+    assert alive() is None, "a log record keeps the failed batch's payload alive"

@@ -30,7 +30,8 @@ from pie.engine.batch import ForwardResult, Greedy, Logprobs, RawLogits, Sample,
 
 from control_fakes import FakeRunner
 
-LIMITS = ForwardLimits(vocab_size=100, page_size=4, num_pages=16, max_tokens=32, num_embed_slots=8)
+LIMITS = ForwardLimits(vocab_size=100, page_size=4, num_pages=16, max_tokens=32, num_embed_slots=8,
+                       max_position=1000)
 GREEDY = Sampler(SamplerKind.GREEDY)
 
 
@@ -47,6 +48,7 @@ BAD = {
                              kv_last_page_len=1), "token_ids: 33 tokens exceed max-batch-tokens 32"),
     "token >= vocab": (dict(token_ids=[1, 100, 3]), "token_ids[1]: token id 100 is outside the vocabulary [0, 100)"),
     "positions": (dict(positions=[0, 1]), "positions: 2 positions for 3 tokens"),
+    "position >= max": (dict(positions=[998, 999, 1000]), "positions[2]: position 1000 is past the model's 1000 positions"),
     "no pages": (dict(kv_page_ids=[]), "kv_page_ids: empty"),
     "page >= pool": (dict(kv_page_ids=[16]), "kv_page_ids[0]: page id 16 is out of range [0, 16)"),
     "last page len": (dict(kv_last_page_len=5), "kv_last_page_len: 5 is not in [1, 4]"),

@@ -40,6 +40,8 @@ BAD = {
     "sampler": (dict(outputs=[(0, Sample(top_p=1.5))]), "outputs", "top_p"),
     "write slot": (dict(write_slots=[0, 1, 32]), "write_slots", "slot 32"),
     "no pages": (dict(kv_page_ids=[]), "kv_page_ids", "no KV pages"),
+    "negative position": (dict(positions=[0, -1, 2]), "positions", "position -1 is negative"),
+    "position past the model": (dict(positions=[0, 1, 2**32 - 1]), "positions", f"position {2**32 - 1} is past"),
 }
 
 

@@ -106,3 +106,11 @@ def test_bad_sampler_parameters_are_reported():
     assert "k must be" in check_sampler(TopKDistribution(k=0), 10)
     assert "outside the vocabulary" in check_sampler(Logprobs((10,)), 10)
     assert check_sampler(Sample(top_k=3, top_p=0.9, min_p=0.1), 10) is None
+
+
+@pytest.mark.parametrize("top_k", [len(LOGITS), len(LOGITS) + 1, 2**31 - 1])
+def test_a_top_k_past_the_vocabulary_keeps_every_token(top_k):
+    """As the CUDA sampler: top-k >= vocabulary filters nothing (it once raised inside torch.topk, failing
+    every other request of the batch)."""
+    counts = torch.bincount(draw_many(Sample(top_k=top_k)), minlength=len(LOGITS))
+    assert chi_square_ok(counts, torch.softmax(LOGITS, -1))

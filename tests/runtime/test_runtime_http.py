@@ -79,7 +79,7 @@ def test_fetch_is_denied_by_default(run_py, tool_server):
 
 
 def test_host_without_port_allows_every_port():
-    from pie.runtime.api import host_allowed  # re-exported from pie.runtime.http_fetch
+    from pie.runtime.http_fetch import host_allowed
 
     assert host_allowed("127.0.0.1", 8080, ("127.0.0.1",))
     assert host_allowed("LOCALHOST", 80, ("localhost:80",))

@@ -58,7 +58,7 @@ def test_topics_are_per_client():
 def test_a_full_subscription_refuses_the_broadcast_for_every_subscriber():
     broker = Broker(StoreLimits(messaging_queue_messages=2, messaging_queue_bytes=10, messaging_subscriptions=2))
     reader = broker.subscribe(10, "t", A)
-    slow = broker.subscribe(11, "t", A)
+    broker.subscribe(11, "t", A)  # a slow reader: never reads
     broker.broadcast("t", "1", A)
     broker.broadcast("t", "2", A)
     broker._sub(10, reader).messages.clear()  # the reader keeps up; the slow one does not

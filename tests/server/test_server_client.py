@@ -256,3 +256,18 @@ def test_authentication(server_config, server_runtime, tmp_path):
         assert [m.id for m in good.models.list()] == [srv.server.model_name]
         bad.close()
         good.close()
+
+
+def test_a_request_on_a_dropped_connection_raises_connection_closed(server, caplog):
+    from pie.client import PieClient
+    from pie.client.client import ConnectionClosed
+
+    async def main():
+        async with PieClient(server.ws_url) as client:
+            client._ws._writer.transport.abort()  # gone under the client, before its reader has noticed
+            with pytest.raises(ConnectionClosed):
+                await client.ping()
+            assert not client._pending
+
+    asyncio.run(main())
+    assert "never retrieved" not in caplog.text
