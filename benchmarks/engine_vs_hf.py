@@ -32,6 +32,7 @@ from pie.control import ControlPlane  # noqa: E402
 from pie.control.generate import GenerationParams, generate_batch  # noqa: E402
 from pie.engine.model import Model  # noqa: E402
 from pie.engine.kernels import set_skinny_linear  # noqa: E402
+from pie.engine.machine import cpu_name  # noqa: E402
 from pie.engine.model_store import DEFAULT_MODEL, KNOWN_MODELS, ModelStore  # noqa: E402
 
 PROMPT = "Write a long story about a dragon who learns to bake bread."
@@ -151,7 +152,7 @@ def main() -> None:
             rows += measure_dtype(dtype, gguf, batches, args)
 
     hf1 = {r["dtype"]: r["hf"] for r in rows if r["what"] == "decode tok/s, batch 1"}
-    print(f"\nSmolLM2-135M, {_cpu_name()}, {args.threads} threads, {n} new tokens, torch {torch.__version__}, "
+    print(f"\nSmolLM2-135M, {cpu_name()}, {args.threads} threads, {n} new tokens, torch {torch.__version__}, "
           f"HF weights: {args.hf_weights}")
     print(f"| {'what':28} | {'dtype':8} | {'pie':>9} | {'HF':>9} | {'pie/HF':>7} | {'pie / HF batch-1':>16} "
           f"| {'pie, torch only':>15} |")
@@ -164,20 +165,10 @@ def main() -> None:
               f"| {torch_only:>15} |")
     out = Path(__file__).parent / "results" / f"engine_vs_hf_{'_'.join(args.dtypes.split(','))}_{args.hf_weights}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "cpu": _cpu_name(), "threads": args.threads,
+    out.write_text(json.dumps({"machine": platform.platform(), "cpu": cpu_name(), "threads": args.threads,
                                "hf_weights": args.hf_weights,
                                "new_tokens": n, "torch": torch.__version__, "rows": rows}, indent=2))
     print(f"wrote {out}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
