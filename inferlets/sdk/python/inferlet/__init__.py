@@ -146,6 +146,40 @@ def chat_prompt(messages: Iterable[dict], add_generation_prompt: bool = True) ->
 
 # ---- Context --------------------------------------------------------------------------------------------
 
+class _StopScanner:
+    """Whether the text of the tokens pushed so far contains a stop string, decoding only the newest
+    tokens: linear in the generated length (decoding the whole text at each token is quadratic).
+
+    Invariant: `text` is decode(tokens[:read]); tokens[prefix:read] is decoded again with each new token,
+    so that a token's text is taken in the context of the one before it (a leading space, a character
+    split over tokens); a window whose text ends in an incomplete character (U+FFFD) is not committed yet,
+    but is searched as far as it is complete, as the whole decode would be."""
+
+    MAX_WINDOW = 16  # tokens a window may hold before it is committed as it is (e.g. only special tokens)
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = list(stop)
+        self.overlap = max(0, max(map(len, self.stop)) - 1)  # characters a stop string may reach back
+        self.tokens: list[int] = []
+        self.text = ""
+        self.prefix = self.read = 0
+
+    def push(self, token: int) -> bool:
+        self.tokens.append(token)
+        before = decode(self.tokens[self.prefix:self.read])
+        window = decode(self.tokens[self.prefix:])
+        piece = window[len(before):] if len(window) > len(before) else ""
+        scan_from = max(0, len(self.text) - self.overlap)
+        complete = not window.endswith("\ufffd")
+        if complete or len(self.tokens) - self.prefix > self.MAX_WINDOW:
+            self.text += piece
+            self.prefix, self.read = self.read, len(self.tokens)
+            text = self.text
+        else:
+            text = self.text + piece.rstrip("\ufffd")
+        return any(text.find(s, scan_from) >= 0 for s in self.stop)
+
+
 class Context:
     """A token sequence and the KV pages that hold it.
 
@@ -261,6 +295,7 @@ class Context:
         if max_tokens <= 0:
             return ""
         step = 0
+        scanner = _StopScanner(stop) if stop else None
         while True:
             mask = matcher.token_mask() if matcher is not None else None
             token = self.next_token(_step_sampler(sampler, step), mask)
@@ -273,8 +308,8 @@ class Context:
                     raise RuntimeError(f"the grammar rejected token {token}, which its own mask allowed")
                 if matcher.is_terminated():
                     return decode(self.tokens[start:])
-            if stop:
-                text = decode(self.tokens[start:])
+            if scanner is not None and scanner.push(token):
+                text = decode(self.tokens[start:])  # once: the text returned is the whole decode's
                 cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
                 if cut >= 0:
                     return text[:cut]
