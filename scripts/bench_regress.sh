@@ -96,7 +96,7 @@ else
   wait_quiet
   run="$runs/$(date -u +%Y%m%dT%H%M%SZ)_${commit}${dirty}_${slug}.json"
   start=$(date +%s)
-  "$py" -m pytest benchmarks/suite --benchmark-json="$run" "$results_opt" "${pytest_args[@]}"
+  PYTHONSAFEPATH=1 "$py" -m pytest benchmarks/suite --benchmark-json="$run" "$results_opt" "${pytest_args[@]}"
   rc=$?
   echo "bench_regress: the suite took $(( $(date +%s) - start )) s; run saved as $run"
   if [ $rc -ne 0 ] || [ ! -f "$run" ]; then
@@ -165,7 +165,7 @@ while :; do
   echo
   echo "== repeat $attempt of $repeats: running the ${#ids[@]} suspect(s) again"
   wait_quiet
-  "$py" -m pytest "${ids[@]}" --benchmark-json="$rerun" --bench-results=off -q
+  PYTHONSAFEPATH=1 "$py" -m pytest "${ids[@]}" --benchmark-json="$rerun" --bench-results=off -q
   if [ ! -f "$rerun" ]; then
     echo "bench_regress: the repeat run failed" >&2
     exit 2

@@ -38,6 +38,7 @@ from pie.engine.attention.sdpa_prefill import plan_sdpa_prefill, sdpa_prefill_at
 from pie.engine.cuda_ops import reference as ref  # noqa: E402
 from pie.engine.kv_cache import sequence_slots  # noqa: E402
 from results import write_results  # noqa: E402  (benchmarks/cuda/results.py)
+from torch_baselines import torch_filtered_sample  # noqa: E402  (benchmarks/cuda/torch_baselines.py)
 
 L2_DEFEAT_BYTES = 256 << 20  # rotate inputs until this many bytes are touched per cycle
 
@@ -157,19 +158,6 @@ def prefill_case(name, batch, seq, hq, hkv, d, page_size=16, dtype=torch.bfloat1
 
 
 # ----------------------------------------------------------------------------- sampling
-
-
-def torch_filtered_sample(logits, t, k, p):
-    """What a torch runner does: temperature, top-k, top-p by sort + cumsum, multinomial."""
-    x = logits / t
-    kth = torch.topk(x, k, dim=-1).values[:, -1:]
-    x = x.masked_fill(x < kth, float("-inf"))
-    sorted_x, order = torch.sort(x, dim=-1, descending=True)
-    probs = torch.softmax(sorted_x, dim=-1)
-    cum = probs.cumsum(-1)
-    probs = probs.masked_fill(cum - probs > p, 0.0)
-    choice = torch.multinomial(probs, 1)
-    return order.gather(1, choice)
 
 
 def sampling_cases(rows, vocab):

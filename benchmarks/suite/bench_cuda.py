@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pie.engine import cuda_ops as ck
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cuda"))
-from bench_kernels import torch_filtered_sample  # noqa: E402  (the torch baseline of the full CUDA tables)
+from torch_baselines import torch_filtered_sample  # noqa: E402  (benchmarks/cuda: shared with the full tables)
 
 pytestmark = [
     pytest.mark.gpu,

@@ -1,7 +1,7 @@
 """Fixtures and hooks of the benchmark suite (see README.md here).
 
-    python -m pytest benchmarks/suite                       # the whole suite; writes benchmarks/results/
-    python -m pytest benchmarks/suite --benchmark-disable   # each benchmark once, untimed (CI-safe smoke)
+    pytest benchmarks/suite                                 # the whole suite; writes benchmarks/results/
+    pytest benchmarks/suite --benchmark-disable             # each benchmark once, untimed (CI-safe smoke)
     scripts/bench_regress.sh                                # run, save under benchmarks/.runs/, compare
 
 Session fixtures: `model` (SmolLM2-135M on the CPU, float32, as `pie generate` loads it), `runtime` (a
@@ -60,7 +60,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "torch_threads": torch.get_num_threads(),
         "load_average": _started["load"],
         "suite_seconds": round(time.time() - _started["t"], 1),
-        "command": "python -m pytest " + " ".join(_display_args(config)),
+        "command": "pytest " + " ".join(_display_args(config)),
         "injected_sleep_us": pie_bench.injected_sleep_s() * 1e6,
     }
 
