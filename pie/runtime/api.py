@@ -111,7 +111,7 @@ def kv_unexport_pages(inst: "Instance", name: str) -> None:
     from pie.control import InvalidHandle
 
     try:
-        _kv_pool(inst).unexport(name, inst.id, inst.client)
+        _kv_pool(inst).unexport(name, inst.id)  # the pool knows the instance's client
     except InvalidHandle as e:
         raise ValueError(f"name: {_pool_message(e)}") from None
 

@@ -37,7 +37,7 @@ class RuntimeConfig:
     home: Path | None = None  # $PIE_HOME (None: the environment's, or ~/.cache/pie)
 
     def __post_init__(self) -> None:
-        if self.deadline_s < 0:
+        if not self.deadline_s >= 0:  # NaN too
             raise ValueError(f"deadline_s must be >= 0, got {self.deadline_s}")
         if self.memory_mb <= 0:
             raise ValueError(f"memory_mb must be positive, got {self.memory_mb}")

@@ -20,6 +20,8 @@ from typing import Any, Callable, Sequence
 
 import wasmtime
 
+from pie.runtime.shared import LimitReached, utf8_size
+
 log = logging.getLogger(__name__)
 
 
@@ -118,10 +120,8 @@ class Instance:
     def _keep(self, kept: list[str], message: str) -> None:
         if not self.keep_output:
             return
-        size = len(message.encode("utf-8", "surrogatepass"))
+        size = utf8_size(message)
         if self.kept_output_bytes + size > self.max_kept_output_bytes:
-            from pie.runtime.shared import LimitReached
-
             raise LimitReached(f"the instance's kept output would reach {self.kept_output_bytes + size} bytes, "
                                f"over its limit (max_kept_output_bytes = {self.max_kept_output_bytes}); a "
                                f"launcher that streams the output keeps none (keep_output=False)")

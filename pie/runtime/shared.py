@@ -40,7 +40,8 @@ class StoreLimits:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
-def _size(text: str) -> int:
+def utf8_size(text: str) -> int:
+    """Bytes of `text` in UTF-8 (lone surrogates counted as encoded): what every bound here counts."""
     return len(text.encode("utf-8", "surrogatepass"))
 
 
@@ -63,7 +64,7 @@ class KeyValueStore:
         with self._lock:
             data = self._data.setdefault(client, {})
             old = data.get(key)
-            delta = _size(key) + _size(value) - (0 if old is None else _size(key) + _size(old))
+            delta = utf8_size(key) + utf8_size(value) - (0 if old is None else utf8_size(key) + utf8_size(old))
             held = self._bytes.get(client, 0)
             if old is None and len(data) >= lim.kv_store_keys:
                 raise LimitReached(f"the client's key-value store holds {len(data)} keys, its limit "
@@ -83,7 +84,7 @@ class KeyValueStore:
             data = self._data.get(client)
             if data is None or key not in data:
                 return False
-            freed = _size(key) + _size(data.pop(key))
+            freed = utf8_size(key) + utf8_size(data.pop(key))
             self._bytes[client] -= freed
             self._total_bytes -= freed
             if not data:
@@ -132,7 +133,7 @@ class Broker:
     def broadcast(self, topic: str, message: str, client: int = 0) -> None:
         """Every subscriber of the topic gets the message, or (one of them is full) none does."""
         lim = self.limits
-        size = _size(message)
+        size = utf8_size(message)
         with self._lock:
             targets = list(self._topics.get((client, topic), {}).items())
             for (instance_id, handle), sub in targets:  # check all first: all or nothing
@@ -183,7 +184,7 @@ class Broker:
                     raise RuntimeError("the instance was terminated")
                 sub.ready.wait(0.1 if left < 0 else min(left, 0.1))
             message = sub.messages.popleft()
-            sub.num_bytes -= _size(message)
+            sub.num_bytes -= utf8_size(message)
             return message
 
     def unsubscribe(self, instance_id: int, handle: int) -> None:

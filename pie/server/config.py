@@ -108,12 +108,10 @@ class LimitsSection:
     messaging_subscriptions: int = _STORE.messaging_subscriptions  # subscriptions one instance holds
 
     def __post_init__(self) -> None:
-        if not self.deadline_s >= 0:
-            raise ConfigError(f"limits.deadline_s must be >= 0, got {self.deadline_s}")
-        for name in ("memory_mb", "max_instances", "max_instances_per_connection"):
+        for name in ("max_instances", "max_instances_per_connection"):  # the server's own keys
             if getattr(self, name) <= 0:
                 raise ConfigError(f"limits.{name} must be positive, got {getattr(self, name)}")
-        try:  # the runtime's own checks, with the section's names
+        try:  # every other key: the runtime's own checks, with the section's names
             self.runtime_config()
         except ValueError as e:
             raise ConfigError(f"limits.{e}") from None

@@ -5,12 +5,26 @@ from __future__ import annotations
 import pytest
 
 from control_fakes import FakeRunner
-from pie.control import Scheduler
+from pie.control import PagePool, Scheduler
 
 
 @pytest.fixture
 def fake_runner() -> FakeRunner:
     return FakeRunner()
+
+
+@pytest.fixture
+def terminations() -> list:
+    """(instance, message) of each termination the `pool` reports."""
+    return []
+
+
+@pytest.fixture
+def pool(terminations):
+    """A pool of 16 pages of 4 tokens; its invariants are checked at teardown."""
+    pool = PagePool(num_pages=16, page_size=4, on_terminate=lambda i, m: terminations.append((i, m)))
+    yield pool
+    pool.check_invariants()
 
 
 @pytest.fixture

@@ -12,18 +12,6 @@ from pie.control import InstanceTerminated, InvalidHandle, PagePool, QuotaExceed
 ALICE, BOB = 7, 8  # two clients (server connections)
 
 
-@pytest.fixture
-def terminations():
-    return []
-
-
-@pytest.fixture
-def pool(terminations):
-    pool = PagePool(num_pages=16, page_size=4, on_terminate=lambda i, m: terminations.append((i, m)))
-    yield pool
-    pool.check_invariants()
-
-
 def exports(pool):
     return {(e["client"], e["name"]): e for e in pool.stats()["exports"]}
 

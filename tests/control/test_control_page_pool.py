@@ -7,18 +7,6 @@ import pytest
 from pie.control import InstanceTerminated, InvalidHandle, PagePool, QuotaExceeded
 
 
-@pytest.fixture
-def terminations():
-    return []
-
-
-@pytest.fixture
-def pool(terminations):
-    pool = PagePool(num_pages=16, page_size=4, on_terminate=lambda i, m: terminations.append((i, m)))
-    yield pool
-    pool.check_invariants()
-
-
 def used(pool):
     return pool.stats()["num_used"]
 

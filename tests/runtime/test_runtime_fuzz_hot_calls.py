@@ -239,6 +239,14 @@ class HotCallFuzz(RuleBasedStateMachine):
     def terminated_msg(m: Model) -> str:
         return f"instance {m.id} terminated: "
 
+    @staticmethod
+    def unheld(m: Model, handles, field: str) -> Expect:
+        """The pool's error for the first of `handles` the instance does not hold (None: it holds them all)."""
+        missing = [h for h in handles if h not in m.held]
+        if missing:
+            return ("exact", f"{field}: instance {m.id}: KV page handle {missing[0]} is not held by this instance")
+        return None
+
     def pick(self, inst: int) -> tuple[Model, Model]:
         return self.models[inst], self.models[1 - inst]
 
@@ -352,10 +360,7 @@ class HotCallFuzz(RuleBasedStateMachine):
                     break
                 seen.add(h)
             else:
-                missing = [h for h in handles if h not in m.held]
-                if missing:
-                    expect = ("exact", f"pages: instance {m.id}: KV page handle {missing[0]} is not held by "
-                                       "this instance")
+                expect = self.unheld(m, handles, "pages")
         ok, result = m.guest.call("free-handles", handles)
         if self.check("kv.free", expect, ok, result):
             m.held.difference_update(handles)
@@ -369,10 +374,7 @@ class HotCallFuzz(RuleBasedStateMachine):
         if m.terminated:
             expect = ("prefix", "pages: " + self.terminated_msg(m))
         else:
-            missing = [h for h in handles if h not in m.held]
-            if missing:
-                expect = ("exact", f"pages: instance {m.id}: KV page handle {missing[0]} is not held by this "
-                                   "instance")
+            expect = self.unheld(m, handles, "pages")
         ok, result = m.guest.call("fork-list", handles)
         if self.check("kv.fork", expect, ok, result):
             assert result == m.issue(len(handles))
@@ -527,9 +529,8 @@ class HotCallFuzz(RuleBasedStateMachine):
             return ("exact", "fwd.pages: empty: the sequence must hold at least the input tokens")
         if m.terminated:
             return ("prefix", "fwd.pages: " + self.terminated_msg(m))
-        missing = [h for h in pages if h not in m.held]
-        if missing:
-            return ("exact", f"fwd.pages: instance {m.id}: KV page handle {missing[0]} is not held by this instance")
+        if (unheld := self.unheld(m, pages, "fwd.pages")) is not None:
+            return unheld
         t = len(tokens)
         if t == 0:
             return ("exact", "fwd.tokens: empty request: a pass needs at least one input token (or input embedding)")

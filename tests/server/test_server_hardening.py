@@ -9,6 +9,7 @@ import time
 import pytest
 
 from pie.server.programs import ProgramError, ProgramStore, sha256
+from process_memory import rss_mb
 
 PATHS = ["../../victim", "/tmp/victim", "..", "./x", "a" * 63, "A" * 64, "g" * 64, "0" * 64 + "/", ""]
 
@@ -119,14 +120,6 @@ def test_a_connection_is_one_client_for_its_page_quota(server_runtime, tmp_path)
         run(main())
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def test_a_client_that_never_reads_its_replies_is_bounded(server, server_config, monkeypatch):
     """The attack: pings on a socket that is never read (it once grew the server by ~430 MB). The replies
     waiting for such a client stay within reply_backlog (the server stops reading its requests meanwhile,
@@ -145,7 +138,7 @@ def test_a_client_that_never_reads_its_replies_is_bounded(server, server_config,
         peak[0] = max(peak[0], self.qsize())
 
     monkeypatch.setattr(outbox.Outbox, "put", counting_put)
-    before = _rss_mb()
+    before = rss_mb()
     s = connect("127.0.0.1", server.server.port)
     s.settimeout(5)  # a send that cannot go on for 5 s: the server has stopped reading
     sent = 0
@@ -158,7 +151,7 @@ def test_a_client_that_never_reads_its_replies_is_bounded(server, server_config,
     s.close()
     assert sent < 500_000, "the server read every request of a client that reads none of the replies"
     assert peak[0] <= server_config.server.reply_backlog + 1, peak[0]
-    assert _rss_mb() - before < 100
+    assert rss_mb() - before < 100
 
     async def other():
         async with PieClient(server.ws_url) as client:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import msgpack
 
+from process_memory import rss_mb
+
 SOAK_S_DEFAULT = 40.0
 SOAK_S = float(os.environ.get("PIE_SOAK_S", SOAK_S_DEFAULT))
 SEED = int(os.environ.get("PIE_SOAK_SEED", "20250101"))
@@ -90,14 +92,6 @@ RAW_SESSION_P = 0.2  # a session from a bare socket instead of PieClient
 PROMPTS = ["Hi", "What is the capital of France?", "Write a haiku about the sea.", "1, 2, 3,"]
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 class RssSampler(threading.Thread):
     def __init__(self):
         super().__init__(name="soak-rss", daemon=True)
@@ -107,7 +101,7 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.is_set():
-            self.samples.append((time.monotonic() - self.t0, _rss_mb()))
+            self.samples.append((time.monotonic() - self.t0, rss_mb()))
             self._halt.wait(SAMPLE_S)
 
     def stop(self) -> None:
@@ -417,7 +411,7 @@ def test_soak_many_clients_launch_stream_disconnect_and_terminate_at_random(serv
         asyncio.run(main())
         soak_s = time.monotonic() - t0
         after_pool = whole_or_why(pool_whole, 120)
-        sampler.samples.append((time.monotonic() - sampler.t0, _rss_mb()))
+        sampler.samples.append((time.monotonic() - sampler.t0, rss_mb()))
     finally:
         sampler.stop()
 
