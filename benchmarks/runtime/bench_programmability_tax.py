@@ -1,24 +1,29 @@
 """The programmability tax: decoding through an inferlet vs the engine's built-in loop, same engine.
 
 Reported (SmolLM2-135M on this machine, greedy, EOS ignored so every run makes exactly N tokens):
-  - TPOT (time per output token) of `text_completion` run as a Python inferlet vs `pie generate`'s
-    built-in loop, at 1 and at C concurrent sequences (C = --concurrency, default 32). TPOT is the
-    slope between a short and a long generation, (t(N_long) - t(N_short)) / (N_long - N_short), so
-    launch, prefill and teardown cancel out.
-      built-in, 1:  Engine.generate (one sequence, `pie generate --prompt`)
-      built-in, C:  pie.control.generate.generate_concurrently (`pie generate --prompts-file`)
-      inferlet, 1 / C: Runtime.run / launch of text_completion (`pie run text_completion`)
+  - TPOT (time per output token) of three paths, at 1 and at C concurrent sequences (C = --concurrency,
+    default 16 and 32), measured side by side: each round runs every path at every concurrency, short
+    and long, the order rotating round by round, so that all see the same noise. TPOT is the slope
+    between a short and a long generation, (t(N_long) - t(N_short)) / (N_long - N_short), so launch,
+    prefill and teardown cancel out; the table gives the median of the per-round slopes (and the best).
+      built-in:   `pie generate` (pie.control.generate: generate_batch for 1, generate_concurrently
+                  for C, one instance per prompt), a generation stream per sequence;
+      stream:     `pie run text_completion`, Context.generate handing its loop to the host (a stream);
+      per-token:  `pie run text_completion --per-token`, the guest's own loop, one pass per token.
+    The tax is each inferlet path's TPOT over the built-in's.
   - runtime overhead per forward request: a Python guest submitting 1-token passes and waiting on
     each, minus the time the runner spent running them (measured inside the FORWARD handler):
     guest -> C++ hot call -> control queue -> scheduler -> batch loop -> handler -> back.
 
-    python benchmarks/runtime/bench_programmability_tax.py [--short 8 --long 40 --concurrency 32 --repeats 3]
+    python benchmarks/runtime/bench_programmability_tax.py [--short 8 --long 40 --concurrency 16 32 --rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -78,10 +83,6 @@ class NoopRunner:
         return getattr(self.runner, name)
 
 
-def best(fn, repeats: int) -> float:
-    return min(fn() for _ in range(repeats))
-
-
 def builtin_time(model: Model, prompt_ids: list[int], n: int, concurrency: int) -> float:
     params = GenerationParams(max_tokens=n, temperature=0, ignore_eos=True)
     t = time.perf_counter()
@@ -94,8 +95,9 @@ def builtin_time(model: Model, prompt_ids: list[int], n: int, concurrency: int) 
     return dt
 
 
-def inferlet_time(rt: Runtime, n: int, concurrency: int) -> tuple[float, str]:
+def inferlet_time(rt: Runtime, n: int, concurrency: int, per_token: bool) -> tuple[float, str]:
     args = ["--prompt", PROMPT, "--max-tokens", str(n), "--temperature", "0", "--ignore-eos"]
+    args += ["--per-token"] if per_token else []
     t = time.perf_counter()
     insts = [rt.launch("text_completion", args) for _ in range(concurrency)]
     results = [i.wait(600) for i in insts]
@@ -105,12 +107,15 @@ def inferlet_time(rt: Runtime, n: int, concurrency: int) -> tuple[float, str]:
     return dt, results[0].output
 
 
+PATHS = ("built-in", "stream", "per-token")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--short", type=int, default=8)
     p.add_argument("--long", type=int, default=40)
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--overhead-requests", type=int, default=300)
     p.add_argument("--model", default=None, help="model name or folder (default: the default model)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the tax on the GPU path)")
@@ -119,26 +124,36 @@ def main() -> None:
     a = p.parse_args()
 
     from pie.engine.config import EngineConfig
+    from pie.engine.machine import cpu_name
     from pie.engine.model_store import DEFAULT_MODEL
 
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     model = Model(a.model or DEFAULT_MODEL, EngineConfig(dtype=dtype, device=a.device), progress=False)
     prompt_ids = model.prompt_ids(PROMPT)
-    rows = []
-    for conc in (1, a.concurrency):
-        span = a.long - a.short
-        b_short = best(lambda: builtin_time(model, prompt_ids, a.short, conc), a.repeats)
-        b_long = best(lambda: builtin_time(model, prompt_ids, a.long, conc), a.repeats)
-        rows.append(("built-in", conc, (b_long - b_short) / span))
-        with Runtime(model, RuntimeConfig(deadline_s=0)) as rt:
-            rt.python_runtime()
-            inferlet_time(rt, 2, 1)  # warm: the component instantiated once
-            i_short = best(lambda: inferlet_time(rt, a.short, conc)[0], a.repeats)
-            i_long = best(lambda: inferlet_time(rt, a.long, conc)[0], a.repeats)
-            text = inferlet_time(rt, a.short, 1)[1]
-        rows.append(("inferlet", conc, (i_long - i_short) / span))
-        builtin_text = generate(model, PROMPT, GenerationParams(max_tokens=a.short, temperature=0, ignore_eos=True)).text
-        assert text.rstrip("\n") == builtin_text, (text, builtin_text)
+    concurrencies = [1] + [c for c in a.concurrency if c != 1]
+    span = a.long - a.short
+    slopes: dict[tuple[str, int], list[float]] = {(path, c): [] for path in PATHS for c in concurrencies}
+    with Runtime(model, RuntimeConfig(deadline_s=0)) as rt:
+        rt.python_runtime()
+        texts = {per_token: inferlet_time(rt, a.short, 1, per_token)[1] for per_token in (False, True)}
+        builtin_text = generate(model, PROMPT, GenerationParams(max_tokens=a.short, temperature=0,
+                                                                ignore_eos=True)).text
+        assert texts[False].rstrip("\n") == texts[True].rstrip("\n") == builtin_text, (texts, builtin_text)
+
+        def timed(path: str, n: int, c: int) -> float:
+            if path == "built-in":
+                return builtin_time(model, prompt_ids, n, c)
+            return inferlet_time(rt, n, c, per_token=path == "per-token")[0]
+
+        for r in range(a.rounds):
+            for c in concurrencies:
+                order = PATHS[r % 3:] + PATHS[:r % 3]
+                for path in order:
+                    slopes[(path, c)].append((timed(path, a.long, c) - timed(path, a.short, c)) / span)
+            print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
+    rows = [{"path": path, "concurrency": c, "tpot_ms": statistics.median(slopes[(path, c)]) * 1e3,
+             "tpot_ms_best": min(slopes[(path, c)]) * 1e3, "tpot_ms_rounds": [x * 1e3 for x in slopes[(path, c)]]}
+            for c in concurrencies for path in PATHS]
 
     with Runtime(model, RuntimeConfig(deadline_s=0)) as rt:
         handler = rt.plane.loop._execute[int(CommandKind.FORWARD)].__self__  # the ForwardHandler
@@ -158,17 +173,22 @@ def main() -> None:
         assert r.error is None, r.error
         noop_us = json.loads(r.output)["ns"] / (a.overhead_requests * 5) / 1e3
 
-    table = {"model": model.name, "device": a.device, "dtype": dtype,
-             "rows": [{"path": path, "concurrency": c, "tpot_ms": tpot * 1e3} for path, c, tpot in rows],
+    table = {"model": model.name, "device": a.device, "dtype": dtype, "cpu": cpu_name(), "rounds": a.rounds,
+             "short": a.short, "long": a.long, "rows": rows,
              "overhead": {"round_trip_us": per_request_us, "runner_execute_us": runner_us,
                           "runtime_overhead_us": per_request_us - runner_us, "noop_model_round_trip_us": noop_us}}
-    print(f"{'path':<10} {'concurrent':>10} {'TPOT ms':>9} {'tax':>8}")
-    for conc in (1, a.concurrency):
-        b = next(r["tpot_ms"] for r in table["rows"] if r["path"] == "built-in" and r["concurrency"] == conc)
-        i = next(r["tpot_ms"] for r in table["rows"] if r["path"] == "inferlet" and r["concurrency"] == conc)
-        print(f"{'built-in':<10} {conc:>10} {b:>9.2f}")
-        print(f"{'inferlet':<10} {conc:>10} {i:>9.2f} {100 * (i / b - 1):>+7.1f}%")
-        table[f"tax_{conc}"] = i / b - 1
+    print(f"{model.name} on {a.device} ({cpu_name() if a.device == 'cpu' else a.device}), {a.rounds} rounds")
+    print(f"{'path':<10} {'concurrent':>10} {'TPOT ms':>9} {'(best)':>8} {'tax':>8} {'per-round taxes':>20}")
+    for c in concurrencies:
+        base = next(r for r in rows if r["path"] == "built-in" and r["concurrency"] == c)
+        for row in (r for r in rows if r["concurrency"] == c):
+            line = f"{row['path']:<10} {c:>10} {row['tpot_ms']:>9.2f} {row['tpot_ms_best']:>8.2f}"
+            if row is not base:
+                tax = row["tpot_ms"] / base["tpot_ms"] - 1
+                per_round = [x / y - 1 for x, y in zip(row["tpot_ms_rounds"], base["tpot_ms_rounds"])]
+                row["tax"], row["tax_rounds"] = tax, per_round
+                line += f" {100 * tax:>+7.1f}%  " + " ".join(f"{100 * t:+.1f}" for t in per_round)
+            print(line)
     o = table["overhead"]
     print(f"forward request round trip {o['round_trip_us']:.1f} us = runner {o['runner_execute_us']:.1f} us "
           f"+ runtime {o['runtime_overhead_us']:.1f} us")

@@ -75,11 +75,14 @@ class ModellessRunner:
         self.model_config = SimpleNamespace(architecture="ModellessForCausalLM", num_layers=1, vocab_size=VOCAB,
                                             eos_token_ids=[])
         self.stamps: list | None = None
+        self.gate: threading.Event | None = None  # while set to an unset Event, batches wait for it
 
     def embed_tokens(self, token_ids):  # no guest here embeds text
         raise NotImplementedError("the model-less runner has no embeddings")
 
     def run(self, requests):
+        if self.gate is not None:
+            self.gate.wait()
         if self.stamps is not None:
             decode = sum(1 for r in requests if len(r.token_ids) == 1)
             self.stamps.append((time.perf_counter(), time.process_time(), len(requests), decode))
@@ -242,6 +245,27 @@ runtime.send(str(len(tokens)))
 """
 
 
+def decode_window(stamps: list, n: int, steps: int, blocks: int, margin: int) -> tuple[list, list, list]:
+    """(CPU per step, wall per step, mean batch) of each of `blocks` windows of `steps` decode steps of
+    the N sequences, skipping `margin` steps of every sequence at each end, from the runner's stamps
+    (wall, process CPU, requests, decode requests) at every batch: CPU per decode command, times N."""
+    cum, total = [], 0
+    for _, _, _, decode in stamps:
+        total += decode
+        cum.append(total)
+    cpu, wall, sizes = [], [], []
+    per_block = steps * n
+    lo = next(i for i, c in enumerate(cum) if c >= margin * n)
+    for _ in range(blocks):
+        hi = next((i for i in range(lo, len(cum)) if cum[i] >= cum[lo] + per_block), len(cum) - 1)
+        commands = cum[hi] - cum[lo]  # the decode commands of batches lo+1..hi, run between the stamps
+        cpu.append((stamps[hi][1] - stamps[lo][1]) / commands * n)
+        wall.append((stamps[hi][0] - stamps[lo][0]) / commands * n)
+        sizes.append(commands / max(hi - lo, 1))
+        lo = hi
+    return cpu, wall, sizes
+
+
 class GuestBench:
     """A Runtime over a model-less model; N Python guests decode through the WIT API."""
 
@@ -282,47 +306,133 @@ class GuestBench:
         self.runner.stamps = stamps = []
         for inst in instances:
             inst.send("go")
+        return {**self._finish("guests", instances, outputs, stamps, n, steps, blocks, prompt_len, margin),
+                "launch_and_prefill_s": launched}
+
+    def _finish(self, mode: str, instances: list, outputs: list[str], stamps: list, n: int, steps: int,
+                blocks: int, prompt_len: int, margin: int) -> dict:
+        """Waits for the guests (each printed its final length), then the decode windows of the stamps."""
+        decode_steps = steps * blocks + 2 * margin
         results = [inst.wait(1200) for inst in instances]
-        self.runner.stamps = None
+        self.runner.stamps = self.runner.gate = None
         for inst in instances:  # their threads' cleanup (Stores dropped) done before the next measurement
             thread = getattr(inst, "_thread", None)
             if thread is not None:
                 thread.join(60)
-        del instances
+        instances.clear()
         gc.collect()
         for r in results:
             assert r.error is None, r.error
         assert outputs == [str(prompt_len + 1 + decode_steps)] * n, outputs[:3]
-        # cumulative decode commands at each batch: skip `margin` steps of every guest at each end
-        cum, total = [], 0
-        for _, _, size, decode in stamps:
-            assert size == decode
-            total += decode
-            cum.append(total)
-        assert total == n * decode_steps, (total, n * decode_steps)
-        cpu, wall, sizes = [], [], []
-        per_block = steps * n
-        lo = next(i for i, c in enumerate(cum) if c >= margin * n)
-        for _ in range(blocks):
-            hi = next((i for i in range(lo, len(cum)) if cum[i] >= cum[lo] + per_block), len(cum) - 1)
-            commands = cum[hi] - cum[lo]  # the decode commands of batches lo+1..hi, run between the stamps
-            cpu.append((stamps[hi][1] - stamps[lo][1]) / commands * n)
-            wall.append((stamps[hi][0] - stamps[lo][0]) / commands * n)
-            sizes.append(commands / max(hi - lo, 1))
-            lo = hi
-        return {"mode": "guests", "n": n, "steps": steps, "blocks": blocks, "cpu_s_per_step": cpu,
-                "wall_s_per_step": wall, "mean_batch": statistics.mean(sizes), "batches": len(stamps),
-                "launch_and_prefill_s": launched}
+        assert sum(decode for _, _, _, decode in stamps) == n * decode_steps
+        cpu, wall, sizes = decode_window(stamps, n, steps, blocks, margin)
+        return {"mode": mode, "n": n, "steps": steps, "blocks": blocks, "cpu_s_per_step": cpu,
+                "wall_s_per_step": wall, "mean_batch": statistics.mean(sizes), "batches": len(stamps)}
+
+
+# ---- the decode loop on the host: generation streams ------------------------------------------------
+class StreamBench:
+    """N generation streams over the model-less runner, one instance and queue each (pie generate's way,
+    and what Context.generate hands to the host): the control layer runs every step, with no client
+    work per token. Batches wait at a gate until every stream has started, so that the timed window
+    is the steady state of N sequences."""
+
+    def __init__(self, num_pages: int, max_batch: int, max_tokens: int, scheduler: SchedulerConfig):
+        self.runner = ModellessRunner(num_pages, max_batch, max_tokens)
+        self.plane = ControlPlane.serving(self.runner, scheduler).start()
+        self._run = 0
+
+    def close(self) -> None:
+        self.plane.stop("benchmark done")
+
+    def measure(self, n: int, steps: int, blocks: int, prompt_len: int, margin: int = 4) -> dict:
+        self._run += 1
+        decode_steps = steps * blocks + 2 * margin
+        plane = self.plane
+        self.runner.gate = gate = threading.Event()
+        self.runner.stamps = stamps = []
+        instances, streams = [], []
+        for i in range(n):
+            instances.append(plane.open_instance())
+            streams.append(plane.start_stream(instances[-1], plane.create_queue(instances[-1]),
+                                              pending=prompt_tokens(self._run, i, prompt_len), num_cached=0,
+                                              handles=[], sampler=GREEDY, max_tokens=decode_steps + 1))
+        gate.set()
+        for stream in streams:
+            assert stream.wait(600), "a stream did not end"
+        self.runner.stamps = self.runner.gate = None
+        for stream in streams:
+            end = stream.poll()
+            assert end["end"] == "length" and len(stream.generated) == decode_steps + 1, end
+        for instance in instances:
+            plane.end_instance(instance, "done")
+        assert sum(decode for _, _, _, decode in stamps) == n * decode_steps
+        cpu, wall, sizes = decode_window(stamps, n, steps, blocks, margin)
+        return {"mode": "streams", "n": n, "steps": steps, "blocks": blocks, "cpu_s_per_step": cpu,
+                "wall_s_per_step": wall, "mean_batch": statistics.mean(sizes), "batches": len(stamps)}
+
+
+STREAM_GUEST = """
+import sys
+from wit_world.imports import generation as G, forward as F, runtime
+run, index, prompt_len, steps = (int(a) for a in sys.argv[1:5])
+tokens = [(run * 7919 + index * 104729 + j) % 31990 + 10 for j in range(prompt_len)]
+runtime.send("ready")
+runtime.receive()
+s = G.start(G.StreamParams(pending=tokens, num_cached=0, pages=[], sampler=F.Sampler_Greedy(),
+                           stop=G.StopConditions(eos=False, stop_tokens=[], stop_strings=[], max_tokens=steps + 1),
+                           grammar=None, top_logprobs=0, queue=0))
+runtime.send("started")
+chunk = G.finish(s)  # one call for the whole generation
+runtime.send(str(prompt_len + len(chunk.tokens)))
+"""
+
+
+class GuestStreamBench(GuestBench):
+    """N Python guests, each handing its decode loop to the host (generation.start, then one
+    generation.finish): the runtime and control layer per step when inferlets generate on streams."""
+
+    def measure(self, n: int, steps: int, blocks: int, prompt_len: int, margin: int = 4) -> dict:
+        self._run += 1
+        decode_steps = steps * blocks + 2 * margin
+        ready, started = threading.Semaphore(0), threading.Semaphore(0)
+        outputs: list[str] = []
+
+        def on_output(message: str) -> None:
+            if message == "ready":
+                ready.release()
+            elif message == "started":
+                started.release()
+            else:
+                outputs.append(message)
+
+        instances = [self.rt.launch_source(STREAM_GUEST, [str(self._run), str(i), str(prompt_len), str(decode_steps)],
+                                           filename="stream_guest.py", on_output=on_output) for i in range(n)]
+        for _ in range(n):
+            if not ready.acquire(timeout=600):
+                raise RuntimeError("a guest did not start")
+        self.runner.gate = gate = threading.Event()
+        self.runner.stamps = stamps = []
+        for inst in instances:
+            inst.send("go")
+        for _ in range(n):
+            if not started.acquire(timeout=600):
+                raise RuntimeError("a guest did not start its stream")
+        gate.set()
+        return self._finish("guest_streams", instances, outputs, stamps, n, steps, blocks, prompt_len, margin)
 
 
 class PieSide:
-    def __init__(self, max_n: int, prompt_len: int, kv_tokens: int, guests: bool, scheduler: SchedulerConfig):
+    def __init__(self, max_n: int, prompt_len: int, kv_tokens: int, modes: list[str], scheduler: SchedulerConfig):
         num_pages = -(-kv_tokens // PAGE_SIZE) + 2 * max_n + 64
         max_batch = max(max_n, 1)
         max_tokens = max(8192, max_n * prompt_len)
         self.prompt_len = prompt_len
         self.control = ControlBench(num_pages, max_batch, max_tokens, scheduler)
-        self.guests = GuestBench(num_pages, max_batch, max_tokens, scheduler) if guests else None
+        self.guests = GuestBench(num_pages, max_batch, max_tokens, scheduler) if "guests" in modes else None
+        self.streams = StreamBench(num_pages, max_batch, max_tokens, scheduler) if "streams" in modes else None
+        self.guest_streams = GuestStreamBench(num_pages, max_batch, max_tokens, scheduler) \
+            if "guest_streams" in modes else None
         self.num_pages = num_pages
         gc.collect()
         gc.freeze()  # the setup heap out of the GC's way, as vLLM's EngineCore does for its own
@@ -330,12 +440,14 @@ class PieSide:
     def measure(self, mode: str, n: int, steps: int, blocks: int) -> dict:
         if mode == "breakdown":
             return self.control.breakdown(self.prompt_len)
-        bench = self.control if mode == "control" else self.guests
+        bench = {"control": self.control, "guests": self.guests, "streams": self.streams,
+                 "guest_streams": self.guest_streams}[mode]
         return bench.measure(n, steps, blocks, self.prompt_len)
 
     def close(self) -> None:
-        if self.guests is not None:
-            self.guests.close()
+        for bench in (self.guests, self.guest_streams, self.streams):
+            if bench is not None:
+                bench.close()
         self.control.close()
 
 
@@ -355,7 +467,8 @@ def versions() -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, nargs="+", default=[1, 32, 128, 512])
-    ap.add_argument("--modes", nargs="+", default=["control", "guests"], choices=["control", "guests"])
+    ap.add_argument("--modes", nargs="+", default=["control", "guests", "streams", "guest_streams"],
+                    choices=["control", "guests", "streams", "guest_streams"])
     ap.add_argument("--steps", type=int, default=0, help="steps per block (default: by N)")
     ap.add_argument("--blocks", type=int, default=5)
     ap.add_argument("--prompt-len", type=int, default=64)
@@ -366,7 +479,7 @@ def main() -> int:
     plan = {n: args.steps or default_steps(n) for n in args.n}
     kv_tokens = args.kv_tokens or max(n * (args.prompt_len + s * args.blocks + 32) for n, s in plan.items())
     t = time.perf_counter()
-    side = PieSide(max(args.n), args.prompt_len, kv_tokens, "guests" in args.modes, SchedulerConfig())
+    side = PieSide(max(args.n), args.prompt_len, kv_tokens, args.modes, SchedulerConfig())
     header = {"side": "pie", "versions": versions(), "scheduler": "adaptive (SchedulerConfig defaults)",
               "page_size": PAGE_SIZE, "num_pages": side.num_pages, "prompt_len": args.prompt_len,
               "setup_s": time.perf_counter() - t}

@@ -4,16 +4,20 @@
     .venv/bin/python benchmarks/vllm_compare/run.py        # a few minutes on 2 cores
 
 N running sequences (1, 32, 128, 512); each decode step = schedule + one sampled token per sequence
-+ bookkeeping, with no model. Three columns, each a worker process of its own, kept alive for the
-whole run and asked for one measurement at a time, alternating (the order rotates every round), so
-that all three see the same noise on a shared machine:
++ bookkeeping, with no model. Five columns, from two worker processes (vLLM's, pie's) kept alive for
+the whole run and asked for one measurement at a time, alternating (the order rotates every round),
+so that all see the same noise on a shared machine:
   - vLLM: its V1 Scheduler driven as EngineCore.step drives it, over a fake ModelRunnerOutput
     (vllm_side.py, under the vLLM venv's Python);
   - pie control layer: one instance, queue and set of KV pages per sequence, a Python client
     submitting one ForwardCommand per sequence per step, the adaptive scheduler batching them, the
     real ForwardHandler over a runner with no model (pie_side.py, mode control);
   - pie with guests: the same with N Python inferlets (wasm guests) decoding through the WIT API
-    (pie_side.py, mode guests).
+    (pie_side.py, mode guests);
+  - pie streams: N generation streams, the decode loop the control layer runs itself (what
+    `pie generate` and Context.generate use; pie_side.py, mode streams);
+  - pie + guests on streams: N Python inferlets each handing its decode loop to the host
+    (generation.start, one generation.finish; pie_side.py, mode guest_streams).
 Per step and per request-step (per step / N): CPU time of the worker process (all its threads), and
 wall time. The tables give the median over the rounds (and the best); every value is in the JSON.
 
@@ -38,7 +42,8 @@ from pie.engine.machine import cpu_name
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DEFAULT_VLLM_PYTHON = str(Path(os.environ.get("VLLM_VENV", "/work/.vllm_venv")) / "bin" / "python")
-COLUMNS = [("vllm", "vLLM V1 Scheduler"), ("control", "pie control layer"), ("guests", "pie + inferlet guests")]
+COLUMNS = [("vllm", "vLLM V1 Scheduler"), ("control", "pie control layer"), ("guests", "pie + inferlet guests"),
+           ("streams", "pie streams"), ("guest_streams", "pie + guests on streams")]
 GOAL = 10.0  # the goal: our per-request-step CPU at least 10x below vLLM's at N >= 32
 
 
@@ -104,7 +109,7 @@ def main() -> int:
     # each side measures one block of `steps` decode steps per request; requests are long enough for that
     max_decode = max(steps.values()) + 16
     kv_tokens = max(n * (args.prompt_len + s + 32) for n, s in steps.items())
-    columns = [c for c in COLUMNS if not (args.no_guests and c[0] == "guests")]
+    columns = [c for c in COLUMNS if not (args.no_guests and c[0] in ("guests", "guest_streams"))]
     ns = [str(n) for n in args.n]
     started = datetime.now(timezone.utc)
     load_before = load_average()
@@ -114,10 +119,10 @@ def main() -> int:
                            "--prompt-len", str(args.prompt_len), "--max-decode", str(max_decode),
                            "--kv-tokens", str(kv_tokens), "--blocks", "1"],
                   env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"})
-    modes = ["control"] + ([] if args.no_guests else ["guests"])
+    modes = [c for c, _ in columns if c != "vllm"]
     pie = Worker("pie", [sys.executable, str(HERE / "pie_side.py"), "--serve", "--n", *ns, "--modes", *modes,
                          "--prompt-len", str(args.prompt_len), "--kv-tokens", str(kv_tokens), "--blocks", "1"])
-    workers = {"vllm": vllm, "control": pie, "guests": pie}
+    workers = {"vllm": vllm, **{mode: pie for mode in modes}}
     values: dict[str, dict[str, list[dict]]] = {c: {str(n): [] for n in args.n} for c, _ in columns}
     breakdowns: list[dict] = []
     try:
@@ -156,7 +161,7 @@ def main() -> int:
                 "wall_us_per_request_step": statistics.median(wall) / n,
                 "mean_batch": statistics.median(v["mean_batch"] for v in vs)}
     ratios = {}
-    for column in ("control", "guests"):
+    for column in ("control", "guests", "streams", "guest_streams"):
         if column in summary:
             ratios[column] = {str(n): summary["vllm"][str(n)]["cpu_us_per_request_step"]
                               / summary[column][str(n)]["cpu_us_per_request_step"] for n in args.n}
@@ -201,7 +206,7 @@ def render(report: dict, columns: list[tuple[str, str]]) -> str:
         f"- pie {ph['versions']['pie']}, torch {ph['versions']['torch']}, wasmtime {ph['versions']['wasmtime']}, "
         f"Python {ph['versions']['python']}; scheduler {ph['scheduler']}; page size {ph['page_size']}, "
         f"{ph['num_pages']} KV pages",
-        f"- {cfg['rounds']} rounds, the three columns alternating measurement by measurement (the order rotates "
+        f"- {cfg['rounds']} rounds, the columns alternating measurement by measurement (the order rotates "
         f"each round); prompts of {cfg['prompt_len']} tokens, prefilled before the timed steps; steps per "
         "measurement: " + ", ".join(f"{k} at N={n}" for n, k in cfg["steps_per_measurement"].items())
         + f"; run took {report['elapsed_s']:.0f} s, started {report['started_utc']}",

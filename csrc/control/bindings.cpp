@@ -15,10 +15,12 @@
 #include <string>
 #include <vector>
 
+#include "command_payload.h"
 #include "control_api.h"
 #include "errors.h"
 #include "forward_command.h"
 #include "future.h"
+#include "generation_stream.h"
 #include "native_load.h"
 #include "page_pool.h"
 #include "scheduler.h"
@@ -94,17 +96,6 @@ void release_pyobject(void* object) {
 Payload to_payload(const py::handle& object) {
   if (object.is_none()) return Payload();
   return Payload(object.inc_ref().ptr(), &release_pyobject);
-}
-
-// Forward and copy commands travel as a heap shared_ptr of the command (the submitter keeps its own).
-template <typename CommandT>
-void release_command(void* payload) {
-  delete static_cast<std::shared_ptr<CommandT>*>(payload);
-}
-
-template <typename CommandT>
-Payload command_payload(std::shared_ptr<CommandT> command) {
-  return Payload(new std::shared_ptr<CommandT>(std::move(command)), &release_command<CommandT>);
 }
 
 // A Python object; a ForwardCommand or PageCopyCommand for those commands; for any other payload
@@ -434,6 +425,80 @@ py::dict scheduler_stats_dict(const SchedulerStats& stats) {
 }
 
 }  // namespace
+
+// A Python object held by C++ state that may be dropped on a thread without the GIL (a generation
+// stream's hooks): released with the GIL taken.
+using PyRef = std::shared_ptr<py::object>;
+PyRef hold_python(py::object object) {
+  return PyRef(new py::object(std::move(object)), [](py::object* held) {
+    if (!Py_IsInitialized()) {
+      held->release();
+      delete held;
+      return;
+    }
+    py::gil_scoped_acquire acquire;
+    delete held;
+  });
+}
+
+// The hooks of a stream started from Python: terminations reported to the pool's on_terminate, and
+// the optional grammar and page-mask callables (run with the GIL; their errors end the stream).
+StreamHooks python_stream_hooks(const py::object& pool_object, PagePoolHandle& pool, const py::object& grammar,
+                                const py::object& page_masks) {
+  StreamHooks hooks;
+  PyRef pool_ref = hold_python(pool_object);  // keeps the handle (and its on_terminate) alive
+  PagePoolHandle* handle = &pool;
+  hooks.report_terminations = [pool_ref, handle](const std::vector<Termination>& terminations) {
+    py::gil_scoped_acquire acquire;
+    handle->report(terminations);
+  };
+  if (!grammar.is_none()) {
+    PyRef fn = hold_python(grammar);
+    hooks.grammar = [fn](uint32_t token) {
+      py::gil_scoped_acquire acquire;
+      try {
+        py::tuple out = (*fn)(token).cast<py::tuple>();
+        GrammarStep step;
+        step.accepted = out[0].cast<bool>();
+        step.terminated = out[1].cast<bool>();
+        step.next_mask = out[2].cast<std::vector<uint32_t>>();
+        return step;
+      } catch (py::error_already_set& error) {
+        throw std::runtime_error(error.what());  // no Python object leaves the GIL's scope
+      } catch (py::cast_error& error) {
+        throw std::runtime_error(std::string("the grammar hook must return (accepted, terminated, mask): ") +
+                                 error.what());
+      }
+    };
+  }
+  if (!page_masks.is_none()) {
+    PyRef fn = hold_python(page_masks);
+    hooks.fold_page_masks = [fn](const std::vector<uint32_t>& handles, size_t kv_len, size_t t,
+                                 std::vector<std::vector<uint32_t>>& mask) {
+      py::gil_scoped_acquire acquire;
+      try {
+        py::object rows = (*fn)(handles, kv_len, t);
+        if (!rows.is_none()) mask = rows.cast<std::vector<std::vector<uint32_t>>>();
+      } catch (py::error_already_set& error) {
+        throw std::runtime_error(error.what());
+      }
+    };
+  }
+  return hooks;
+}
+
+py::dict stream_chunk_dict(StreamChunk chunk) {
+  py::dict out;
+  out["tokens"] = py::cast(chunk.tokens);
+  py::list top(chunk.top.size());
+  for (size_t i = 0; i < chunk.top.size(); ++i) top[i] = py::make_tuple(py::cast(chunk.top[i].ids), py::cast(chunk.top[i].values));
+  out["top"] = top;
+  out["end"] = chunk.end == StreamEnd::kRunning ? py::object(py::none()) : py::str(stream_end_name(chunk.end));
+  out["message"] = chunk.message;
+  out["new_handles"] = py::cast(chunk.new_handles);
+  out["num_cached"] = chunk.num_cached;
+  return out;
+}
 
 PYBIND11_MODULE(_control, m) {
   m.doc() = "pie control layer: lock-free command queues, the batch scheduler and the KV page pool";
@@ -1043,4 +1108,84 @@ PYBIND11_MODULE(_control, m) {
       },
       py::arg("iterations") = 20000,
       "The OS floor of a blocking hand-off: mean ns of a condition-variable round trip between two threads.");
+
+  // ---- generation streams ----
+  py::class_<TokenBytes, std::shared_ptr<TokenBytes>>(m, "TokenBytes",
+                                                       "Each token's text as bytes, by token id (special tokens: b'').")
+      .def(py::init([](const std::vector<py::bytes>& table) {
+             auto t = std::make_shared<TokenBytes>();
+             t->bytes.reserve(table.size());
+             for (const py::bytes& b : table) t->bytes.push_back(std::string(b));
+             return t;
+           }),
+           py::arg("table"))
+      .def("__len__", [](const TokenBytes& t) { return t.bytes.size(); })
+      .def("__getitem__", [](const TokenBytes& t, size_t i) {
+        if (i >= t.bytes.size()) throw py::index_error("token id out of range");
+        return py::bytes(t.bytes[i]);
+      });
+
+  py::class_<GenerationStream, std::shared_ptr<GenerationStream>>(
+      m, "GenerationStream",
+      "A decode loop the control layer runs itself (generation_stream.h). Read it with next / poll (dicts: "
+      "tokens, top, end (None while running, else eos | stop-tokens | stop-string | length | grammar | "
+      "cancelled | failed), message, new_handles and num_cached once ended).")
+      .def_static(
+          "start",
+          [](std::shared_ptr<CommandQueue> queue, py::object pool_object, uint64_t instance_id, const ForwardLimits& limits,
+             std::vector<uint32_t> pending, uint32_t num_cached, std::vector<uint32_t> handles, const Sampler& sampler,
+             uint32_t max_tokens, std::vector<uint32_t> eos_ids, std::vector<std::vector<uint32_t>> stop_tokens,
+             std::vector<std::string> stop_strings, uint32_t top_logprobs, std::shared_ptr<TokenBytes> token_bytes,
+             py::object grammar, std::vector<uint32_t> first_mask, py::object page_masks) {
+            PagePoolHandle& pool = pool_object.cast<PagePoolHandle&>();
+            StreamSpec spec;
+            spec.instance_id = instance_id;
+            spec.pending = std::move(pending);
+            spec.num_cached = num_cached;
+            spec.handles = std::move(handles);
+            spec.sampler = sampler;
+            spec.max_tokens = max_tokens;
+            spec.eos_ids = std::move(eos_ids);
+            spec.stop_tokens = std::move(stop_tokens);
+            spec.stop_strings = std::move(stop_strings);
+            spec.top_logprobs = top_logprobs;
+            spec.first_mask = std::move(first_mask);
+            StreamHooks hooks = python_stream_hooks(pool_object, pool, grammar, page_masks);
+            std::shared_ptr<PagePool> shared_pool = pool.pool;
+            return GenerationStream::start(std::move(spec), std::move(queue), std::move(shared_pool), limits,
+                                           std::move(token_bytes), std::move(hooks));
+          },
+          py::arg("queue"), py::arg("pool"), py::arg("instance_id"), py::arg("limits"), py::arg("pending"),
+          py::arg("num_cached"), py::arg("handles"), py::arg("sampler"), py::arg("max_tokens"),
+          py::arg("eos_ids") = std::vector<uint32_t>{}, py::arg("stop_tokens") = std::vector<std::vector<uint32_t>>{},
+          py::arg("stop_strings") = std::vector<std::string>{}, py::arg("top_logprobs") = 0,
+          py::arg("token_bytes") = nullptr, py::arg("grammar") = py::none(),
+          py::arg("first_mask") = std::vector<uint32_t>{}, py::arg("page_masks") = py::none(),
+          "Starts a stream on `queue` over the instance's pages in `pool` and submits its first pass. "
+          "grammar(token) -> (accepted, terminated, next_mask); page_masks(handles, kv_len, t) -> mask rows or None.")
+      .def(
+          "next",
+          [](GenerationStream& s, std::optional<double> timeout) {
+            StreamChunk chunk;
+            {
+              py::gil_scoped_release release;
+              chunk = s.next(timeout ? *timeout : -1.0);
+            }
+            return stream_chunk_dict(std::move(chunk));
+          },
+          py::arg("timeout") = py::none(), "Blocks until a token is ready or the stream has ended (or the timeout).")
+      .def("poll", [](GenerationStream& s) { return stream_chunk_dict(s.poll()); })
+      .def("cancel", &GenerationStream::cancel, "Ends the stream after the pass in flight.")
+      .def(
+          "wait",
+          [](GenerationStream& s, std::optional<double> timeout) {
+            py::gil_scoped_release release;
+            return s.wait(timeout ? *timeout : -1.0);
+          },
+          py::arg("timeout") = py::none(), "Blocks until the stream has ended; True if it has.")
+      .def_property_readonly("ended", &GenerationStream::ended)
+      .def_property_readonly("generated", &GenerationStream::generated, "Every token generated so far.")
+      .def_property_readonly("instance_id", &GenerationStream::instance_id);
+  m.def("step_seed", &step_seed, py::arg("seed"), py::arg("step"),
+        "The seed of a seeded stream's step-th token ((seed * 1000003 + step) mod 2**64, low 63 bits).");
 }

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -54,6 +55,11 @@ enum class FutureStatus : uint8_t { kPending = 0, kReady = 1, kFailed = 2, kCanc
 
 // The completion of one command. Resolved exactly once (the first of set_result / set_error wins);
 // waiters block on a condition variable, never spinning. Thread-safe.
+//
+// A continuation (`then`) runs once, after the future is resolved and its waiters woken, on the thread
+// that resolved it (or at once, on the caller's thread, if it already was). A cancellation resolves
+// futures under the scheduler's mutex: a continuation must not take that mutex or the GIL when it finds
+// the future cancelled (generation_stream.cpp only records the end then).
 class FutureState {
  public:
   explicit FutureState(uint64_t command_id) : command_id_(command_id) {}
@@ -77,12 +83,36 @@ class FutureState {
 
   void notify_waiters() { resolved_.notify_all(); }
 
+  // Runs `continuation` once the future is resolved (now, if it is already).
+  void then(std::function<void()> continuation) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (status_.load(std::memory_order_relaxed) == FutureStatus::kPending) {
+        continuation_ = std::move(continuation);
+        return;
+      }
+    }
+    continuation();
+  }
+
+  // Runs the continuation, if any, once (the resolver calls it after waking the waiters).
+  void run_continuation() {
+    std::function<void()> continuation;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      continuation.swap(continuation_);
+    }
+    if (continuation) continuation();
+  }
+
   // Resolves with `result`. Returns false, leaving `result` with the caller (to drop outside any
   // lock), when the future was already resolved.
   bool set_result(Payload& result) {
     Resolution resolution = resolve_quietly(result);
     if (resolution == Resolution::kResolvedWithWaiters) notify_waiters();
-    return resolution != Resolution::kAlreadyResolved;
+    if (resolution == Resolution::kAlreadyResolved) return false;
+    run_continuation();
+    return true;
   }
 
   // Resolves as failed or cancelled with `message`. Returns false when already resolved.
@@ -92,9 +122,9 @@ class FutureState {
       if (status_.load(std::memory_order_relaxed) != FutureStatus::kPending) return false;
       error_ = std::move(message);
       status_.store(status, std::memory_order_release);
-      if (num_waiters_ == 0) return true;
+      if (num_waiters_ > 0) resolved_.notify_all();
     }
-    resolved_.notify_all();
+    run_continuation();
     return true;
   }
 
@@ -124,6 +154,7 @@ class FutureState {
   std::mutex mutex_;
   std::condition_variable resolved_;
   uint32_t num_waiters_ = 0;  // guarded by mutex_
+  std::function<void()> continuation_;  // guarded by mutex_
   Payload result_;
   std::string error_;
 };

@@ -90,8 +90,10 @@ std::shared_ptr<FutureState> CommandQueue::submit(int32_t kind, Payload payload,
 std::vector<std::shared_ptr<FutureState>> CommandQueue::submit_all(std::vector<Submission> submissions) {
   std::vector<CommandPtr> commands;
   commands.reserve(submissions.size());
-  for (Submission& s : submissions)
+  for (Submission& s : submissions) {
     commands.push_back(make_command(s.kind, std::move(s.payload), s.num_tokens, s.depends_on_previous));
+    commands.back()->from_stream = s.from_stream;
+  }
   return push_all(std::move(commands));
 }
 
@@ -236,7 +238,7 @@ uint32_t Scheduler::recently_served_open_queues_locked() const {
   for (const auto& entry : queues_) {
     const CommandQueue& queue = *entry.second;
     if (queue.last_served_batch_ != 0 && queue.last_served_batch_ + config_.high_water_window > num_batches_ &&
-        !queue.closed_.load(std::memory_order_relaxed)) {
+        !queue.closed_.load(std::memory_order_relaxed) && !(queue.last_served_by_stream_ && queue.pending_.empty())) {
       ++count;
     }
   }
@@ -320,6 +322,15 @@ bool Scheduler::plan_locked(Plan& plan) {
   plan.full = budget_reached || plan.selected.size() >= max_requests;
   plan.num_idle_open_queues =
       num_open_queues_ > active_queues_.size() ? static_cast<uint32_t>(num_open_queues_ - active_queues_.size()) : 0;
+  if (plan.num_idle_open_queues > 0 && num_stream_queues_ > 0) {  // idle queues of ended streams add nothing
+    uint32_t ended_streams = 0;
+    for (const auto& entry : queues_) {
+      const CommandQueue& queue = *entry.second;
+      if (queue.last_served_by_stream_ && !queue.active_ && !queue.closed_.load(std::memory_order_relaxed))
+        ++ended_streams;
+    }
+    plan.num_idle_open_queues -= std::min(plan.num_idle_open_queues, ended_streams);
+  }
   return !plan.selected.empty();
 }
 
@@ -379,6 +390,10 @@ std::shared_ptr<Batch> Scheduler::dispatch_locked(const Plan& plan, Clock::time_
     queue->pending_.pop_front();
     ++queue->num_in_flight_;
     queue->last_served_batch_ = num_batches_ + 1;
+    if (queue->last_served_by_stream_ != selected->from_stream) {
+      queue->last_served_by_stream_ = selected->from_stream;
+      num_stream_queues_ += selected->from_stream ? 1 : -1;
+    }
   }
   const uint32_t size = static_cast<uint32_t>(commands.size());
   num_pending_ -= size;
@@ -516,6 +531,10 @@ void Scheduler::forget_queue_if_finished_locked(CommandQueue* queue, Graveyard& 
     list.erase(std::remove(list.begin(), list.end(), queue), list.end());
     if (list.empty()) queues_by_instance_.erase(by_instance);
   }
+  if (queue->last_served_by_stream_) {
+    queue->last_served_by_stream_ = false;
+    --num_stream_queues_;
+  }
   graveyard.queues.push_back(std::move(found->second));
   queues_.erase(found);
 }
@@ -648,6 +667,8 @@ void Batch::set_results(const std::vector<size_t>& indices, std::vector<Payload>
     }
   }
   for (FutureState* future : to_wake) future->notify_waiters();
+  // Continuations (a generation stream's next pass) run once every waiter of the batch is awake.
+  for (size_t index : indices) commands_[index]->future->run_continuation();
   if (num_resolved_ == commands_.size()) finish();
 }
 

@@ -13,6 +13,10 @@
 //     flight (dispatched, not yet finished).
 //   - A synchronize barrier completes when every command submitted before it has finished; commands
 //     after it wait for it.
+//   - Generation streams are first-class: a stream submits its next pass from the continuation of the
+//     previous one, before that batch finishes, so it is pending when the next batch is planned. The
+//     adaptive and fixed-size policies wait only for queues whose producer may still be preparing a
+//     command; an idle queue last served by a stream is not one (its stream has ended).
 //   - A batch holds commands of one kind (horizontal batching across queues). The kind is that of the
 //     best ready head: highest queue priority, then oldest. Slots go by (priority desc, position in
 //     its queue asc, age asc), first fit under max_batch_requests and max_batch_tokens.
@@ -78,6 +82,7 @@ struct Command : MpscNode {
   int32_t kind = 0;
   uint32_t num_tokens = 0;
   bool depends_on_previous = false;
+  bool from_stream = false;  // submitted by a generation stream (generation_stream.h)
   CommandQueue* queue = nullptr;  // outlives the command while it is pending or in flight
   Clock::time_point submitted_at;
   Payload payload;
@@ -100,6 +105,7 @@ class CommandQueue : public std::enable_shared_from_this<CommandQueue> {
     Payload payload;
     uint32_t num_tokens = 0;
     bool depends_on_previous = false;
+    bool from_stream = false;  // a generation stream's: its next one is submitted when it completes
   };
   // Several commands in one lock-free push: the scheduler sees all of them or none, so consecutive
   // independent ones can share one batch. Checks every one (as submit) before pushing any.
@@ -145,6 +151,9 @@ class CommandQueue : public std::enable_shared_from_this<CommandQueue> {
   uint32_t num_in_flight_ = 0;
   bool active_ = false;     // listed in Scheduler::active_queues_
   uint64_t last_served_batch_ = 0;  // sequence number (1-based) of the last batch that held a command of it
+  // The last command dispatched from it was a generation stream's. Such a queue, once idle, has no
+  // producer preparing a command: a running stream submits its next pass before its batch finishes.
+  bool last_served_by_stream_ = false;
 };
 
 class Batch;
@@ -244,6 +253,7 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
   Clock::time_point last_dispatch_{};
   Clock::duration last_batch_duration_{0};  // dispatch -> finish of the last batch
   uint64_t num_open_queues_ = 0;
+  uint64_t num_stream_queues_ = 0;  // queues (still listed) whose last dispatched command was a stream's
   uint64_t num_pending_ = 0;
   uint64_t num_in_flight_ = 0;
   uint64_t num_dispatched_ = 0;

@@ -158,6 +158,11 @@ bool InstanceState::set_page_mask(uint32_t handle, std::vector<uint8_t> hidden, 
   return true;
 }
 
+bool InstanceState::has_page_masks() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return !page_masks_.empty();
+}
+
 void InstanceState::apply_page_masks(const std::vector<uint32_t>& handles, size_t kv_len, size_t t,
                                      std::vector<std::vector<uint32_t>>& mask) {
   const size_t ps = limits_.page_size;

@@ -75,6 +75,7 @@ class InstanceState {
   // BRLE rows over the kv_len sequence with the masked slots hidden.
   void apply_page_masks(const std::vector<uint32_t>& handles, size_t kv_len, size_t t,
                         std::vector<std::vector<uint32_t>>& mask);
+  bool has_page_masks();
 
   // Submits a checked pass on `queue` (0 = the default queue, others from add_queue). A future handle,
   // or 0 with `error` set (unknown queue, or the control layer refused the command).

@@ -6,7 +6,8 @@ argv[1] is the request, checked and normalised by the server (pie/server/openai_
      "top_p": float, "seed": int | null, "stop": [str], "logprobs": bool, "top_logprobs": int,
      "json_schema": str | null}
 It sends JSON messages: {"delta": str, "logprobs": [{"token", "logprob", "top": [[token, logprob]]}]}
-as it generates, then {"text", "finish_reason": "stop" | "length", "prompt_tokens", "completion_tokens"}.
+as it generates (the host runs the decode loop: a generation stream with the top 20 tokens of each
+step; a token drawn outside them gets its logprob from one more pass at the end), then {"text", "finish_reason": "stop" | "length", "prompt_tokens", "completion_tokens"}.
 A greedy chat request generates exactly what `text_completion` generates for the same prompt.
 
     pie run openai_chat -- '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16,
@@ -20,7 +21,7 @@ import sys
 
 import inferlet
 
-TOP_K_CHECK = 20  # the chosen token's log-probability comes from the top 20 when it is among them
+TOP_K_CHECK = 20  # the drawn token's log-probability comes from the top 20 when it is among them
 
 spec = json.loads(sys.argv[1])
 max_tokens = spec["max_tokens"]
@@ -36,30 +37,34 @@ def emit(message: dict) -> None:
     inferlet.send(json.dumps(message))
 
 
-def step_sampler(step: int):
-    """The step-th token's sampler: a seeded request derives one seed per step (as Context.generate)."""
-    if temperature == 0:
-        return inferlet.greedy()
-    step_seed = None if seed is None else (seed * 1_000_003 + step) & 0x7FFF_FFFF_FFFF_FFFF
-    return inferlet.sample(temperature, 0, top_p, 0.0, step_seed)
-
-
 def token_text(token: int) -> str:
     return inferlet.decode([token], skip_special=False)
 
 
-def logprob_entry(ctx, token: int, dist) -> dict:
-    """{"token", "logprob", "top"} of `token`, just drawn at the context's last position. `dist` is the
-    top-k distribution (temperature 1) taken in the same pass; a token outside it costs one pass more
-    (the last position run again with a logprobs sampler: its K/V is rewritten with the same values)."""
-    probs = dict(zip(dist.ids, dist.values))
-    if token in probs:
-        lp = math.log(max(probs[token], 1e-45))
-    else:
-        ctx.num_cached -= 1
-        lp = ctx.step([inferlet.logprobs([token])])[0].values[0]
-    top = [[token_text(t), math.log(max(p, 1e-45))] for t, p in list(zip(dist.ids, dist.values))[:num_top]]
-    return {"token": token_text(token), "logprob": lp, "top": top}
+def logprob_entry(token: int, top: tuple, lp: float) -> dict:
+    """{"token", "logprob", "top"} of a token drawn where `top` ((ids, probabilities), temperature 1) is
+    the distribution it was drawn from."""
+    ids, probs = top
+    return {"token": token_text(token), "logprob": lp,
+            "top": [[token_text(t), math.log(max(p, 1e-45))] for t, p in list(zip(ids, probs))[:num_top]]}
+
+
+def logprob_in_top(token: int, top: tuple) -> float | None:
+    probs = dict(zip(*top))
+    return math.log(max(probs[token], 1e-45)) if token in probs else None
+
+
+def logprob_by_pass(ctx, position: int, token: int) -> float:
+    """log p(token at `position`): one pass running the token before it again (its K/V is rewritten
+    with the same values), for a drawn token outside the top distribution the stream gave."""
+    ps = ctx.page_size
+    num_pages = -(-position // ps)
+    fwd = inferlet.raw.forward
+    out = fwd.wait(fwd.submit(0, fwd.ForwardPass(
+        tokens=[ctx.tokens[position - 1]], input_embeddings=[], positions=[position - 1],
+        pages=ctx.pages[:num_pages], last_page_len=position - (num_pages - 1) * ps, mask=[],
+        output_indices=[0], samplers=[inferlet.logprobs([token])], output_masks=[])))
+    return out[0].values[0]
 
 
 ctx = inferlet.Context()
@@ -85,41 +90,50 @@ if spec.get("json_schema") is not None:
           "prompt_tokens": prompt_tokens, "completion_tokens": num_generated})
     sys.exit(0)
 
-eos = inferlet.model_facts().eos_ids
+# The host runs the decode loop (a generation stream); this program turns its tokens into deltas.
+sampler = inferlet.sample(temperature, 0, top_p, 0.0, seed)
+stream = ctx.stream(max_tokens, sampler, stop, top_logprobs=max(TOP_K_CHECK, num_top) if want_logprobs else 0)
 hold = max((len(s) for s in stop), default=1) - 1  # characters kept back: a stop string may be starting
 generated: list = []
-num_sent = 0
-finish = "length"
+entries: list = []  # one per generated token (want_logprobs); None until its logprob is known
+outside_top: dict = {}  # index of a token drawn outside its top distribution -> that distribution
+num_sent = num_entries_sent = 0
 text = ""
-for step in range(max_tokens):
-    samplers = [step_sampler(step)]
-    if want_logprobs:
-        samplers.append(inferlet.top_k_distribution(TOP_K_CHECK, 1.0))
-    outs = ctx.step(samplers)
-    token = outs[0].ids[0]
-    if token in eos:
-        finish = "stop"
-        break
-    entries = [logprob_entry(ctx, token, outs[1])] if want_logprobs else []
-    ctx.tokens.append(token)
-    generated.append(token)
-    text = inferlet.decode(generated)
-    if stop:
-        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text = text[:cut]
-            finish = "stop"
-            if entries or len(text) > num_sent:
-                emit({"delta": text[num_sent:], **({"logprobs": entries} if entries else {})})
-                num_sent = len(text)
-            break
-    safe = len(text) - hold
-    while safe > num_sent and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence: wait for its end
+
+
+def send_ready(final: bool) -> None:
+    """Sends the text that can no longer change (all of it once final), and the logprob entries known
+    in order (a token outside the top distribution holds the later ones until the end)."""
+    global num_sent, num_entries_sent
+    safe = len(text) if final else len(text) - hold
+    while not final and safe > num_sent and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence
         safe -= 1
-    if safe > num_sent or entries:
-        emit({"delta": text[num_sent:max(safe, num_sent)], **({"logprobs": entries} if entries else {})})
+    ready = num_entries_sent
+    while ready < len(entries) and entries[ready] is not None:
+        ready += 1
+    if ready < len(entries) and not final:  # the text goes with its tokens' entries: hold the rest too
+        safe = min(safe, len(inferlet.decode(generated[:ready])))
+    new_entries = entries[num_entries_sent:ready]
+    if safe > num_sent or new_entries:
+        emit({"delta": text[num_sent:max(safe, num_sent)], **({"logprobs": new_entries} if new_entries else {})})
         num_sent = max(safe, num_sent)
-if len(text) > num_sent:
-    emit({"delta": text[num_sent:]})
+        num_entries_sent = ready
+
+
+for chunk in stream:
+    for i, token in enumerate(chunk.tokens):
+        generated.append(token)
+        if want_logprobs:
+            lp = logprob_in_top(token, chunk.top[i])
+            entries.append(None if lp is None else logprob_entry(token, chunk.top[i], lp))
+            if lp is None:
+                outside_top[len(entries) - 1] = chunk.top[i]
+    text = stream.text if stream.ended else inferlet.decode(generated)
+    send_ready(final=False)
+for i, top in outside_top.items():  # tokens drawn outside the top distribution: one pass each
+    entries[i] = logprob_entry(generated[i], top, logprob_by_pass(ctx, prompt_tokens + i, generated[i]))
+text = stream.text
+send_ready(final=True)
+finish = "length" if stream.reason == "length" else "stop"
 emit({"text": text, "finish_reason": finish, "prompt_tokens": prompt_tokens, "completion_tokens": len(generated)})
 ctx.free()

@@ -115,6 +115,8 @@ cdef extern from "instance_state.h" namespace "pie_rt":
         double seconds_left() nogil
         cbool add_queue(uint32_t, PieControlQueue*)
         PieControlQueue* take_queue(uint32_t)
+        cbool has_page_masks()
+        void apply_page_masks(const vector[uint32_t]&, size_t, size_t, vector[vector[uint32_t]]&) except +
         void* py_owner
     CInstanceState* current_instance() nogil
     void set_current_instance(CInstanceState*) nogil
@@ -225,7 +227,8 @@ cdef void _set_bytes(wasm_byte_vec_t* out, bytes b):
 cdef void _encode(object desc, object value, val_t* out) except *:
     """Writes `value` of type `desc` into `out`. desc: "bool" | "u8" | "u16" | "u32" | "u64" | "s32" |
     "s64" | "f32" | "f64" | "string" | ("list", elem) | ("option", inner) | ("tuple", (d, ...)) |
-    ("record", (("field-name", d), ...)) | ("result", ok_desc | None, err_desc | None) (value ("ok"|"err", x))."""
+    ("record", (("field-name", d), ...)) | ("result", ok_desc | None, err_desc | None) (value ("ok"|"err", x)) |
+    ("enum",) (value: the case name)."""
     cdef size_t i, n
     cdef val_t tmp
     if isinstance(desc, str):
@@ -290,6 +293,10 @@ cdef void _encode(object desc, object value, val_t* out) except *:
             name, d = desc[1][i]
             _set_bytes(&out.of.record.data[i].name, name.encode())
             _encode(d, value[i], &out.of.record.data[i].val)
+    elif tag == "enum":
+        encoded = value.encode("utf-8")
+        out.kind = 17
+        _set_bytes(&out.of.enumeration, encoded)
     elif tag == "result":
         ok = value[0] == "ok"
         out.kind = 19
@@ -447,6 +454,20 @@ cdef class InstanceState:
             return False
         self.link.api.queue_release(q)
         return True
+
+    @property
+    def has_page_masks(self):
+        """Whether any page of the instance has a mask (kv.mask-page)."""
+        return self.ptr.get().has_page_masks()
+
+    def fold_page_masks(self, list handles, size_t kv_len, size_t num_tokens):
+        """The mask rows (num_tokens BRLE rows over kv_len) of a causal pass over `handles` with the
+        instance's page masks applied, or None when none of its pages is masked (a generation stream's
+        passes: pie.control.GenerationStream's page_masks hook)."""
+        cdef vector[uint32_t] c_handles = handles
+        cdef vector[vector[uint32_t]] rows
+        self.ptr.get().apply_page_masks(c_handles, kv_len, num_tokens, rows)
+        return None if rows.empty() else rows
 
     def bind(self):
         set_current_instance(self.ptr.get())

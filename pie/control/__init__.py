@@ -29,6 +29,7 @@ from pie.control._control import (
     ForwardLimits,
     ForwardOutput,
     Future,
+    GenerationStream,
     InstanceTerminated,
     InvalidHandle,
     OutputValue,
@@ -42,12 +43,13 @@ from pie.control._control import (
     Sampler,
     SamplerKind,
     Scheduler,
+    TokenBytes,
     drive_native_producers,
     wakeup_round_trip_ns,
 )
 from pie.control.batch_loop import BatchHandler, BatchLoop
 from pie.control.config import POLICIES, SchedulerConfig
-from pie.control.plane import ControlPlane, RunnerPools
+from pie.control.plane import ControlPlane, RunnerPools, token_table
 
 __all__ = [
     "Batch",
@@ -64,6 +66,7 @@ __all__ = [
     "ForwardLimits",
     "ForwardOutput",
     "Future",
+    "GenerationStream",
     "InstanceTerminated",
     "InvalidHandle",
     "OutputValue",
@@ -80,6 +83,8 @@ __all__ = [
     "SamplerKind",
     "Scheduler",
     "SchedulerConfig",
+    "TokenBytes",
     "drive_native_producers",
+    "token_table",
     "wakeup_round_trip_ns",
 ]

@@ -13,6 +13,7 @@ from pie._ext._control import (  # noqa: F401
     ForwardLimits,
     ForwardOutput,
     Future,
+    GenerationStream,
     InstanceTerminated,
     InvalidHandle,
     OutputValue,
@@ -26,7 +27,9 @@ from pie._ext._control import (  # noqa: F401
     Sampler,
     SamplerKind,
     Scheduler,
+    TokenBytes,
     drive_native_producers,
+    step_seed,
     wakeup_round_trip_ns,
 )
 
@@ -43,6 +46,7 @@ __all__ = [
     "ForwardLimits",
     "ForwardOutput",
     "Future",
+    "GenerationStream",
     "InstanceTerminated",
     "InvalidHandle",
     "OutputValue",
@@ -56,6 +60,8 @@ __all__ = [
     "Sampler",
     "SamplerKind",
     "Scheduler",
+    "TokenBytes",
     "drive_native_producers",
+    "step_seed",
     "wakeup_round_trip_ns",
 ]

@@ -27,19 +27,36 @@ import atexit
 import itertools
 import threading
 import weakref
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from pie.control._control import (
     CommandKind,
     CommandQueue,
     ForwardLimits,
+    GenerationStream,
     InstanceTerminated,
     PagePool,
     Priority,
+    Sampler,
     Scheduler,
+    TokenBytes,
 )
 from pie.control.batch_loop import BatchLoop, Handler
 from pie.control.config import SchedulerConfig
+
+
+_token_tables: "weakref.WeakKeyDictionary[Any, TokenBytes]" = weakref.WeakKeyDictionary()
+_token_tables_lock = threading.Lock()
+
+
+def token_table(model: Any) -> TokenBytes:
+    """The model's token byte table (pie.engine.Model.token_bytes) in the control layer's form, made once
+    per model: what generation streams search for stop strings."""
+    with _token_tables_lock:
+        table = _token_tables.get(model)
+        if table is None:
+            table = _token_tables[model] = TokenBytes(model.token_bytes)
+        return table
 
 
 class RunnerPools:
@@ -206,6 +223,23 @@ class ControlPlane:
                 why = self.terminations.get(instance_id)
                 raise ValueError(why or f"instance {instance_id} is not open")
         return self.scheduler.create_queue(instance_id, priority)
+
+    def start_stream(self, instance_id: int, queue: CommandQueue, *, pending: Sequence[int], num_cached: int,
+                     handles: Sequence[int], sampler: Sampler, max_tokens: int, eos_ids: Iterable[int] = (),
+                     stop_tokens: Sequence[Sequence[int]] = (), stop_strings: Sequence[str] = (),
+                     top_logprobs: int = 0, token_bytes: TokenBytes | None = None,
+                     grammar: Callable[[int], tuple[bool, bool, list[int]]] | None = None,
+                     first_mask: Sequence[int] = (),
+                     page_masks: Callable[[list[int], int, int], Any] | None = None) -> GenerationStream:
+        """A generation stream of the instance on `queue` (csrc/control/generation_stream.h): the
+        control layer runs its decode loop, pass after pass, allocating its pages from the instance's
+        handles. The context is `handles` (its pages), `num_cached` tokens already in them and `pending`
+        tokens to run first. Raises ValueError for a bad argument or first pass, QuotaExceeded /
+        InstanceTerminated when its pages cannot be had; later failures end the stream ("failed")."""
+        return GenerationStream.start(queue, self.kv_pages, instance_id, self.limits, list(pending), num_cached,
+                                      list(handles), sampler, max_tokens, sorted(set(eos_ids)),
+                                      [list(s) for s in stop_tokens], list(stop_strings), top_logprobs, token_bytes,
+                                      grammar, list(first_mask), page_masks)
 
     def end_instance(self, instance_id: int, reason: str = "ended") -> None:
         """Ends the instance however it ended; releases everything it holds. Idempotent."""

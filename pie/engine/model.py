@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from functools import cached_property
+
 from pie.engine.config import EngineConfig
 from pie.engine.model_store import DEFAULT_MODEL, ModelStore
 from pie.engine.runner import ModelRunner
@@ -26,6 +28,14 @@ class Model:
         self.runner = ModelRunner.from_path(entry.path, config, seed)
         eos = set(self.tokenizer.special.eos_ids) | set(self.runner.model_config.eos_token_ids)
         self.eos_ids = frozenset(eos)
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """(vocab_size,) each token's text as bytes (pie.engine.vocabulary.token_bytes): what generation
+        streams search for stop strings."""
+        from pie.engine.vocabulary import token_bytes
+
+        return token_bytes(self.tokenizer, self.runner.vocab_size)
 
     def prompt_ids(self, prompt: str, system: str | None = None, raw: bool = False) -> list[int]:
         """Token ids of a prompt: through the chat template unless raw (or the model has none)."""

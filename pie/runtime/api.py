@@ -14,6 +14,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable
 
 from pie._ext import _runtime
+from pie.runtime.generation import GENERATION_COLD
 from pie.runtime.grammar import GRAMMAR_COLD
 from pie.runtime.http_fetch import http_fetch
 from pie.runtime.paths import wit_dir
@@ -348,6 +349,7 @@ COLD: dict[tuple[str, str], tuple[Callable[..., Any], Any]] = {
 
 
 COLD.update(GRAMMAR_COLD)  # grammar.* (xgrammar): pie/runtime/grammar.py
+COLD.update(GENERATION_COLD)  # generation.* (streams run by the control layer): pie/runtime/generation.py
 
 
 def implementation(iface: str, name: str) -> str:

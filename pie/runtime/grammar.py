@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
+from pie.engine.vocabulary import byte_level_alphabet, vocab_metadata
+
 if TYPE_CHECKING:
     from pie.engine.tokenizer import Tokenizer
     from pie.runtime.instance import Instance
@@ -44,59 +46,6 @@ _MAX_HANDLE = (1 << 32) - 1  # handles are WIT u32
 
 
 # ---- the tokenizer description xgrammar needs ----------------------------------------------------------
-
-def byte_level_alphabet() -> list[str]:
-    """GPT-2 byte-level BPE alphabet: byte b is spelled by the character alphabet[b].
-
-    Printable bytes ('!'..'~', 0xA1..0xAC, 0xAE..0xFF) stand for themselves; the other 68 bytes are
-    shifted, in increasing order, to U+0100, U+0101, ... (so ' ' (0x20) is 'Ġ' (U+0120))."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    alphabet, shifted = [], 0
-    for b in range(256):
-        if b in printable:
-            alphabet.append(chr(b))
-        else:
-            alphabet.append(chr(256 + shifted))
-            shifted += 1
-    return alphabet
-
-
-def _component_types(node: Any, key: str) -> list[dict]:
-    """The components of a tokenizer.json normalizer / pre-tokenizer / decoder, flattening the
-    "Sequence" kind (its parts are listed under `key`)."""
-    if not isinstance(node, dict):
-        return []
-    if node.get("type") == "Sequence":
-        return [c for part in node.get(key) or [] for c in _component_types(part, key)]
-    return [node]
-
-
-def vocab_metadata(tokenizer_json: dict[str, Any]) -> tuple[str, bool]:
-    """(vocab type, add_prefix_space) of a HF tokenizer.json, in xgrammar's terms.
-
-    vocab type: "byte_level" (tokens spelled in the byte-level alphabet: GPT-2, Llama 3, SmolLM2,
-    Qwen), "byte_fallback" (SentencePiece style: '▁' for a space, "<0xNN>" pieces for raw bytes:
-    Llama 2, Mistral) or "raw" (tokens are their own text). add_prefix_space: whether tokenization
-    puts a space in front of the text."""
-    decoders = _component_types(tokenizer_json.get("decoder"), "decoders")
-    pre = _component_types(tokenizer_json.get("pre_tokenizer"), "pretokenizers")
-    normalizers = _component_types(tokenizer_json.get("normalizer"), "normalizers")
-    decoder_kinds = {d.get("type") for d in decoders}
-    pre_by_kind = {p.get("type"): p for p in pre}
-    vocab = (tokenizer_json.get("model") or {}).get("vocab") or {}
-    if "ByteLevel" in decoder_kinds or ("ByteLevel" in pre_by_kind and not decoder_kinds):
-        return "byte_level", bool(pre_by_kind.get("ByteLevel", {}).get("add_prefix_space", False))
-    byte_pieces = sum(f"<0x{b:02X}>" in vocab for b in range(256)) if isinstance(vocab, dict) else 0
-    if "ByteFallback" in decoder_kinds or byte_pieces >= 128 or "Metaspace" in pre_by_kind:
-        prefix = any(n.get("type") == "Prepend" and n.get("prepend") == "▁" for n in normalizers)
-        meta = pre_by_kind.get("Metaspace")
-        if meta is not None:
-            scheme = meta.get("prepend_scheme")
-            prefix = prefix or (scheme in ("always", "first") if scheme is not None
-                                else bool(meta.get("add_prefix_space", False)))
-        return "byte_fallback", prefix
-    return "raw", False
-
 
 def encoded_vocabulary(tokenizer: "Tokenizer", vocab_size: int, vocab_type: str) -> list[str]:
     """(vocab_size,) token spellings for xgrammar, indexed by token id.

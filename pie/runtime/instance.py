@@ -102,6 +102,8 @@ class Instance:
         self.inbox: "queue.Queue[str]" = queue.Queue(inbox_messages)
         self.queues: dict[int, Any] = {}  # queues.create handles -> pie.control CommandQueue
         self.next_queue_handle = 1
+        self.streams: dict[int, Any] = {}  # generation.start handles -> pie.control GenerationStream
+        self.next_stream_handle = 1
         self.terminate_reason: str | None = None
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"pie-instance-{instance_id}", daemon=True)
@@ -200,6 +202,9 @@ class Instance:
         finally:
             reason = "ended" if self.error is None else self.error
             self.state.release(reason)
+            for stream in self.streams.values():  # the plane's end_instance ends them; their hooks go now
+                stream.cancel()
+            self.streams.clear()
             self.state.unbind()
             instance = func = None
             store = None  # drop the store on this thread, before the interpreter may exit

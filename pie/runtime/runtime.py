@@ -21,7 +21,7 @@ import wasmtime._ffi
 from wasmtime.component import Linker
 
 from pie._ext import _runtime
-from pie.control import ControlPlane
+from pie.control import ControlPlane, token_table
 from pie.runtime import api, components, python_runtime
 from pie.runtime.config import RuntimeConfig
 from pie.runtime.grammar import GrammarHost
@@ -125,6 +125,7 @@ class Runtime:
             tokenizer=model.tokenizer, eos_ids=frozenset(model.eos_ids), plane=self.plane,
             embeddings=runner.embeddings, embed_tokens=runner.embed_tokens,
             grammar=GrammarHost(model.tokenizer, runner.vocab_size, frozenset(model.eos_ids)),  # compiles at first use
+            token_bytes=lambda: token_table(model),
             kv_store=KeyValueStore(config.store), broker=Broker(config.store))
         self._lock = threading.Lock()
         self.live: dict[int, Instance] = {}

@@ -6,7 +6,7 @@ handed to every Instance; the calls never see the Runtime itself."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from pie.control import ControlPlane
 from pie.runtime.grammar import GrammarHost
@@ -34,6 +34,7 @@ class InstanceServices:
     embeddings: Any  # pie.engine.embedding_table.EmbeddingTable of the runner
     embed_tokens: Any  # token ids -> (T, hidden) input embeddings (ModelRunner.embed_tokens)
     grammar: GrammarHost
+    token_bytes: Callable[[], Any]  # the model's pie.control.TokenBytes (made at first use): stop strings of streams
     kv_store: KeyValueStore
     broker: Broker
 

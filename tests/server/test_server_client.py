@@ -145,12 +145,13 @@ def test_200_concurrent_clients_none_lost_and_the_pool_back_to_zero(server, pool
     assert time.perf_counter() - t0 < 120
 
 
-def test_disconnect_mid_stream_terminates_and_frees(server, pool_whole):
+@pytest.mark.parametrize("inferlet", ["stream.py", "host_stream.py"])  # its own loop; a generation stream
+def test_disconnect_mid_stream_terminates_and_frees(server, pool_whole, inferlet):
     from pie.client import PieClient
 
     async def main():
         client = await PieClient(server.ws_url).connect()
-        insts = [await client.launch(str(INFERLETS / "stream.py")) for _ in range(3)]
+        insts = [await client.launch(str(INFERLETS / inferlet)) for _ in range(3)]
         for inst in insts:
             assert (await inst.recv()).data == "started"
             await inst.recv()  # generating, pages held

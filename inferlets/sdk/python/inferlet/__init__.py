@@ -12,9 +12,10 @@ The capital of France is Paris.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
-from wit_world.imports import embeddings, forward, grammar, http, kv, kv_store, messaging, models, queues, runtime
+from wit_world.imports import (embeddings, forward, generation, grammar, http, kv, kv_store, messaging, models, queues,
+                               runtime)
 from wit_world.imports import tokenizer as _tokenizer
 from wit_world.imports import types
 
@@ -27,6 +28,7 @@ class raw:
     tokenizer = _tokenizer
     kv = kv
     forward = forward
+    generation = generation
     queues = queues
     embeddings = embeddings
     grammar = grammar
@@ -278,17 +280,51 @@ class Context:
         return self.step([sampler or greedy()], [mask] if mask else ())[0].ids[0]
 
     def generate(self, max_tokens: int = 256, sampler: Optional[Sampler] = None, stop: Sequence[str] = (),
-                 ignore_eos: bool = False, grammar: Optional["Grammar"] = None) -> str:
+                 ignore_eos: bool = False, grammar: Optional["Grammar"] = None,
+                 on_token: Optional[Callable[[int], None]] = None) -> str:
         """Generates until EOS, a stop string (cut from the text), max_tokens, or, with a grammar, until
         the grammar is complete; appends the tokens and returns the generated text. With `grammar`,
-        every token is drawn from what the grammar allows next."""
+        every token is drawn from what the grammar allows next.
+
+        The host runs the loop (a generation stream: no call into this program per token). With
+        `on_token`, this program runs it instead, one pass per token, calling on_token(token) after
+        each token is appended (per-token control; the same tokens)."""
+        if max_tokens <= 0:
+            return ""
         if grammar is not None:
             with grammar.matcher() as matcher:
-                return self._generate(max_tokens, sampler, stop, ignore_eos, matcher)
-        return self._generate(max_tokens, sampler, stop, ignore_eos, None)
+                if on_token is not None:
+                    return self._generate(max_tokens, sampler, stop, ignore_eos, matcher, on_token)
+                return self.stream(max_tokens, sampler, stop, ignore_eos, matcher=matcher).finish()
+        if on_token is not None:
+            return self._generate(max_tokens, sampler, stop, ignore_eos, None, on_token)
+        return self.stream(max_tokens, sampler, stop, ignore_eos).finish()
+
+    def stream(self, max_tokens: int = 256, sampler: Optional[Sampler] = None, stop: Sequence[str] = (),
+               ignore_eos: bool = False, *, stop_tokens: Sequence[Sequence[int]] = (),
+               matcher: Optional["Matcher"] = None, top_logprobs: int = 0, queue: int = 0) -> "TokenStream":
+        """Starts a generation the host runs (see `generate`) and returns at once: read its tokens as they
+        come (iterate, `next`, `poll`) or wait for its text (`finish`). Do not touch this context (or the
+        matcher) until the stream has ended; then it holds the generated tokens and pages, as after
+        `generate`. top_logprobs > 0: each token comes with the k most likely tokens (temperature 1)."""
+        if not self.tokens:
+            raise ValueError("Context.stream: the context is empty (fill first)")
+        if max_tokens <= 0:
+            raise ValueError("Context.stream: max_tokens must be >= 1")
+        if self.num_cached >= len(self.tokens):  # everything computed: run the last token again for its logits
+            self.num_cached = len(self.tokens) - 1
+        eos = not ignore_eos or matcher is not None  # a grammar ends on EOS whatever ignore_eos says
+        params = generation.StreamParams(
+            pending=self.tokens[self.num_cached:], num_cached=self.num_cached, pages=list(self.pages),
+            sampler=sampler or greedy(),
+            stop=generation.StopConditions(eos=eos, stop_tokens=[list(t) for t in stop_tokens],
+                                           stop_strings=list(stop), max_tokens=int(max_tokens)),
+            grammar=None if matcher is None else matcher.handle, top_logprobs=int(top_logprobs), queue=queue)
+        return TokenStream(self, generation.start(params), list(stop))
 
     def _generate(self, max_tokens: int, sampler: Optional[Sampler], stop: Sequence[str], ignore_eos: bool,
-                  matcher: Optional["Matcher"]) -> str:
+                  matcher: Optional["Matcher"], on_token: Callable[[int], None]) -> str:
+        """The loop of `generate` run by this program: one pass per token."""
         sampler = sampler or greedy()
         eos = model_facts().eos_ids
         start = len(self.tokens)
@@ -303,6 +339,7 @@ class Context:
             if token in eos and (not ignore_eos or matcher is not None):
                 return decode(self.tokens[start:])
             self.tokens.append(token)
+            on_token(token)
             if matcher is not None:
                 if not matcher.accept(token):
                     raise RuntimeError(f"the grammar rejected token {token}, which its own mask allowed")
@@ -485,6 +522,89 @@ class PendingStep:
         outs = forward.wait(self.future)
         self.ctx.num_cached = self.end
         return outs
+
+
+class StreamChunk:
+    """Tokens a stream generated since the last read; `top` (top_logprobs > 0): one (ids, probabilities)
+    pair per token."""
+
+    def __init__(self, tokens: list[int], top: list):
+        self.tokens, self.top = tokens, top
+
+
+class TokenStream:
+    """A generation the host runs on a Context (Context.stream). Reading it appends the tokens to the
+    context; its end updates the context's pages and cached length, as if this program had made each
+    pass. `reason` once ended: "eos", "stop-tokens", "stop-string", "length", "grammar", "cancelled"
+    (a failure raises RuntimeError with the host's message)."""
+
+    def __init__(self, ctx: Context, handle: int, stop: list[str]):
+        self.ctx, self.handle, self.stop = ctx, handle, stop
+        self.start = len(ctx.tokens)
+        self.reason: Optional[str] = None
+
+    @property
+    def ended(self) -> bool:
+        return self.reason is not None
+
+    def _take(self, chunk) -> StreamChunk:
+        self.ctx.tokens += chunk.tokens
+        if chunk.end is not None:
+            end = chunk.end
+            self.ctx.pages += list(end.new_pages)
+            self.ctx.num_cached = end.num_cached
+            self.reason = _finish_name(end.reason)
+            if self.reason == "failed":
+                raise RuntimeError(f"generation failed: {end.message}")
+        return StreamChunk(list(chunk.tokens), list(chunk.top))
+
+    def next(self) -> Optional[StreamChunk]:
+        """Blocks until a token is ready; the tokens since the last read (None once the stream has ended)."""
+        if self.ended:
+            return None
+        return self._take(generation.next(self.handle))
+
+    def poll(self) -> Optional[StreamChunk]:
+        """The tokens ready now (maybe none); None once the stream has ended."""
+        if self.ended:
+            return None
+        return self._take(generation.poll(self.handle))
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        while True:
+            chunk = self.next()
+            if chunk is None:
+                return
+            yield chunk
+
+    def cancel(self) -> None:
+        """Ends the stream after the pass in flight (read it to the end, e.g. with finish())."""
+        if not self.ended:
+            generation.cancel(self.handle)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.ctx.tokens[self.start:]
+
+    @property
+    def text(self) -> str:
+        """The generated text so far, cut at the stop string that ended the stream."""
+        text = decode(self.token_ids)
+        if self.reason == "stop-string":
+            text = text[:min(i for i in (text.find(s) for s in self.stop) if i >= 0)]
+        return text
+
+    def finish(self) -> str:
+        """Waits for the end (one call, however many tokens); the generated text."""
+        if not self.ended:
+            self._take(generation.finish(self.handle))
+        return self.text
+
+
+def _finish_name(reason) -> str:
+    """The finish-reason enum as its WIT name ("stop-string", ...), whatever the binding made of it."""
+    name = getattr(reason, "name", reason)
+    return str(name).lower().replace("_", "-")
 
 
 step_sampler = _step_sampler  # the sampler of the step-th generated token (seeded: one seed per step)
