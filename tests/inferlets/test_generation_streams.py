@@ -160,3 +160,32 @@ def test_a_quota_reached_mid_stream_fails_the_generation_with_the_quota(model):
         assert "generation failed" in r.error and "quota of 4 KV pages exceeded" in r.error, r.error
         assert "never" not in r.output
         assert all_pages_come_back(rt)
+
+
+PAGE_MASKS = """
+import inferlet, json
+from wit_world.imports import kv
+
+def run(per_token, masked):
+    ctx = inferlet.Context()
+    ctx.fill(inferlet.chat_prompt([{"role": "user", "content": "Tell me about the moon, the sun and the stars."}]))
+    ctx.flush()  # the prompt's K/V in its pages
+    ps = ctx.page_size
+    if masked:  # hide all of the second page but its first slot from the passes that follow
+        kv.mask_page(ctx.pages[1], [1, ps - 1])
+    start = len(ctx.tokens)
+    ctx.generate(max_tokens=12, ignore_eos=True, on_token=(lambda t: None) if per_token else None)
+    out = ctx.tokens[start:]
+    if masked:
+        kv.mask_page(ctx.pages[1], [ps])
+    ctx.free()
+    return out
+
+print(json.dumps({"stream": run(False, True), "per_token": run(True, True), "unmasked": run(False, False)}))
+"""
+
+
+def test_a_stream_applies_the_instances_page_masks(run_inferlet):
+    out = json.loads(run_inferlet(source=PAGE_MASKS).output)
+    assert out["stream"] == out["per_token"]
+    assert out["stream"] != out["unmasked"]  # the mask changed what the model saw
