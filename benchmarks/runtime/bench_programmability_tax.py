@@ -11,6 +11,11 @@ Reported (SmolLM2-135M on this machine, greedy, EOS ignored so every run makes e
       stream:     `pie run text_completion`, Context.generate handing its loop to the host (a stream);
       per-token:  `pie run text_completion --per-token`, the guest's own loop, one pass per token.
     The tax is each inferlet path's TPOT over the built-in's.
+  - the same runs' steady state, from stamps the model runner takes at every pass: the host's gap
+    before a pass (batch loop, handlers, scheduling, the streams' or the guests' steps: the critical
+    path's host work) and the pass itself, medians over the passes of C one-token requests. The host
+    tax, (gap - built-in's gap) / built-in's (gap + pass), is what the slope measures without the noise
+    of the model's own time on a shared machine.
   - runtime overhead per forward request: a Python guest submitting 1-token passes and waiting on
     each, minus the time the runner spent running them (measured inside the FORWARD handler):
     guest -> C++ hot call -> control queue -> scheduler -> batch loop -> handler -> back.
@@ -110,12 +115,46 @@ def inferlet_time(rt: Runtime, n: int, concurrency: int, per_token: bool) -> tup
 PATHS = ("built-in", "stream", "per-token")
 
 
+class StepStamps:
+    """Wraps the model runner's run (every plane over it calls it): records (start, end, requests, all
+    decode) of every pass while `stamps` is a list. The steady state of C sequences is the passes of C
+    one-token requests; in it, a step is one pass plus the host's gap before it (the critical path's
+    host work: the batch loop, handlers, scheduling, the streams' or guests' steps)."""
+
+    def __init__(self, runner):
+        self.run = runner.run
+        self.stamps: list | None = None
+        runner.run = self  # an instance attribute: the handlers' runner.run(...) comes here
+
+    def __call__(self, requests):
+        t0 = time.perf_counter()
+        try:
+            return self.run(requests)
+        finally:
+            if self.stamps is not None:
+                self.stamps.append((t0, time.perf_counter(), len(requests),
+                                    all(len(r.token_ids) == 1 for r in requests)))
+
+    def steady(self, concurrency: int) -> tuple[float, float]:
+        """(median host gap before a pass, median pass time) over the steady state's passes."""
+        gaps, passes = [], []
+        s = self.stamps
+        for k in range(1, len(s)):
+            if s[k][2] == s[k - 1][2] == concurrency and s[k][3] and s[k - 1][3]:
+                gaps.append(s[k][0] - s[k - 1][1])
+                passes.append(s[k][1] - s[k][0])
+        return statistics.median(gaps), statistics.median(passes)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--short", type=int, default=8)
     p.add_argument("--long", type=int, default=40)
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 32])
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS,
+                   help="built-in first; against a checkout before streams: built-in stream (its text_completion "
+                        "has no --per-token)")
     p.add_argument("--overhead-requests", type=int, default=300)
     p.add_argument("--model", default=None, help="model name or folder (default: the default model)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the tax on the GPU path)")
@@ -132,13 +171,17 @@ def main() -> None:
     prompt_ids = model.prompt_ids(PROMPT)
     concurrencies = [1] + [c for c in a.concurrency if c != 1]
     span = a.long - a.short
-    slopes: dict[tuple[str, int], list[float]] = {(path, c): [] for path in PATHS for c in concurrencies}
+    paths = tuple(a.paths)
+    slopes: dict[tuple[str, int], list[float]] = {(path, c): [] for path in paths for c in concurrencies}
+    steady: dict[tuple[str, int], list[tuple[float, float]]] = {(path, c): [] for path in paths for c in concurrencies}
+    stamps = StepStamps(model.runner)
     with Runtime(model, RuntimeConfig(deadline_s=0)) as rt:
         rt.python_runtime()
-        texts = {per_token: inferlet_time(rt, a.short, 1, per_token)[1] for per_token in (False, True)}
+        texts = {path: inferlet_time(rt, a.short, 1, path == "per-token")[1].rstrip("\n") for path in paths
+                 if path != "built-in"}
         builtin_text = generate(model, PROMPT, GenerationParams(max_tokens=a.short, temperature=0,
                                                                 ignore_eos=True)).text
-        assert texts[False].rstrip("\n") == texts[True].rstrip("\n") == builtin_text, (texts, builtin_text)
+        assert all(text == builtin_text for text in texts.values()), (texts, builtin_text)
 
         def timed(path: str, n: int, c: int) -> float:
             if path == "built-in":
@@ -147,13 +190,20 @@ def main() -> None:
 
         for r in range(a.rounds):
             for c in concurrencies:
-                order = PATHS[r % 3:] + PATHS[:r % 3]
+                order = paths[r % len(paths):] + paths[:r % len(paths)]
                 for path in order:
-                    slopes[(path, c)].append((timed(path, a.long, c) - timed(path, a.short, c)) / span)
+                    stamps.stamps = []
+                    long = timed(path, a.long, c)
+                    steady[(path, c)].append(stamps.steady(c))
+                    stamps.stamps = None
+                    slopes[(path, c)].append((long - timed(path, a.short, c)) / span)
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
     rows = [{"path": path, "concurrency": c, "tpot_ms": statistics.median(slopes[(path, c)]) * 1e3,
-             "tpot_ms_best": min(slopes[(path, c)]) * 1e3, "tpot_ms_rounds": [x * 1e3 for x in slopes[(path, c)]]}
-            for c in concurrencies for path in PATHS]
+             "tpot_ms_best": min(slopes[(path, c)]) * 1e3, "tpot_ms_rounds": [x * 1e3 for x in slopes[(path, c)]],
+             "host_gap_us": statistics.median(g for g, _ in steady[(path, c)]) * 1e6,
+             "pass_ms": statistics.median(p for _, p in steady[(path, c)]) * 1e3,
+             "host_gap_us_rounds": [g * 1e6 for g, _ in steady[(path, c)]]}
+            for c in concurrencies for path in paths]
 
     with Runtime(model, RuntimeConfig(deadline_s=0)) as rt:
         handler = rt.plane.loop._execute[int(CommandKind.FORWARD)].__self__  # the ForwardHandler
@@ -188,6 +238,18 @@ def main() -> None:
                 per_round = [x / y - 1 for x, y in zip(row["tpot_ms_rounds"], base["tpot_ms_rounds"])]
                 row["tax"], row["tax_rounds"] = tax, per_round
                 line += f" {100 * tax:>+7.1f}%  " + " ".join(f"{100 * t:+.1f}" for t in per_round)
+            print(line)
+    print("steady state (passes of C one-token requests): host gap before a pass, the pass; tax = the extra gap "
+          "over the built-in's step (gap + pass)")
+    print(f"{'path':<10} {'concurrent':>10} {'gap us':>9} {'pass ms':>9} {'tax':>8}")
+    for c in concurrencies:
+        base = next(r for r in rows if r["path"] == "built-in" and r["concurrency"] == c)
+        step_us = base["host_gap_us"] + base["pass_ms"] * 1e3
+        for row in (r for r in rows if r["concurrency"] == c):
+            line = f"{row['path']:<10} {c:>10} {row['host_gap_us']:>9.1f} {row['pass_ms']:>9.2f}"
+            if row is not base:
+                row["host_tax"] = (row["host_gap_us"] - base["host_gap_us"]) / step_us
+                line += f" {100 * row['host_tax']:>+7.2f}%"
             print(line)
     o = table["overhead"]
     print(f"forward request round trip {o['round_trip_us']:.1f} us = runner {o['runner_execute_us']:.1f} us "

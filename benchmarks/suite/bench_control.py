@@ -9,6 +9,9 @@ the KV page pool.
 - scheduler decision: N queues with one command each ready; the time of `Scheduler.take()` forming the
   batch (the default policy, adaptive); the batch is completed outside the measurement.
 - page pool: allocate + free, fork + free, export + unexport, import + free, of 1 or 64 pages.
+- generation streams: N streams (one instance and queue each) decode K tokens each, the control layer
+  running every step; the batch loop's FORWARD handler only writes a token into each command. Measured:
+  wall time from the streams' start to the last one's end, per request-step.
 """
 
 from __future__ import annotations
@@ -18,7 +21,17 @@ import time
 
 import pytest
 
-from pie.control import BatchLoop, PagePool, SchedulerConfig, drive_native_producers
+from pie.control import (
+    BatchLoop,
+    CommandKind,
+    ForwardLimits,
+    GenerationStream,
+    PagePool,
+    Sampler,
+    SamplerKind,
+    SchedulerConfig,
+    drive_native_producers,
+)
 from pie_bench import REPORTED, injected_sleep_s, measure_reported, ops
 
 
@@ -161,3 +174,41 @@ def test_page_pool_import_free(benchmark, pool):
     benchmark(lambda: pool.free(INSTANCE, pool.import_pages(INSTANCE, "bench")))
     pool.unexport("bench", INSTANCE)
     pool.free(INSTANCE, handles)
+
+
+# ---- generation streams ----------------------------------------------------------------------------------
+STREAMS = {1: 400, 32: 40}  # streams -> tokens each (per round)
+
+
+def write_a_token(commands):
+    """A FORWARD handler without a model: every output gets token 7."""
+    for command in commands:
+        command.write_outputs([7] * len(command.outputs))
+    return [None] * len(commands)
+
+
+@REPORTED
+@pytest.mark.parametrize("streams", list(STREAMS))
+def test_generation_stream_steps(benchmark, streams):
+    tokens = STREAMS[streams]
+    limits = ForwardLimits(vocab_size=32000, page_size=16, num_pages=4096, max_tokens=8192)
+    greedy = Sampler(SamplerKind.GREEDY)
+
+    def sample() -> float:
+        scheduler = build_scheduler()
+        pool = PagePool(num_pages=4096, page_size=16)
+        with BatchLoop(scheduler, {CommandKind.FORWARD: write_a_token}):
+            t0 = time.perf_counter()
+            running = []
+            for i in range(streams):
+                pool.add_instance(i + 1)
+                running.append(GenerationStream.start(scheduler.create_queue(i + 1), pool, i + 1, limits,
+                                                      [1 + i, 2, 3, 4], 0, [], greedy, tokens))
+            for stream in running:
+                assert stream.wait(60) and len(stream.generated) == tokens
+            seconds = time.perf_counter() - t0
+        scheduler.stop()
+        return seconds
+
+    ops(benchmark, streams * tokens, "request-step")
+    measure_reported(benchmark, sample, rounds=11)

@@ -68,9 +68,22 @@ std::shared_ptr<GenerationStream> GenerationStream::start(StreamSpec spec, std::
     throw std::invalid_argument("stop_strings: this model has no token byte table");
   for (size_t i = 0; i < spec.stop_tokens.size(); ++i)
     if (spec.stop_tokens[i].empty()) throw std::invalid_argument("stop_tokens[" + std::to_string(i) + "]: empty");
-  if (spec.top_logprobs > limits.vocab_size)
-    throw std::invalid_argument("top_logprobs: " + std::to_string(spec.top_logprobs) + " exceeds the vocabulary size " +
-                                std::to_string(limits.vocab_size));
+  // Bounds: a stream's checks run on the batch loop's thread, shared by every instance, and what it keeps
+  // for its reader grows with every token.
+  if (spec.top_logprobs > std::min<uint32_t>(kMaxTopLogprobs, limits.vocab_size))
+    throw std::invalid_argument("top_logprobs: " + std::to_string(spec.top_logprobs) + " exceeds " +
+                                std::to_string(std::min<uint32_t>(kMaxTopLogprobs, limits.vocab_size)));
+  if (spec.stop_strings.size() > kMaxStops || spec.stop_tokens.size() > kMaxStops)
+    throw std::invalid_argument(std::string(spec.stop_strings.size() > kMaxStops ? "stop_strings" : "stop_tokens") +
+                                ": more than " + std::to_string(kMaxStops));
+  for (size_t i = 0; i < spec.stop_strings.size(); ++i)
+    if (spec.stop_strings[i].size() > kMaxStopLength)
+      throw std::invalid_argument("stop_strings[" + std::to_string(i) + "]: longer than " +
+                                  std::to_string(kMaxStopLength) + " bytes");
+  for (size_t i = 0; i < spec.stop_tokens.size(); ++i)
+    if (spec.stop_tokens[i].size() > kMaxStopLength)
+      throw std::invalid_argument("stop_tokens[" + std::to_string(i) + "]: longer than " +
+                                  std::to_string(kMaxStopLength) + " tokens");
   if (!spec.first_mask.empty() && !hooks.grammar)
     throw std::invalid_argument("first_mask: a masked stream needs a grammar to give the next masks");
   auto stream = std::shared_ptr<GenerationStream>(new GenerationStream(std::move(spec), std::move(queue), std::move(pool),
@@ -111,6 +124,9 @@ std::vector<uint32_t> GenerationStream::allocate(uint32_t count) {
 // before the pass (as the SDK reserves them before a step).
 void GenerationStream::submit_next() {
   const uint32_t ps = limits_.page_size;
+  if (limits_.max_position != 0 && total_ > limits_.max_position)  // before any page is allocated for it
+    throw std::invalid_argument("the sequence of " + std::to_string(total_) + " tokens exceeds the model's " +
+                                std::to_string(limits_.max_position) + " positions");
   const uint64_t end = std::min<uint64_t>(total_, cached_ + std::max<uint32_t>(limits_.max_tokens, 1));
   const uint64_t need = pages_for(total_, ps);
   if (need > handles_.size()) {
@@ -240,13 +256,20 @@ void GenerationStream::on_pass_done(const std::shared_ptr<ForwardCommand>& comma
 }
 
 void GenerationStream::publish(uint32_t token, const OutputValue* top, StreamEnd end, std::string message) {
+  bool wake;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     generated_.push_back(token);
     if (top) top_.push_back(*top);
     if (end != StreamEnd::kRunning) end_locked(end, std::move(message));
+    wake = num_token_waiters_ > 0;
   }
-  changed_.notify_all();
+  if (end != StreamEnd::kRunning) {
+    changed_.notify_all();
+    ended_cv_.notify_all();
+  } else if (wake) {  // a reader blocked in wait() (for the end) is not woken per token
+    changed_.notify_all();
+  }
 }
 
 StreamEnd GenerationStream::accept_token(uint32_t token, std::string& message) {
@@ -305,6 +328,7 @@ void GenerationStream::finish(StreamEnd end, std::string message) {
     end_locked(end, std::move(message));
   }
   changed_.notify_all();
+  ended_cv_.notify_all();
 }
 
 // ---- readers
@@ -331,11 +355,13 @@ StreamChunk take_locked(std::vector<uint32_t>& generated, size_t& num_read, std:
 StreamChunk GenerationStream::next(double timeout_seconds) {
   std::unique_lock<std::mutex> lock(mutex_);
   auto ready = [this] { return generated_.size() > num_read_ || end_ != StreamEnd::kRunning; };
+  ++num_token_waiters_;
   if (auto deadline = deadline_after(timeout_seconds)) {
     changed_.wait_until(lock, *deadline, ready);
   } else {
     changed_.wait(lock, ready);
   }
+  --num_token_waiters_;
   return take_locked(generated_, num_read_, top_, end_, message_, new_handles_, end_cached_);
 }
 
@@ -349,8 +375,8 @@ void GenerationStream::cancel() { cancel_requested_.store(true, std::memory_orde
 bool GenerationStream::wait(double timeout_seconds) {
   std::unique_lock<std::mutex> lock(mutex_);
   auto over = [this] { return end_ != StreamEnd::kRunning; };
-  if (auto deadline = deadline_after(timeout_seconds)) return changed_.wait_until(lock, *deadline, over);
-  changed_.wait(lock, over);
+  if (auto deadline = deadline_after(timeout_seconds)) return ended_cv_.wait_until(lock, *deadline, over);
+  ended_cv_.wait(lock, over);
   return true;
 }
 

@@ -71,6 +71,10 @@ struct GrammarStep {
   std::vector<uint32_t> next_mask;  // BRLE over the vocabulary (allowed first) of the next token
 };
 
+constexpr uint32_t kMaxStops = 64;          // stop strings, and stop token sequences, of one stream
+constexpr uint32_t kMaxStopLength = 1024;    // bytes of a stop string, tokens of a stop token sequence
+constexpr uint32_t kMaxTopLogprobs = 64;     // top_logprobs of one stream
+
 struct StreamSpec {
   uint64_t instance_id = 0;
   std::vector<uint32_t> pending;   // (N >= 1,) the context's tokens not yet run, run first
@@ -172,7 +176,9 @@ class GenerationStream : public std::enable_shared_from_this<GenerationStream> {
 
   // Reader side.
   std::mutex mutex_;
-  std::condition_variable changed_;
+  std::condition_variable changed_;   // a token is ready or the stream ended: readers in next()
+  std::condition_variable ended_cv_;  // the stream ended: readers in wait() (never woken per token)
+  uint32_t num_token_waiters_ = 0;    // (guarded) readers blocked in next()
   std::vector<uint32_t> generated_;     // every token (guarded)
   size_t num_read_ = 0;                 // generated_[:num_read_] were handed to readers
   std::vector<OutputValue> top_;        // (guarded) one per unread token when top_logprobs > 0

@@ -290,6 +290,12 @@ def test_bad_specs_are_refused_naming_the_field(setup):
         start(setup, sampler=Sampler(SamplerKind.RAW_LOGITS))
     with pytest.raises(ValueError, match="stop_strings"):
         start(setup, stop_strings=["x"])
+    with pytest.raises(ValueError, match="stop_strings: more than 64"):
+        start(setup, stop_strings=["x"] * 65, token_bytes=TokenBytes([b"a"] * VOCAB))
+    with pytest.raises(ValueError, match=r"stop_tokens\[1\]: longer than 1024"):
+        start(setup, stop_tokens=[[1], [2] * 1025])
+    with pytest.raises(ValueError, match="top_logprobs"):
+        start(setup, top_logprobs=65)
     _, pool, _ = setup
     with pytest.raises(ValueError, match="token id 99"):
         start(setup, instance=5, prompt=[1, 99])
@@ -311,3 +317,18 @@ def test_streams_keep_batches_whole_when_some_end(make_scheduler, engine):
                                                   [instance], 0, [], Sampler(SamplerKind.GREEDY), n))
         assert all(s.wait(timeout=10) for s in streams), "streams stalled after one of them ended"
     assert [len(s.generated) for s in streams] == [2, 5, 5, 5]
+
+
+def test_a_stream_stops_at_the_models_last_position_before_allocating_for_it(setup):
+    scheduler, pool, _ = setup
+    limits = ForwardLimits(vocab_size=VOCAB, page_size=PAGE, num_pages=32, max_tokens=16, max_position=10)
+    pool.add_instance(7, 0)
+    with pytest.raises(ValueError, match="12 tokens exceeds the model's 10 positions"):
+        GenerationStream.start(scheduler.create_queue(7), pool, 7, limits, list(range(12)), 0, [],
+                               Sampler(SamplerKind.GREEDY), 5)
+    assert pool.handles(7) == []
+    stream = GenerationStream.start(scheduler.create_queue(7), pool, 7, limits, [1, 2, 3], 0, [],
+                                    Sampler(SamplerKind.GREEDY), 100)
+    tokens, end = read_all(stream)
+    assert end["end"] == "failed" and "11 tokens exceeds the model's 10 positions" in end["message"]
+    assert len(tokens) == 8 and len(pool.handles(7)) == 3  # positions 0..9 ran, in ceil(10 / 4) pages
