@@ -53,21 +53,36 @@ print(json.dumps({"ns": time.perf_counter_ns() - t}))
 """
 
 
+def batch_shape(batch) -> tuple[int, bool]:
+    """(requests, all one token) of what the handler hands the runner: a RaggedBatch (run_batch), or a
+    list of requests (run, in checkouts before the packed batch)."""
+    if isinstance(batch, list):
+        return len(batch), all(len(r.token_ids) == 1 for r in batch)
+    return batch.num_requests, all(n == 1 for n in batch.qo_lens)
+
+
 class TimedRunner:
-    """Wraps the runner in the FORWARD handler: accumulates the time spent in run()."""
+    """Wraps the runner in the FORWARD handler: accumulates the time spent in run_batch() (run() in
+    checkouts before the packed batch)."""
 
     def __init__(self, runner):
         self.runner = runner
         self.seconds = 0.0
         self.requests = 0
 
+    def run_batch(self, batch):
+        return self._timed(self.runner.run_batch, batch)
+
     def run(self, requests):
+        return self._timed(self.runner.run, requests)
+
+    def _timed(self, run, batch):
         t = time.perf_counter()
         try:
-            return self.runner.run(requests)
+            return run(batch)
         finally:
             self.seconds += time.perf_counter() - t
-            self.requests += len(requests)
+            self.requests += batch_shape(batch)[0]
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
@@ -79,7 +94,10 @@ class NoopRunner:
     def __init__(self, runner):
         self.runner = runner
 
-    def run(self, requests):
+    def run_batch(self, batch):
+        return [0] * len(batch.output_rows)
+
+    def run(self, requests):  # checkouts before the packed batch
         from pie.engine.batch import ForwardResult
 
         return [ForwardResult(outputs=[0] * len(r.outputs)) for r in requests]
@@ -116,24 +134,24 @@ PATHS = ("built-in", "stream", "per-token")
 
 
 class StepStamps:
-    """Wraps the model runner's run (every plane over it calls it): records (start, end, requests, all
+    """Wraps the model runner's run_batch (run before the packed batch; every plane over it calls it): records (start, end, requests, all
     decode) of every pass while `stamps` is a list. The steady state of C sequences is the passes of C
     one-token requests; in it, a step is one pass plus the host's gap before it (the critical path's
     host work: the batch loop, handlers, scheduling, the streams' or guests' steps)."""
 
     def __init__(self, runner):
-        self.run = runner.run
+        name = "run_batch" if hasattr(runner, "run_batch") else "run"
+        self.run = getattr(runner, name)
         self.stamps: list | None = None
-        runner.run = self  # an instance attribute: the handlers' runner.run(...) comes here
+        setattr(runner, name, self)  # an instance attribute: the handlers' runner.run_batch(...) comes here
 
-    def __call__(self, requests):
+    def __call__(self, batch):
         t0 = time.perf_counter()
         try:
-            return self.run(requests)
+            return self.run(batch)
         finally:
             if self.stamps is not None:
-                self.stamps.append((t0, time.perf_counter(), len(requests),
-                                    all(len(r.token_ids) == 1 for r in requests)))
+                self.stamps.append((t0, time.perf_counter(), *batch_shape(batch)))
 
     def steady(self, concurrency: int) -> tuple[float, float]:
         """(median host gap before a pass, median pass time) over the steady state's passes."""

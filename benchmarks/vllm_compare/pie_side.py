@@ -13,7 +13,7 @@ thread) and wall time per decode step:
   command queue and KV pages in the runner's PagePool. Each step every sequence builds its one-token
   ForwardCommand (allocating a page from the pool when its last page is full), submits it to its
   queue; the adaptive scheduler batches the N commands; the batch loop runs them on the real
-  ForwardHandler (to_request, then write_outputs) over a runner with no model that answers every
+  ForwardHandler (pack_forward, then write_batch_outputs, one call each per batch) over a runner with no model that answers every
   output with one token; the client waits on the N futures and appends each token.
 - ``guests``: the same, with the inferlets in the loop: N Python inferlets (wasm guests of the
   Runtime, each its own instance on its own thread) each decode through the WIT API (kv.allocate,
@@ -52,7 +52,6 @@ from pie.control import (  # noqa: E402
     SamplerKind,
     SchedulerConfig,
 )
-from pie.engine.batch import ForwardResult  # noqa: E402
 
 PAGE_SIZE = 16
 VOCAB = 32000
@@ -60,8 +59,8 @@ TOKEN = 7  # what the model-less runner samples (not an EOS: the sequences run o
 
 
 class ModellessRunner:
-    """A model runner's interface (what ControlPlane.serving and the Runtime read) with no model: `run`
-    answers every output of every request with TOKEN. Records (wall, process CPU, requests, decode
+    """A model runner's interface (what ControlPlane.serving and the Runtime read) with no model: `run_batch`
+    answers every output of the batch with TOKEN. Records (wall, process CPU, requests, decode
     requests) at every batch when `stamps` is a list."""
 
     def __init__(self, num_pages: int, max_batch_requests: int, max_batch_tokens: int):
@@ -80,13 +79,13 @@ class ModellessRunner:
     def embed_tokens(self, token_ids):  # no guest here embeds text
         raise NotImplementedError("the model-less runner has no embeddings")
 
-    def run(self, requests):
+    def run_batch(self, batch):
         if self.gate is not None:
             self.gate.wait()
         if self.stamps is not None:
-            decode = sum(1 for r in requests if len(r.token_ids) == 1)
-            self.stamps.append((time.perf_counter(), time.process_time(), len(requests), decode))
-        return [ForwardResult(outputs=[TOKEN] * len(r.outputs)) for r in requests]
+            decode = batch.qo_lens.count(1)
+            self.stamps.append((time.perf_counter(), time.process_time(), batch.num_requests, decode))
+        return [TOKEN] * len(batch.output_rows)
 
 
 class ModellessModel:
@@ -185,7 +184,7 @@ class ControlBench:
     def breakdown(self, prompt_len: int, count: int = 128, repeats: int = 21) -> dict:
         """CPU time per command of the Python pieces of one control-layer decode step, each alone: the
         client building a one-token ForwardCommand, the ForwardHandler's execute over a batch of `count`
-        (to_request, the model-less run, write_outputs), the client reading the token from the result."""
+        (pack_forward, the model-less run, write_batch_outputs), the client reading the token from the result."""
         from pie.control.handlers import ForwardHandler
 
         plane = self.plane

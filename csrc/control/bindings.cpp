@@ -17,6 +17,7 @@
 
 #include "command_payload.h"
 #include "control_api.h"
+#include "engine_batch.h"
 #include "errors.h"
 #include "forward_command.h"
 #include "future.h"
@@ -501,6 +502,7 @@ py::dict stream_chunk_dict(StreamChunk chunk) {
 }
 
 PYBIND11_MODULE(_control, m) {
+  bind_engine_batch(m);
   m.doc() = "pie control layer: lock-free command queues, the batch scheduler and the KV page pool";
   m.attr("_C_API") = py::capsule(static_cast<const void*>(&kControlApi), PIE_CONTROL_API_CAPSULE);
   m.attr("C_API_VERSION") = PIE_CONTROL_API_VERSION;
@@ -634,40 +636,6 @@ PYBIND11_MODULE(_control, m) {
       .def_readwrite("outputs", &ForwardCommand::outputs)
       .def_readonly("results", &ForwardCommand::results, "One OutputValue per output once the pass has run.")
       .def_property_readonly("num_tokens", &ForwardCommand::num_tokens)
-      .def(
-          "request_fields",
-          [](const ForwardCommand& c) {
-            // Everything the engine's request (pie.engine.batch.ForwardRequest) needs, in one call: the
-            // handler reads a command per pass, and each property read is a crossing of its own.
-            py::dict fields;
-            fields["token_ids"] = py::cast(c.token_ids);
-            fields["positions"] = py::cast(c.positions);
-            fields["kv_page_ids"] = py::cast(c.kv_page_ids);
-            fields["kv_last_page_len"] = c.kv_last_page_len;
-            fields["mask"] = c.mask.empty() ? py::object(py::none()) : py::cast(c.mask);
-            fields["embed_slots"] = c.embed_slots.empty() ? py::object(py::none()) : py::cast(c.embed_slots);
-            py::list outputs(c.outputs.size());
-            bool any_mask = false;
-            for (size_t j = 0; j < c.outputs.size(); ++j) {
-              outputs[j] = py::make_tuple(c.outputs[j].index, py::cast(c.outputs[j].sampler));
-              any_mask |= !c.outputs[j].vocab_mask.empty();
-            }
-            fields["outputs"] = outputs;
-            if (any_mask) {
-              py::list masks(c.outputs.size());
-              for (size_t j = 0; j < c.outputs.size(); ++j) {
-                const auto& runs = c.outputs[j].vocab_mask;
-                masks[j] = runs.empty() ? py::object(py::none()) : py::cast(runs);
-              }
-              fields["output_masks"] = masks;
-            } else {
-              fields["output_masks"] = py::none();
-            }
-            return fields;
-          },
-          "The command as keyword fields of the engine's request: token_ids, positions, kv_page_ids, "
-          "kv_last_page_len, mask, embed_slots, outputs ((input index, Sampler) pairs), output_masks (one "
-          "run list or None per output, or None when no output is masked).")
       .def("kv_len", &ForwardCommand::kv_len, py::arg("page_size"), "Tokens in the KV sequence.")
       .def(
           "check",
@@ -678,40 +646,11 @@ PYBIND11_MODULE(_control, m) {
       .def(
           "write_outputs",
           [](ForwardCommand& c, py::sequence outputs) {
-            // The engine's output of each sampler kind (pie.engine.batch.SamplerOutput) as an OutputValue.
             if (py::len(outputs) != c.outputs.size()) {
               throw std::invalid_argument(std::to_string(py::len(outputs)) + " outputs for " +
                                           std::to_string(c.outputs.size()) + " samplers");
             }
-            std::vector<OutputValue> results(c.outputs.size());
-            for (size_t j = 0; j < c.outputs.size(); ++j) {
-              py::handle value = outputs[j];
-              OutputValue& r = results[j];
-              switch (c.outputs[j].sampler.kind) {
-                case SamplerKind::kGreedy:
-                case SamplerKind::kSample:
-                  r.ids.push_back(value.cast<uint32_t>());
-                  break;
-                case SamplerKind::kTopKDistribution: {
-                  auto pair = value.cast<py::sequence>();
-                  r.ids = pair[0].cast<std::vector<uint32_t>>();
-                  r.values = pair[1].cast<std::vector<float>>();
-                  break;
-                }
-                case SamplerKind::kLogprobs:
-                  r.ids = c.outputs[j].sampler.token_ids;
-                  r.values = value.cast<std::vector<float>>();
-                  break;
-                case SamplerKind::kRawLogits: {  // a (vocab,) CPU tensor or array
-                  auto row = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(value);
-                  if (!row) throw py::error_already_set();
-                  r.values.assign(row.data(), row.data() + row.size());
-                  break;
-                }
-              }
-            }
-            c.results = std::move(results);
-            c.pins.reset();  // the pass has run: its pages may go back to the pool once their holders let go
+            write_command_outputs(c, outputs, 0);
           },
           py::arg("outputs"),
           "Write the engine's outputs, one per sampler in order (a token id for greedy / sample, (ids, probs) "

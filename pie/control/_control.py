@@ -29,8 +29,10 @@ from pie._ext._control import (  # noqa: F401
     Scheduler,
     TokenBytes,
     drive_native_producers,
+    pack_forward,
     step_seed,
     wakeup_round_trip_ns,
+    write_batch_outputs,
 )
 
 __all__ = [
@@ -62,6 +64,8 @@ __all__ = [
     "Scheduler",
     "TokenBytes",
     "drive_native_producers",
+    "pack_forward",
     "step_seed",
     "wakeup_round_trip_ns",
+    "write_batch_outputs",
 ]

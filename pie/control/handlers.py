@@ -1,12 +1,14 @@
 """What the batch loop runs for each command kind, on the model runner.
 
-- FORWARD: a batch of `ForwardCommand`s (built and checked by the runtime's forward.submit, or by a
-  Python client through `CommandQueue.submit_forward`) runs as one `ModelRunner.run`; each command gets
-  the engine's outputs written into it (`ForwardCommand.write_outputs`), and then its future completes.
+- FORWARD: a batch of `ForwardCommand`s (built and checked by the runtime's forward.submit, by a
+  generation stream, or by a Python client through `CommandQueue.submit_forward`) is packed into one
+  RaggedBatch (`pack_forward`, in C++) and runs as one `ModelRunner.run_batch`; the engine's outputs are
+  written back into the commands (`write_batch_outputs`, in C++), and then their futures complete.
 - COPY_PAGES: every span of every `PageCopyCommand`, in order, on the runner's KV cache.
 
-`to_request` is the one conversion between the control layer's command and the engine's request. The
-runner does not check the requests again: a command was checked once, when it was submitted.
+`pack_forward` is the one conversion between the control layer's commands and the engine's batch: one
+call per batch, no Python work per command. The runner does not check the batch again: a command was
+checked once, when it was submitted.
 
 >>> handlers = forward_handlers(runner)                                      # doctest: +SKIP
 >>> plane = ControlPlane.for_runner(runner, handlers=handlers)               # doctest: +SKIP
@@ -15,10 +17,14 @@ runner does not check the requests again: a command was checked once, when it wa
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import torch
+
+from pie.control import _control
 from pie.control._control import CommandKind, ForwardCommand, PageCopyCommand, Sampler, SamplerKind
-from pie.engine.batch import ForwardRequest, Greedy, Logprobs, RawLogits, Sample, TopKDistribution
+from pie.engine.batch import Greedy, Logprobs, RawLogits, Sample, TopKDistribution
+from pie.engine.ragged_batch import RaggedBatch
 
 _SEED_MASK = 0x7FFF_FFFF_FFFF_FFFF  # a WIT seed is a u64; the engine's generators take int64
 
@@ -35,13 +41,20 @@ _TO_SAMPLER: dict[SamplerKind, Callable[[Sampler], Any]] = {
 }
 
 
-def to_request(command: ForwardCommand, embeddings: Any = None) -> ForwardRequest:
-    """The engine's request for a command; `embeddings` (the runner's EmbeddingTable) supplies the rows
-    of its input-embedding slots."""
-    fields = command.request_fields()
-    fields["outputs"] = [(index, _TO_SAMPLER[sampler.kind](sampler)) for index, sampler in fields["outputs"]]
-    slots = fields.pop("embed_slots")
-    return ForwardRequest(**fields, input_embeddings=None if slots is None else embeddings.read(slots))
+def pack_forward(commands: Sequence[ForwardCommand], page_size: int, embeddings: Any = None) -> RaggedBatch:
+    """The commands as the engine's one ragged batch, rows command after command; `embeddings` (the
+    runner's EmbeddingTable) supplies the rows of the commands' input-embedding slots."""
+    fields = _control.pack_forward(commands, page_size, _GREEDY, _to_sampler)
+    fields["write_slots"] = torch.from_numpy(fields["write_slots"])
+    embed = fields.pop("embed_slots")
+    if embed is not None:  # (first row, slots) per command that reads input embeddings
+        fields["embed_rows"] = torch.cat([torch.arange(row, row + len(slots)) for row, slots in embed])
+        fields["embed_values"] = torch.cat([embeddings.read(slots) for _, slots in embed])
+    return RaggedBatch(**fields)
+
+
+def _to_sampler(sampler: Sampler) -> Any:
+    return _TO_SAMPLER[sampler.kind](sampler)
 
 
 class ForwardHandler:
@@ -53,11 +66,10 @@ class ForwardHandler:
         self.lock = lock or threading.Lock()
 
     def execute(self, commands: list[ForwardCommand]) -> list[None]:
-        requests = [to_request(c, self.runner.embeddings) for c in commands]
+        batch = pack_forward(commands, self.runner.page_size, self.runner.embeddings)
         with self.lock:
-            results = self.runner.run(requests)
-        for command, result in zip(commands, results):
-            command.write_outputs(result.outputs)
+            outputs = self.runner.run_batch(batch)
+        _control.write_batch_outputs(commands, outputs)
         return [None] * len(commands)
 
 

@@ -1,5 +1,7 @@
-"""One forward pass's requests flattened into one ragged batch: built once by the model runner, read
-by every attention backend (pie.engine.attention) and by the CUDA graphs of decode (pie.engine.cuda_graphs).
+"""One forward pass flattened into one ragged batch: the model runner's one input. Built once per pass,
+by the control layer's handler straight from its commands (pie.control.handlers.pack_forward, in C++) or
+by `ModelRunner.flatten` from ForwardRequests; read by every attention backend (pie.engine.attention), by
+the CUDA graphs of decode (pie.engine.cuda_graphs) and by the sampling of the output rows.
 
 The N input tokens of the R requests are the rows of the batch, request after request: request r owns
 rows starts[r] .. starts[r] + qo_lens[r]. Its KV sequence is its pages, all full but the last, which
@@ -15,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from pie.engine.batch import Sampler
 from pie.engine.kv_cache import sequence_length
 
 BrleRows = Sequence[Sequence[int]]  # one BRLE row per input token over the request's KV sequence
@@ -42,6 +45,9 @@ class RaggedBatch:
     masks: list[BrleRows | None]  # (R,) each request's BRLE mask rows, None = causal
     embed_rows: torch.Tensor | None = None  # (E,) int64 rows whose token embeddings are replaced, or None
     embed_values: torch.Tensor | None = None  # (E, hidden) their input embeddings
+    samplers: Sequence[Sampler] = ()  # (M,) what each output row asks for, in the order of output_rows
+    output_mask_rows: Sequence[int] = ()  # (K,) indices into samplers whose vocabulary is masked
+    output_mask_runs: Sequence[Sequence[int]] = ()  # (K,) their BRLE runs over the vocabulary (allowed first)
 
     @property
     def num_tokens(self) -> int:

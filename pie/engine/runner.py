@@ -11,12 +11,14 @@ requests as one ragged forward pass (see pie.engine.batch for the request semant
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 
 from pie.engine.attention import create_attention_backend, select_attention_backend
 from pie.engine.attention.pytorch import PyTorchAttention
-from pie.engine.batch import BatchError, ForwardRequest, ForwardResult, Sampler
+from pie.engine.batch import BatchError, ForwardRequest, ForwardResult, Sampler, SamplerOutput
 from pie.engine.config import EngineConfig, ModelConfig
 from pie.engine.embedding_table import EmbeddingTable
 from pie.engine.kernels import MaskError, expand_brle, linear_kernel_max_rows
@@ -177,10 +179,20 @@ class ModelRunner:
 
     def run(self, requests: list[ForwardRequest]) -> list[ForwardResult]:
         """Runs checked requests in one forward pass: each was checked once before it got here (by
-        `execute`, or as a pie.control ForwardCommand when it was submitted), and the batch is within
-        the runner's limits (the scheduler forms batches within them)."""
+        `execute`), and the batch is within the runner's limits."""
         if not requests:
             return []
+        outputs = self.run_batch(self.flatten(requests))
+        results, k = [], 0
+        for req in requests:
+            n = len(req.outputs)
+            results.append(ForwardResult(outputs=outputs[k:k + n]))
+            k += n
+        return results
+
+    def flatten(self, requests: list[ForwardRequest]) -> RaggedBatch:
+        """The requests as one ragged batch, request after request (what the control layer's handler
+        builds from its commands in C++)."""
         ps = self.page_size
         token_ids: list[int] = []
         positions: list[int] = []
@@ -190,8 +202,8 @@ class ModelRunner:
         samplers: list[Sampler] = []
         embed_rows: list[torch.Tensor] = []  # rows of the flattened batch given as input embeddings
         embed_values: list[torch.Tensor] = []  # their (T_i, hidden_size) embeddings
-        mask_rows: list[int] = []  # rows of `logits` (= sampler indices) that have an output mask
-        mask_runs: list[np.ndarray] = []  # their run arrays
+        mask_rows: list[int] = []  # indices into samplers that have an output mask
+        mask_runs: list[Sequence[int]] = []  # their run lists
         start = 0
         for req in requests:
             t = len(req.token_ids)
@@ -209,31 +221,32 @@ class ModelRunner:
                 for j, runs in enumerate(req.output_masks):
                     if runs is not None:
                         mask_rows.append(len(samplers) + j)
-                        mask_runs.append(np.asarray(runs, dtype=np.int64))
+                        mask_runs.append(runs)
             for pos, sampler in req.outputs:
                 output_rows.append(start + pos)
                 samplers.append(sampler)
             start += t
-        batch = RaggedBatch(
+        return RaggedBatch(
             page_size=ps, token_ids=token_ids, positions=positions,
             write_slots=torch.tensor(write_slots, dtype=torch.int64), output_rows=output_rows, qo_lens=qo_lens,
             pages=[r.kv_page_ids for r in requests], last_page_len=[r.kv_last_page_len for r in requests],
             masks=[r.mask for r in requests], embed_rows=torch.cat(embed_rows) if embed_rows else None,
-            embed_values=torch.cat(embed_values) if embed_values else None)
+            embed_values=torch.cat(embed_values) if embed_values else None, samplers=samplers,
+            output_mask_rows=mask_rows, output_mask_runs=mask_runs)
+
+    def run_batch(self, batch: RaggedBatch) -> list[SamplerOutput]:
+        """Runs one checked ragged batch (within the runner's limits): the forward pass, the output masks,
+        the samplers. Returns (M,) outputs, one per sampler in order."""
+        if batch.num_requests == 0:
+            return []
         logits = self.forward(batch)  # (M, V) float32 on the model's device
         self.num_forward_passes += 1
-        self.num_tokens_processed += start
-        if mask_rows:  # unmasked batches skip this entirely
-            apply_vocab_masks(logits, mask_rows, vocab_mask_bias(mask_runs, self.model_config.vocab_size))
+        self.num_tokens_processed += batch.num_tokens
+        if batch.output_mask_rows:  # unmasked batches skip this entirely
+            runs = [np.asarray(r, dtype=np.int64) for r in batch.output_mask_runs]
+            apply_vocab_masks(logits, batch.output_mask_rows, vocab_mask_bias(runs, self.model_config.vocab_size))
         sampling = self.sampling if self.device_sampling is None else self.device_sampling
-        outputs = sampling(logits, samplers) if samplers else []
-        results = []
-        k = 0
-        for req in requests:
-            n = len(req.outputs)
-            results.append(ForwardResult(outputs=outputs[k:k + n]))
-            k += n
-        return results
+        return sampling(logits, list(batch.samplers)) if batch.samplers else []
 
     @torch.inference_mode()
     def forward(self, batch: RaggedBatch) -> torch.Tensor:

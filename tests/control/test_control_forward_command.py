@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,8 +26,10 @@ from pie.control import (
     SamplerKind,
     SchedulerConfig,
 )
-from pie.control.handlers import forward_handlers, to_request
-from pie.engine.batch import ForwardResult, Greedy, Logprobs, RawLogits, Sample, TopKDistribution
+from pie.control import _control
+from pie.control.handlers import forward_handlers, pack_forward
+from pie.engine.batch import ForwardRequest, Greedy, Logprobs, RawLogits, Sample, TopKDistribution
+from pie.engine.runner import ModelRunner
 
 from control_fakes import FakeRunner
 
@@ -116,7 +119,7 @@ def test_submitted_together_means_one_batch(make_scheduler):
 
 
 class RecordingRunner(FakeRunner):
-    """`run` of the engine's interface: records the requests; each output's value as the engine gives it."""
+    """`run_batch` of the engine's interface: records the batch; each output's value as the engine gives it."""
 
     class Table:
         def read(self, slots):
@@ -124,11 +127,11 @@ class RecordingRunner(FakeRunner):
 
     embeddings = Table()
 
-    def run(self, requests):
-        self.requests = list(requests)
+    def run_batch(self, batch):
+        self.batch = batch
         values = {Greedy: 42, Sample: 43, TopKDistribution: ([4, 5], [0.75, 0.25]), Logprobs: [-0.5, -1.5],
                   RawLogits: torch.arange(4, dtype=torch.float32)}
-        return [ForwardResult(outputs=[values[type(s)] for _, s in r.outputs]) for r in requests]
+        return [values[type(s)] for s in batch.samplers]
 
 
 def test_the_handler_runs_commands_and_writes_their_results():
@@ -139,15 +142,64 @@ def test_the_handler_runs_commands_and_writes_their_results():
     cmd = command(outputs=[ForwardOutput(i % 3, s, [60, 40] if i == 0 else None) for i, s in enumerate(samplers)],
                   embed_slots=[6, 6, 6], mask=[[1, 2], [2, 1], [3]])
     forward_handlers(runner)[CommandKind.FORWARD].execute([cmd])
-    [request] = runner.requests
-    assert request.token_ids == [1, 2, 3] and request.kv_page_ids == [5] and request.mask == [[1, 2], [2, 1], [3]]
-    assert [s for _, s in request.outputs] == [Greedy(), Sample(0.5, 3, 1.0, 0.0, 2**63 - 1),
-                                               TopKDistribution(2, pytest.approx(0.7)), Logprobs((9, 8)), RawLogits()]
-    assert request.output_masks == [[60, 40], None, None, None, None]
-    assert torch.equal(request.input_embeddings, torch.full((3, 2), 6.0))
+    batch = runner.batch
+    assert batch.token_ids == [1, 2, 3] and batch.pages == [[5]] and batch.masks == [[[1, 2], [2, 1], [3]]]
+    assert list(batch.samplers) == [Greedy(), Sample(0.5, 3, 1.0, 0.0, 2**63 - 1),
+                                    TopKDistribution(2, pytest.approx(0.7)), Logprobs((9, 8)), RawLogits()]
+    assert batch.output_mask_rows == [0] and batch.output_mask_runs == [[60, 40]]
+    assert torch.equal(batch.embed_values, torch.full((3, 2), 6.0)) and batch.embed_rows.tolist() == [0, 1, 2]
     got = [(r.ids, r.values.tolist()) for r in cmd.results]
     assert got == [([42], []), ([43], []), ([4, 5], [0.75, 0.25]), ([9, 8], [-0.5, -1.5]), ([], [0.0, 1.0, 2.0, 3.0])]
-    assert to_request(command()).mask is None and to_request(command()).input_embeddings is None
+    plain = pack_forward([command()], LIMITS.page_size)
+    assert plain.masks == [None] and plain.embed_rows is None and plain.embed_values is None
+
+
+def test_a_packed_batch_equals_the_runners_own_flattening_of_the_same_requests():
+    """pack_forward (C++, from commands) and ModelRunner.flatten (Python, from ForwardRequests) are two
+    producers of the engine's one input: field for field the same batch, over awkward shapes."""
+    rng = np.random.default_rng(3)
+    commands, requests = [], []
+    for r in range(7):
+        t = int(rng.integers(1, 9))
+        kv_len = t + int(rng.integers(0, 11))
+        pages = [int(p) for p in rng.choice(16, size=-(-kv_len // 4), replace=False)]
+        last = kv_len - (len(pages) - 1) * 4
+        tokens = [int(x) for x in rng.integers(0, 100, size=t)]
+        positions = list(range(kv_len - t, kv_len))
+        outs = [(int(i), Sampler(SamplerKind.GREEDY) if i % 2 else Sampler(SamplerKind.SAMPLE, temperature=0.9,
+                                                                            top_p=0.5, seed=r))
+                for i in sorted(rng.choice(t, size=int(rng.integers(0, t + 1)), replace=False))]
+        vocab_masks = [[50, 50] if r == 3 and j == 0 else None for j in range(len(outs))]
+        mask = [[kv_len - t + i + 1, t - i - 1] for i in range(t)] if r == 5 else None
+        commands.append(ForwardCommand(tokens, positions, pages, last, mask=mask,
+                                       outputs=[ForwardOutput(i, s, m) for (i, s), m in zip(outs, vocab_masks)]))
+        to_engine = {SamplerKind.GREEDY: lambda s: Greedy(),
+                     SamplerKind.SAMPLE: lambda s: Sample(s.temperature, s.top_k, s.top_p, s.min_p, s.seed)}
+        requests.append(ForwardRequest(tokens, positions, pages, last, mask=mask,
+                                       outputs=[(i, to_engine[s.kind](s)) for i, s in outs],
+                                       output_masks=vocab_masks if any(vocab_masks) else None))
+    packed = pack_forward(commands, 4)
+    flat = ModelRunner.flatten(SimpleNamespace(page_size=4), requests)
+    for name in ("token_ids", "positions", "output_rows", "qo_lens", "last_page_len", "masks", "output_mask_rows"):
+        assert list(getattr(packed, name)) == list(getattr(flat, name)), name
+    assert [list(p) for p in packed.pages] == [list(p) for p in flat.pages]
+    assert torch.equal(packed.write_slots, flat.write_slots) and packed.write_slots.dtype == torch.int64
+    assert [list(r) for r in packed.output_mask_runs] == [list(r) for r in flat.output_mask_runs]
+    assert [type(s) for s in packed.samplers] == [type(s) for s in flat.samplers]
+    drawn = [(s.temperature, s.top_p, s.seed) for s in packed.samplers if isinstance(s, Sample)]
+    assert drawn == [(pytest.approx(0.9), pytest.approx(0.5), s.seed) for s in flat.samplers if isinstance(s, Sample)]
+    assert packed.num_tokens == sum(len(c.token_ids) for c in commands) > len(commands)
+
+
+def test_batch_outputs_are_written_command_by_command():
+    first = command(outputs=[ForwardOutput(0, GREEDY), ForwardOutput(2, GREEDY)])
+    second = command(outputs=[])
+    third = command(outputs=[ForwardOutput(1, Sampler(SamplerKind.TOP_K_DISTRIBUTION, top_k=2))])
+    _control.write_batch_outputs([first, second, third], [11, 12, ([3, 4], [0.5, 0.25])])
+    assert [r.ids for r in first.results] == [[11], [12]] and second.results == []
+    assert third.results[0].ids == [3, 4] and third.results[0].values.tolist() == [0.5, 0.25]
+    with pytest.raises(ValueError, match="2 outputs for 3 samplers"):
+        _control.write_batch_outputs([first, second, third], [1, 2])
 
 
 def test_copy_commands_run_their_spans_in_order():
