@@ -256,7 +256,7 @@ def render(report: dict, columns: list[tuple[str, str]]) -> str:
                   "timed alone in every round; median over the rounds)", "",
                   "| part | us |", "| --- | ---: |",
                   f"| client: build a one-token ForwardCommand (Python) | {b['build_command_us']:.2f} |",
-                  f"| batch loop: ForwardHandler.execute per command (to_request, model-less run, write_outputs) "
+                  f"| batch loop: ForwardHandler.execute per command (pack_forward, model-less run, write_batch_outputs) "
                   f"| {b['handler_execute_us']:.2f} |",
                   f"| client: read the sampled token | {b['read_result_us']:.2f} |",
                   f"| sum of the three | {parts:.2f} |",

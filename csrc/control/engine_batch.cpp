@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -60,14 +61,20 @@ void bind_engine_batch(py::module_& m) {
         if (page_size == 0) throw std::invalid_argument("page_size: 0");
         const size_t num_commands = py::len(commands);
         std::vector<ForwardCommand*> cs(num_commands);
-        size_t num_tokens = 0, num_outputs = 0;
+        size_t num_tokens = 0, num_outputs = 0, num_pages = 0;
         for (size_t r = 0; r < num_commands; ++r) {
           cs[r] = &commands[r].cast<ForwardCommand&>();
           num_tokens += cs[r]->token_ids.size();
           num_outputs += cs[r]->outputs.size();
+          num_pages += cs[r]->kv_page_ids.size();
         }
         py::list token_ids(num_tokens), positions(num_tokens), output_rows(num_outputs), samplers(num_outputs);
-        py::list qo_lens(num_commands), pages(num_commands), last_page_len(num_commands), masks(num_commands);
+        py::list qo_lens(num_commands), last_page_len(num_commands), masks(num_commands);
+        py::array_t<int64_t> page_ids(static_cast<py::ssize_t>(num_pages));
+        py::array_t<int64_t> page_indptr(static_cast<py::ssize_t>(num_commands + 1));
+        int64_t* page_out = page_ids.mutable_data();
+        int64_t* page_bounds = page_indptr.mutable_data();
+        page_bounds[0] = 0;
         py::list mask_rows, mask_runs, embed_slots;
         py::array_t<int64_t> write_slots(static_cast<py::ssize_t>(num_tokens));
         int64_t* slots = write_slots.mutable_data();
@@ -84,7 +91,8 @@ void bind_engine_batch(py::module_& m) {
             slots[row + i] = int64_t(c.kv_page_ids[seq / page_size]) * page_size + int64_t(seq % page_size);
           }
           qo_lens[r] = py::int_(t);
-          pages[r] = int_list(c.kv_page_ids);
+          page_out = std::copy(c.kv_page_ids.begin(), c.kv_page_ids.end(), page_out);
+          page_bounds[r + 1] = page_bounds[r] + int64_t(c.kv_page_ids.size());
           last_page_len[r] = py::int_(c.kv_last_page_len);
           masks[r] = c.mask.empty() ? py::object(py::none()) : py::cast(c.mask);
           if (!c.embed_slots.empty()) embed_slots.append(py::make_tuple(row, int_list(c.embed_slots)));
@@ -106,7 +114,8 @@ void bind_engine_batch(py::module_& m) {
         fields["write_slots"] = write_slots;
         fields["output_rows"] = output_rows;
         fields["qo_lens"] = qo_lens;
-        fields["pages"] = pages;
+        fields["page_ids"] = page_ids;
+        fields["page_indptr"] = page_indptr;
         fields["last_page_len"] = last_page_len;
         fields["masks"] = masks;
         fields["samplers"] = samplers;

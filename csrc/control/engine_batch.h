@@ -5,7 +5,8 @@
 // pack_forward(commands, page_size, greedy, to_sampler) -> dict of pie.engine.ragged_batch.RaggedBatch's
 // fields, the commands' rows back to back (command r owns rows starts[r] .. starts[r] + T_r):
 //   token_ids (N,), positions (N,), write_slots (N,) int64 numpy (the last T_r slots of each sequence),
-//   qo_lens (R,), pages (R,) lists, last_page_len (R,), masks (R,) BRLE rows or None, output_rows (M,),
+//   qo_lens (R,), page_ids (P,) and page_indptr (R+1,) int64 numpy (the flat page table),
+//   last_page_len (R,), masks (R,) BRLE rows or None, output_rows (M,),
 //   samplers (M,) (`greedy` for every greedy output, else to_sampler(pie.control.Sampler)),
 //   output_mask_rows (K,) / output_mask_runs (K,) for the outputs with a vocabulary mask, and
 //   embed_slots: None, or (row, slots) per command that reads input embeddings.

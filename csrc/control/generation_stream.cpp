@@ -141,7 +141,6 @@ void GenerationStream::submit_next() {
   command->positions.resize(t);
   for (size_t i = 0; i < t; ++i) command->positions[i] = static_cast<uint32_t>(cached_ + i);
   const uint64_t num_pages = pages_for(end, ps);
-  const std::vector<uint32_t> pass_handles(handles_.begin(), handles_.begin() + num_pages);
   command->kv_last_page_len = static_cast<uint32_t>(end - (num_pages - 1) * ps);
   if (end == total_) {
     ForwardOutput draw;
@@ -161,12 +160,15 @@ void GenerationStream::submit_next() {
     }
   }
   // Checked before anything changes (as forward.submit): a refused pass leaves the pages as they were.
-  command->kv_page_ids = pool_->resolve_pinned(spec_.instance_id, pass_handles, command->pins);
+  resolve_pages(num_pages);
+  command->kv_page_ids.assign(pages_.begin(), pages_.begin() + static_cast<std::ptrdiff_t>(num_pages));
+  command->pins = page_pins_;
   if (auto problem = check_forward(*command, limits_))
     throw std::invalid_argument(describe(*problem, FieldNaming::kPython));
   // Copy-on-write of the pages the pass writes (its last t slots) that are shared (a fork, an import):
   // the copies move those handles to new pages, so the pass's pages are resolved (and pinned) again.
-  const std::vector<uint32_t> written(pass_handles.begin() + static_cast<size_t>((end - t) / ps), pass_handles.end());
+  const std::vector<uint32_t> written(handles_.begin() + static_cast<std::ptrdiff_t>((end - t) / ps),
+                                      handles_.begin() + static_cast<std::ptrdiff_t>(num_pages));
   std::vector<Termination> terminations;
   PagePins copy_pins;
   std::vector<PageCopy> copies;
@@ -177,8 +179,15 @@ void GenerationStream::submit_next() {
     throw;
   }
   if (hooks_.report_terminations && !terminations.empty()) hooks_.report_terminations(terminations);
-  if (!copies.empty()) command->kv_page_ids = pool_->resolve_pinned(spec_.instance_id, pass_handles, command->pins);
-  if (hooks_.fold_page_masks) hooks_.fold_page_masks(pass_handles, end, t, command->mask);
+  if (!copies.empty()) {
+    resolve_pages(num_pages);
+    command->kv_page_ids.assign(pages_.begin(), pages_.begin() + static_cast<std::ptrdiff_t>(num_pages));
+    command->pins = page_pins_;
+  }
+  if (hooks_.fold_page_masks) {
+    const std::vector<uint32_t> pass_handles(handles_.begin(), handles_.begin() + static_cast<std::ptrdiff_t>(num_pages));
+    hooks_.fold_page_masks(pass_handles, end, t, command->mask);
+  }
 
   std::vector<CommandQueue::Submission> submissions;
   if (!copies.empty()) {
@@ -213,10 +222,24 @@ void GenerationStream::submit_next() {
   });
 }
 
+void GenerationStream::resolve_pages(size_t count) {
+  PagePins fresh;
+  if (pool_->resolve_more(spec_.instance_id, handles_, count, pages_epoch_, pages_, fresh) || !page_pins_) {
+    page_pins_ = std::make_shared<PinGroups>();  // the earlier set stays with the passes that hold it
+  }
+  page_pins_->groups.push_back(std::move(fresh));
+}
+
+void GenerationStream::release_pages() {
+  page_pins_.reset();
+  pages_.clear();
+}
+
 void GenerationStream::on_pass_done(const std::shared_ptr<ForwardCommand>& command,
                                     const std::shared_ptr<FutureState>& future) {
   if (future->status() != FutureStatus::kReady) {  // possibly under the scheduler's mutex: only record
     in_flight_.reset();  // its pins go with the continuation's copy (the pool's lock nests in the scheduler's)
+    release_pages();
     finish(StreamEnd::kFailed, future->error());
     return;
   }
@@ -227,13 +250,17 @@ void GenerationStream::on_pass_done(const std::shared_ptr<ForwardCommand>& comma
   std::string message;
   if (!command->outputs.empty()) {
     if (command->results.empty() || command->results[0].ids.empty()) {
+      release_pages();
       finish(StreamEnd::kFailed, "the engine wrote no token for the stream's pass");
       return;
     }
     const uint32_t token = command->results[0].ids[0];
     end = accept_token(token, message);
     if (end == StreamEnd::kRunning && cancel_requested_.load(std::memory_order_acquire)) end = StreamEnd::kCancelled;
-    if (end != StreamEnd::kRunning) in_flight_.reset();
+    if (end != StreamEnd::kRunning) {
+      in_flight_.reset();
+      release_pages();
+    }
     if (end != StreamEnd::kEos) {  // the token, and the end it caused if any, become readable together
       const OutputValue* top = spec_.top_logprobs > 0 && command->results.size() > 1 ? &command->results[1] : nullptr;
       publish(token, top, end, std::move(message));
@@ -244,6 +271,7 @@ void GenerationStream::on_pass_done(const std::shared_ptr<ForwardCommand>& comma
   }
   if (end != StreamEnd::kRunning) {
     in_flight_.reset();
+    release_pages();
     finish(end, std::move(message));
     return;
   }
@@ -251,6 +279,7 @@ void GenerationStream::on_pass_done(const std::shared_ptr<ForwardCommand>& comma
     submit_next();
   } catch (const std::exception& failure) {
     in_flight_.reset();
+    release_pages();
     finish(StreamEnd::kFailed, failure.what());
   }
 }

@@ -151,6 +151,8 @@ class GenerationStream : public std::enable_shared_from_this<GenerationStream> {
   bool stop_string_found();
   bool stop_tokens_found() const;
   std::vector<uint32_t> allocate(uint32_t count);
+  void resolve_pages(size_t count);  // pages_ covers handles_[:count], current and pinned
+  void release_pages();              // the stream has ended: its passes' pins go with the last of them
   void finish(StreamEnd end, std::string message);
 
   const StreamSpec spec_;
@@ -172,6 +174,15 @@ class GenerationStream : public std::enable_shared_from_this<GenerationStream> {
   std::string text_;                    // bytes of the generated text
   size_t scanned_ = 0;                  // text_[:scanned_] has been searched for stop strings
   std::shared_ptr<ForwardCommand> in_flight_;  // kept until the next step (never dropped under a lock)
+  // The physical pages of handles_[:pages_.size()] as of the instance's mapping epoch pages_epoch_
+  // (PagePool::resolve_more: a step resolves only its new pages while no handle moved), pinned by
+  // page_pins_ (shared by every pass of the stream in flight; dropped when the stream ends).
+  struct PinGroups {
+    std::vector<PagePins> groups;
+  };
+  std::vector<uint32_t> pages_;
+  uint64_t pages_epoch_ = 0;
+  std::shared_ptr<PinGroups> page_pins_;
   std::atomic<bool> cancel_requested_{false};
 
   // Reader side.

@@ -114,6 +114,7 @@ void PagePool::release_all_locked(Account& instance) {
   for (const auto& entry : instance.page_of_handle) unref_locked(entry.second);
   count_handles_locked(instance, -static_cast<int64_t>(instance.page_of_handle.size()));
   instance.page_of_handle.clear();
+  ++instance.mapping_epoch;
   const std::vector<ExportKey> owned = std::move(instance.owned_exports);
   instance.owned_exports.clear();
   for (const ExportKey& key : owned) {
@@ -307,6 +308,7 @@ void PagePool::free(uint64_t instance_id, const std::vector<uint32_t>& handles) 
     unref_locked(found->second);
     instance.page_of_handle.erase(found);
   }
+  ++instance.mapping_epoch;
   count_handles_locked(instance, -static_cast<int64_t>(handles.size()));
 }
 
@@ -328,6 +330,30 @@ std::vector<uint32_t> PagePool::resolve_pinned(uint64_t instance_id, const std::
   return pages;
 }
 
+bool PagePool::resolve_more(uint64_t instance_id, const std::vector<uint32_t>& handles, size_t count,
+                            uint64_t& epoch, std::vector<uint32_t>& pages, PagePins& pins) {
+  if (count > handles.size()) throw std::invalid_argument("resolve_more: count past the handles");
+  PagePins pinned;
+  bool all;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const Account& instance = live_instance_locked(instance_id);
+    all = instance.mapping_epoch != epoch || pages.size() > count;
+    const size_t from = all ? 0 : pages.size();
+    std::vector<uint32_t> fresh =
+        pages_of_locked(instance, std::vector<uint32_t>(handles.begin() + from, handles.begin() + count));
+    pinned = pin_locked(fresh);
+    if (all) {
+      pages = std::move(fresh);
+      epoch = instance.mapping_epoch;
+    } else {
+      pages.insert(pages.end(), fresh.begin(), fresh.end());
+    }
+  }
+  pins.swap(pinned);  // pins it held before are released here, outside the lock
+  return all;
+}
+
 std::vector<PageCopy> PagePool::prepare_write(uint64_t instance_id, const std::vector<uint32_t>& handles,
                                               std::vector<Termination>& terminations, PagePins* pins) {
   PagePins pinned;
@@ -342,6 +368,7 @@ std::vector<PageCopy> PagePool::split_shared_pages(uint64_t instance_id, const s
   Account& instance = live_instance_locked(instance_id);
   check_distinct(instance_id, resource_name_, handles);
   const std::vector<uint32_t> pages = pages_of_locked(instance, handles);
+  if (std::all_of(pages.begin(), pages.end(), [this](uint32_t page) { return refcounts_[page] <= 1; })) return {};
   // A page held k times in `handles` and r times in all needs min(k, r - 1) copies: each copy
   // drops its refcount by one, and the last holder writes in place.
   std::unordered_map<uint32_t, uint32_t> times_listed;
@@ -360,6 +387,7 @@ std::vector<PageCopy> PagePool::split_shared_pages(uint64_t instance_id, const s
     instance.page_of_handle[handles[i]] = copy;
     copies.push_back({page, copy});
   }
+  ++instance.mapping_epoch;
   if (pins != nullptr) {
     std::vector<uint32_t> pinned;
     pinned.reserve(2 * copies.size());

@@ -135,6 +135,14 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   std::vector<uint32_t> resolve(uint64_t instance_id, const std::vector<uint32_t>& handles) const;
   // resolve() and a pin of the pages in one step: no termination or free can slip in between.
   std::vector<uint32_t> resolve_pinned(uint64_t instance_id, const std::vector<uint32_t>& handles, PagePins& pins);
+  // For a caller that resolves one growing list of handles step after step (a generation stream):
+  // `pages` holds the pages of handles[:pages.size()] as of the instance's mapping `epoch`. When no
+  // handle of the instance was freed or moved since (the epoch is unchanged), only handles[pages.size():
+  // count] are resolved and appended (O(new)); otherwise all of handles[:count] are, and `epoch` is
+  // updated. The pages resolved now are pinned into `pins`. Returns true when all were resolved again
+  // (pins of the earlier ones are then the caller's to drop). Throws as resolve().
+  bool resolve_more(uint64_t instance_id, const std::vector<uint32_t>& handles, size_t count, uint64_t& epoch,
+                    std::vector<uint32_t>& pages, PagePins& pins);
   // With `pins`: the copies' source and destination pages are pinned (for the copy command).
   std::vector<PageCopy> prepare_write(uint64_t instance_id, const std::vector<uint32_t>& handles,
                                       std::vector<Termination>& terminations, PagePins* pins = nullptr);
@@ -170,6 +178,7 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
     uint64_t client = 0;  // 0: none
     uint32_t next_handle = 0;
     std::unordered_map<uint32_t, uint32_t> page_of_handle;
+    uint64_t mapping_epoch = 1;  // grows whenever a handle is freed or moved to another page (0: never)
     std::vector<ExportKey> owned_exports;
     uint32_t num_export_pages = 0;  // pages listed by owned_exports
     bool terminated = false;

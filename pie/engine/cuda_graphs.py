@@ -92,21 +92,22 @@ class DecodeGraphs:
             entry = self._capture(*key)
         bucket = entry.bucket
         pad = bucket - b
-        counts = [len(p) for p in batch.pages]
-        num_pages = sum(counts) + pad
+        counts = np.diff(batch.page_indptr)  # (b,) pages per request
+        num_pages = len(batch.page_ids) + pad
         if num_pages > entry.page_capacity:
             return None
         entry.copied.synchronize()  # the previous replay's copies have left the host buffers
         meta = entry.meta_host.numpy()
         o = 2 * (bucket + 1)  # qo_indptr is fixed (one token each); kv_page_indptr follows it
         meta[bucket + 1] = 0
-        np.cumsum(counts + [1] * pad, out=meta[bucket + 2:o])
+        np.cumsum(np.concatenate([counts, np.ones(pad, dtype=np.int64)]), out=meta[bucket + 2:o])
         meta[o:o + b] = batch.last_page_len
         meta[o + b:o + bucket] = 1
         meta[o + bucket:o + bucket + b] = batch.positions
         meta[o + bucket + b:o + 2 * bucket] = 0
         first_page = o + 2 * bucket
-        meta[first_page:first_page + num_pages] = [p for pages in batch.pages for p in pages] + [0] * pad
+        meta[first_page:first_page + len(batch.page_ids)] = batch.page_ids
+        meta[first_page + len(batch.page_ids):first_page + num_pages] = 0
         ids = entry.ids_host.numpy()
         ids[:b] = batch.token_ids
         ids[b:bucket] = 0
@@ -136,7 +137,8 @@ class DecodeGraphs:
         meta, ids = meta_host.to(dev), ids_host.to(dev)
         dummy = RaggedBatch(page_size=ps, token_ids=[0] * bucket, positions=[0] * bucket,
                             write_slots=torch.full((bucket,), -1, dtype=torch.int64), output_rows=[],
-                            qo_lens=[1] * bucket, pages=[[0]] * bucket, last_page_len=[1] * bucket,
+                            qo_lens=[1] * bucket, page_ids=np.zeros(bucket, dtype=np.int64),
+                            page_indptr=np.arange(bucket + 1, dtype=np.int64), last_page_len=[1] * bucket,
                             masks=[None] * bucket)
         planned = attention.plan_paged(dummy, split=split)  # the schedule (decode_req, split, workspace) to keep
         o = 2 * bucket + 2

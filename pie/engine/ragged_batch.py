@@ -5,8 +5,10 @@ the CUDA graphs of decode (pie.engine.cuda_graphs) and by the sampling of the ou
 
 The N input tokens of the R requests are the rows of the batch, request after request: request r owns
 rows starts[r] .. starts[r] + qo_lens[r]. Its KV sequence is its pages, all full but the last, which
-holds last_page_len[r] tokens (pie.engine.batch explains the request semantics).
-Values are on the host (lists and CPU tensors); each backend moves what it needs to its device.
+holds last_page_len[r] tokens (pie.engine.batch explains the request semantics). The pages of every
+request are one flat table: request r's are page_ids[page_indptr[r]:page_indptr[r + 1]].
+Values are on the host (lists, numpy arrays and CPU tensors); each backend moves what it needs to its
+device.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from pie.engine.batch import Sampler
@@ -40,7 +43,8 @@ class RaggedBatch:
     write_slots: torch.Tensor  # (N,) int64 flat cache slots each token's K/V is written to (-1: nowhere)
     output_rows: list[int]  # (M,) rows whose logits are wanted, in the order of the samplers
     qo_lens: list[int]  # (R,) input tokens per request, >= 1
-    pages: list[Sequence[int]]  # (R,) each request's KV pages in sequence order
+    page_ids: np.ndarray  # (P,) int64 every request's KV pages, request after request, each in sequence order
+    page_indptr: np.ndarray  # (R+1,) int64 request r's pages are page_ids[page_indptr[r]:page_indptr[r + 1]]
     last_page_len: list[int]  # (R,) tokens in each request's last page, 1..page_size
     masks: list[BrleRows | None]  # (R,) each request's BRLE mask rows, None = causal
     embed_rows: torch.Tensor | None = None  # (E,) int64 rows whose token embeddings are replaced, or None
@@ -67,10 +71,28 @@ class RaggedBatch:
         return starts
 
     @cached_property
+    def pages(self) -> list[np.ndarray]:
+        """(R,) each request's KV pages in sequence order (views of page_ids)."""
+        ids, bounds = self.page_ids, self.page_indptr.tolist()
+        return [ids[bounds[r]:bounds[r + 1]] for r in range(len(bounds) - 1)]
+
+    @cached_property
     def kv_lens(self) -> list[int]:
         """(R,) each request's KV sequence length (its input tokens included)."""
+        counts = np.diff(self.page_indptr)
+        return ((counts - 1) * self.page_size + np.asarray(self.last_page_len, dtype=np.int64)).tolist()
+
+    def kv_slots(self, requests: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(kv_indptr (G+1,), slots (sum kv_len,)) int64: the flat cache slots of every position of the
+        listed requests' sequences, request after request, in a few numpy operations for any G."""
         ps = self.page_size
-        return [sequence_length(len(p), last, ps) for p, last in zip(self.pages, self.last_page_len)]
+        rs = np.asarray(requests, dtype=np.int64)
+        lens = np.asarray(self.kv_lens, dtype=np.int64)[rs]  # (G,)
+        indptr = np.zeros(len(rs) + 1, dtype=np.int64)
+        np.cumsum(lens, out=indptr[1:])
+        position = np.arange(indptr[-1], dtype=np.int64) - np.repeat(indptr[:-1], lens)  # in its sequence
+        page = self.page_ids[np.repeat(self.page_indptr[rs], lens) + position // ps]
+        return indptr, page * ps + position % ps
 
     @property
     def is_decode(self) -> bool:

@@ -229,7 +229,9 @@ class ModelRunner:
         return RaggedBatch(
             page_size=ps, token_ids=token_ids, positions=positions,
             write_slots=torch.tensor(write_slots, dtype=torch.int64), output_rows=output_rows, qo_lens=qo_lens,
-            pages=[r.kv_page_ids for r in requests], last_page_len=[r.kv_last_page_len for r in requests],
+            page_ids=np.concatenate([np.asarray(r.kv_page_ids, dtype=np.int64) for r in requests]),
+            page_indptr=np.cumsum([0] + [len(r.kv_page_ids) for r in requests], dtype=np.int64),
+            last_page_len=[r.kv_last_page_len for r in requests],
             masks=[r.mask for r in requests], embed_rows=torch.cat(embed_rows) if embed_rows else None,
             embed_values=torch.cat(embed_values) if embed_values else None, samplers=samplers,
             output_mask_rows=mask_rows, output_mask_runs=mask_runs)

@@ -143,7 +143,7 @@ def test_the_handler_runs_commands_and_writes_their_results():
                   embed_slots=[6, 6, 6], mask=[[1, 2], [2, 1], [3]])
     forward_handlers(runner)[CommandKind.FORWARD].execute([cmd])
     batch = runner.batch
-    assert batch.token_ids == [1, 2, 3] and batch.pages == [[5]] and batch.masks == [[[1, 2], [2, 1], [3]]]
+    assert batch.token_ids == [1, 2, 3] and [p.tolist() for p in batch.pages] == [[5]] and batch.masks == [[[1, 2], [2, 1], [3]]]
     assert list(batch.samplers) == [Greedy(), Sample(0.5, 3, 1.0, 0.0, 2**63 - 1),
                                     TopKDistribution(2, pytest.approx(0.7)), Logprobs((9, 8)), RawLogits()]
     assert batch.output_mask_rows == [0] and batch.output_mask_runs == [[60, 40]]
@@ -183,6 +183,12 @@ def test_a_packed_batch_equals_the_runners_own_flattening_of_the_same_requests()
     for name in ("token_ids", "positions", "output_rows", "qo_lens", "last_page_len", "masks", "output_mask_rows"):
         assert list(getattr(packed, name)) == list(getattr(flat, name)), name
     assert [list(p) for p in packed.pages] == [list(p) for p in flat.pages]
+    assert packed.page_ids.tolist() == flat.page_ids.tolist() and packed.page_indptr.tolist() == flat.page_indptr.tolist()
+    assert packed.kv_lens == flat.kv_lens == [c.kv_len(4) for c in commands]
+    indptr, slots = packed.kv_slots([6, 0, 3])  # every position of three sequences, in that order
+    expected = [p * 4 + i for r in (6, 0, 3) for j, p in enumerate(commands[r].kv_page_ids) for i in range(4)
+                if j * 4 + i < commands[r].kv_len(4)]
+    assert slots.tolist() == expected and indptr.tolist() == [0, *np.cumsum([commands[r].kv_len(4) for r in (6, 0, 3)])]
     assert torch.equal(packed.write_slots, flat.write_slots) and packed.write_slots.dtype == torch.int64
     assert [list(r) for r in packed.output_mask_runs] == [list(r) for r in flat.output_mask_runs]
     assert [type(s) for s in packed.samplers] == [type(s) for s in flat.samplers]

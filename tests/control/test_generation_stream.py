@@ -332,3 +332,56 @@ def test_a_stream_stops_at_the_models_last_position_before_allocating_for_it(set
     tokens, end = read_all(stream)
     assert end["end"] == "failed" and "11 tokens exceeds the model's 10 positions" in end["message"]
     assert len(tokens) == 8 and len(pool.handles(7)) == 3  # positions 0..9 ran, in ceil(10 / 4) pages
+
+
+def test_a_handle_freed_under_a_running_stream_ends_it_and_its_page_returns_after_the_stream(setup, engine):
+    """A step resolves only its new pages while no handle of the instance moved (PagePool.resolve_more);
+    freeing one is a change: the next step resolves them all again and fails on the freed handle. The
+    freed page stays pinned while passes of the stream may read it, and is free once the stream ended."""
+    _, pool, _ = setup
+    engine.pass_seconds = 0.01
+    pool.add_instance(1, 0)
+    context = pool.allocate(1, 2)  # 6 cached tokens
+    free_before = pool.stats()["num_free"]
+    stream = start(setup, prompt=[7], num_cached=6, handles=context, max_tokens=1000)
+    first = stream.next(timeout=10)
+    pool.free(1, [context[0]])
+    tokens, end = read_all(stream)
+    assert end["end"] == "failed" and f"handle {context[0]} is not held by this instance" in end["message"]
+    assert first["tokens"] + tokens == expected_chain([7], len(first["tokens"] + tokens), first_position=6)
+    deadline = time.monotonic() + 5
+    while pool.stats()["num_pinned"] and time.monotonic() < deadline:  # the last pass's pins go with it
+        time.sleep(0.01)
+    stats = pool.stats()
+    assert stats["num_pinned"] == 0
+    assert stats["num_free"] == 32 - len(pool.handles(1))  # the freed page is back
+    assert free_before == 30 and context[0] not in pool.handles(1)
+    pool.free(1, pool.handles(1))
+    assert pool.stats()["num_free"] == 32
+
+
+def test_a_page_shared_under_a_running_stream_is_copied_and_the_next_passes_use_the_copy(setup, engine):
+    """A fork of the instance's pages in mid-stream makes the page the stream writes next shared: that
+    pass copies it first (copy-on-write moves the stream's handle to a new page) and it and every later
+    pass use the copy, never the forked page."""
+    _, pool, _ = setup
+    engine.pass_seconds = 0.05
+    pool.add_instance(1, 0)
+    context = pool.allocate(1, 1)  # 2 cached tokens; the prompt's token at position 2
+    stream = start(setup, prompt=[7], num_cached=2, handles=context, max_tokens=12)
+    # with k tokens read, the pass at position k + 2 is in flight and the next one writes position k + 3:
+    # fork when that position is in a page already allocated (not the first of a new page)
+    k = 0
+    while k < 2 or (k + 3) % PAGE == 0:
+        k += len(stream.next(timeout=10)["tokens"])
+    handles = pool.handles(1)
+    forked = pool.fork(1, handles)
+    written_next = pool.resolve(1, [handles[(k + 3) // PAGE]])[0]
+    tokens, end = read_all(stream)
+    assert end["end"] == "length"
+    assert [c for c in engine.copies if c[0][0] == written_next], "no copy-on-write of the page shared in mid-stream"
+    position_of = {pos: p for p in engine.passes for pos in p["positions"]}
+    assert position_of[k + 3]["pages"][(k + 3) // PAGE] != written_next  # the pass wrote into the copy
+    assert all(p["pages"][(k + 3) // PAGE] != written_next for p in engine.passes if p["positions"][0] > k + 3)
+    assert pool.resolve(1, [forked[(k + 3) // PAGE]])[0] == written_next  # the fork keeps the page
+    pool.free(1, forked)

@@ -119,15 +119,12 @@ class CudaAttention(AttentionBackend):
         qo_indptr = [0]
         for n in batch.qo_lens:
             qo_indptr.append(qo_indptr[-1] + n)
-        page_indptr = [0]
-        for p in batch.pages:
-            page_indptr.append(page_indptr[-1] + len(p))
         masks = batch.masks
         if c.sliding_window is not None:
             masks = self._sliding_window_masks(batch)
         has_masks = any(m is not None for m in masks)
         return self.kernels.plan_attention(
-            qo_indptr, page_indptr, [p for pages in batch.pages for p in pages], batch.last_page_len,
+            qo_indptr, batch.page_indptr.tolist(), batch.page_ids.tolist(), batch.last_page_len,
             page_size=self.cache.page_size, num_q_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
             head_dim=c.head_dim, masks=masks if has_masks else None, device=self.device,
             num_sms=self.num_sms, **options)

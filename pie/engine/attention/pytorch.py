@@ -136,15 +136,14 @@ class PyTorchAttention(AttentionBackend):
     def _decode_group(self, batch: RaggedBatch, requests: list[int]) -> DecodeGroup:
         """The one-token requests' cache slots (the last sliding_window of them, with a window)."""
         window, ps = self.config.sliding_window, batch.page_size
-        slot_lists = [sequence_slots(batch.pages[r], batch.kv_lens[r], ps) for r in requests]
-        if window is not None:
-            slot_lists = [s[-window:] for s in slot_lists]
-        indptr = [0]
-        for s in slot_lists:
-            indptr.append(indptr[-1] + len(s))
+        if window is None:
+            indptr, slots = batch.kv_slots(requests)
+        else:
+            slot_lists = [sequence_slots(batch.pages[r], batch.kv_lens[r], ps)[-window:] for r in requests]
+            indptr = np.cumsum([0] + [len(s) for s in slot_lists], dtype=np.int64)
+            slots = np.concatenate(slot_lists)
         return DecodeGroup(q_rows=torch.tensor([batch.starts[r] for r in requests], dtype=torch.int64),
-                           kv_indptr=torch.tensor(indptr, dtype=torch.int64),
-                           kv_slots=torch.from_numpy(np.concatenate(slot_lists)))
+                           kv_indptr=torch.from_numpy(indptr), kv_slots=torch.from_numpy(slots))
 
     def _padded_group(self, batch: RaggedBatch, requests: list[int]) -> PaddedGroup:
         """The requests padded to the longest input (T_max) and sequence (L_max) among them."""
