@@ -1,5 +1,7 @@
 #include "host_calls.h"
 
+#include <atomic>
+
 #include <dlfcn.h>
 
 #include <cmath>
@@ -435,6 +437,17 @@ const HotEntry kHot[] = {
     {"forward", "ready", forward_ready},
 };
 
+constexpr size_t kNumHot = sizeof(kHot) / sizeof(kHot[0]);
+std::atomic<unsigned long long> g_hot_calls[kNumHot];
+
+// What the linker calls for a hot function: counts the call, then runs it (env: its kHot entry).
+void* counted_hot_call(void* env, void* context, const void* func_type, val_t* args, size_t nargs, val_t* results,
+                       size_t nresults) {
+  const HotEntry* e = static_cast<const HotEntry*>(env);
+  g_hot_calls[e - kHot].fetch_add(1, std::memory_order_relaxed);
+  return e->fn(nullptr, context, func_type, args, nargs, results, nresults);
+}
+
 const HotEntry* find_hot(const char* iface, const char* name) {
   for (const auto& e : kHot)
     if (std::strcmp(e.iface, iface) == 0 && std::strcmp(e.name, name) == 0) return &e;
@@ -460,7 +473,16 @@ bool is_hot(const char* iface, const char* name) { return find_hot(iface, name) 
 const char* register_hot(void* linker_instance, const char* iface, const char* name) {
   const HotEntry* e = find_hot(iface, name);
   if (!e) return "no such hot function";
-  return take_error(api().linker_instance_add_func(linker_instance, name, std::strlen(name), e->fn, nullptr, nullptr));
+  return take_error(api().linker_instance_add_func(linker_instance, name, std::strlen(name), counted_hot_call,
+                                                   const_cast<HotEntry*>(e), nullptr));
+}
+
+size_t num_hot_functions() { return kNumHot; }
+
+void hot_function_calls(size_t i, const char** iface, const char** name, unsigned long long* count) {
+  *iface = kHot[i].iface;
+  *name = kHot[i].name;
+  *count = g_hot_calls[i].load(std::memory_order_relaxed);
 }
 
 const char* register_unimplemented(void* linker_instance, const char* name, const char* call) {

@@ -15,4 +15,10 @@ const char* register_unimplemented(void* linker_instance, const char* name, cons
 // True if (iface, name) is implemented in C++.
 bool is_hot(const char* iface, const char* name);
 
+// Calls of each hot function since the process started, every instance together (pie_host_calls_total):
+// the number of hot functions, and the interface, name and count of the i-th (a relaxed atomic
+// increment per call; read at any time).
+size_t num_hot_functions();
+void hot_function_calls(size_t i, const char** iface, const char** name, unsigned long long* count);
+
 }  // namespace pie_rt

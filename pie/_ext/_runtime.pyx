@@ -126,6 +126,8 @@ cdef extern from "host_calls.h" namespace "pie_rt":
     const char* c_register_hot "pie_rt::register_hot"(void*, const char*, const char*)
     const char* c_register_unimplemented "pie_rt::register_unimplemented"(void*, const char*, const char*)
     cbool c_is_hot "pie_rt::is_hot"(const char*, const char*)
+    size_t c_num_hot_functions "pie_rt::num_hot_functions"()
+    void c_hot_function_calls "pie_rt::hot_function_calls"(size_t, const char**, const char**, unsigned long long*)
 
 
 # ---- wasmtime library ---------------------------------------------------------------------------
@@ -145,6 +147,20 @@ cdef inline str _check(const char* err, str what):
 
 def is_hot(str iface, str name):
     return c_is_hot(iface.encode(), name.encode())
+
+
+def host_call_counts():
+    """{"iface.name": calls since the process started} of every hot function and of every cold function
+    called at least once (every instance together)."""
+    cdef const char* iface
+    cdef const char* name
+    cdef unsigned long long count
+    out = {}
+    for i in range(c_num_hot_functions()):
+        c_hot_function_calls(i, &iface, &name, &count)
+        out[f"{iface.decode()}.{name.decode()}"] = count
+    out.update(_cold_call_counts)
+    return out
 
 
 def register_hot(size_t linker_instance, str iface, str name):
@@ -311,12 +327,16 @@ cdef void _encode(object desc, object value, val_t* out) except *:
         raise TypeError(f"unknown result type {desc!r}")
 
 
+_cold_call_counts = {}  # "iface.name" -> calls of that cold function (under the GIL)
+
+
 cdef void* _cold_cb(void* env, void* context, const void* func_type, val_t* args, size_t nargs,
                     val_t* results, size_t nresults) noexcept with gil:
     cdef ColdEnv* e = <ColdEnv*>env
     cdef CInstanceState* inst = current_instance()
     cdef bytes msg
     call = <object>e.call
+    _cold_call_counts[call] = _cold_call_counts.get(call, 0) + 1
     try:
         if inst == NULL or inst.py_owner == NULL:
             raise RuntimeError("no inferlet instance is bound to this thread")

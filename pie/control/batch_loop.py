@@ -12,6 +12,7 @@ calls.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import traceback
@@ -20,6 +21,9 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, Union
 from pie.control._control import Batch, Scheduler
 
 log = logging.getLogger(__name__)
+
+# Upper bounds of the batch-size histogram every loop keeps (pie_batch_size in docs/metrics.md).
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class BatchHandler(Protocol):
@@ -54,6 +58,10 @@ class BatchLoop:
         self.num_commands = 0
         self.batch_sizes: list[int] = []  # size of every batch run, in order (for tests and benchmarks)
         self.record_batch_sizes = False
+        # kind -> batches per size bucket (BATCH_SIZE_BUCKETS, then larger), and the sum of their sizes:
+        # what pie_batch_size reports (one increment per batch)
+        self.batch_size_counts: dict[int, list[int]] = {}
+        self.batch_size_sums: dict[int, int] = {}
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> "BatchLoop":
@@ -98,10 +106,18 @@ class BatchLoop:
         return batch
 
     def run_batch(self, batch: Batch) -> None:
+        n = len(batch)
         self.num_batches += 1
-        self.num_commands += len(batch)
+        self.num_commands += n
         if self.record_batch_sizes:
-            self.batch_sizes.append(len(batch))
+            self.batch_sizes.append(n)
+        kind = batch.kind
+        counts = self.batch_size_counts.get(kind)
+        if counts is None:
+            counts = self.batch_size_counts[kind] = [0] * (len(BATCH_SIZE_BUCKETS) + 1)
+            self.batch_size_sums[kind] = 0
+        counts[bisect.bisect_left(BATCH_SIZE_BUCKETS, n)] += 1
+        self.batch_size_sums[kind] += n
         try:
             execute = self._execute.get(batch.kind)
             if execute is None:

@@ -24,6 +24,8 @@ from aiohttp import web
 from pie.server.auth import bearer_matches, is_websocket_upgrade
 from pie.server.config import PieConfig
 from pie.server.instances import InstanceManager
+from pie.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from pie.server.metrics import ServerMetrics
 from pie.server.openai_api import OpenAIRoutes
 from pie.server.openai_params import APIError
 from pie.server.programs import ProgramStore
@@ -58,18 +60,21 @@ class Server:
         self.sessions: set[Session] = set()
         self.started_at = time.time()
         self.instances: InstanceManager | None = None
+        self.metrics = ServerMetrics(self.runtime)
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
-        self.instances = InstanceManager(self.runtime, self.config.limits, asyncio.get_running_loop())
+        self.instances = InstanceManager(self.runtime, self.config.limits, asyncio.get_running_loop(),
+                                         on_ended=self.metrics.instance_ended)
         app = web.Application(client_max_size=self.config.server.max_body_bytes, middlewares=[self._errors, self._auth])
         app.router.add_get("/", self._root)
         app.router.add_get("/ws", self._root)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
         if self.config.openai.enabled:
-            OpenAIRoutes(self.config, self.instances, self.model_name, self.started_at).add_to(app)
+            OpenAIRoutes(self.config, self.instances, self.model_name, self.started_at, self.metrics).add_to(app)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.server.host, self.config.server.port)
@@ -138,6 +143,10 @@ class Server:
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "model": self.model_name})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text format (docs/metrics.md); behind the token like every route."""
+        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def _root(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=4 * self.config.server.max_frame_bytes, compress=False,

@@ -63,10 +63,14 @@ def stop_instance(inst: Any, reason: str) -> None:
 
 
 class InstanceManager:
-    def __init__(self, runtime: Any, limits: LimitsSection, loop: asyncio.AbstractEventLoop):
+    def __init__(self, runtime: Any, limits: LimitsSection, loop: asyncio.AbstractEventLoop,
+                 on_ended: Callable[[str | None, str | None], None] | None = None):
+        """on_ended(error, terminate_reason): told on the instance's thread when an instance has ended
+        (the server's metrics)."""
         self.runtime = runtime
         self.limits = limits
         self.loop = loop
+        self.on_ended = on_ended
         self._lock = threading.Lock()
         self.live: dict[int, Running] = {}
         self.accepting = True
@@ -204,6 +208,8 @@ class InstanceManager:
             self.num_finished += 1
             self.num_failed += result.error is not None
             empty = not self.live
+        if self.on_ended is not None:
+            self.on_ended(result.error, inst.terminate_reason)
         outbox.post_from_thread(("done", inst.id, result))
         self._end_client_if_done(running.client)
         if empty:

@@ -19,10 +19,15 @@ from aiohttp import web
 from pie.runtime import resolve_inferlet
 from pie.server.config import PieConfig
 from pie.server.instances import InstanceManager, LaunchError
+from pie.server.metrics import ServerMetrics
 from pie.server.openai_params import APIError, Meta, chat_specs, completion_specs, responses_specs
 from pie.server.outbox import Outbox
 
 FINGERPRINT = "pie-0.1"
+
+
+# the route of each kind of request, as pie_requests_total labels it
+ROUTES = {"chat": "chat.completions", "completion": "completions", "responses": "responses"}
 
 
 def error_response(e: APIError) -> web.Response:
@@ -41,6 +46,9 @@ class ChoiceRun:
         cfg = config.server
         self.outbox = Outbox(asyncio.get_running_loop(), cfg.outbox_messages, cfg.slow_client_s)
         self.index: dict[int, int] = {}  # instance id -> choice index
+        self.first_output_at: float | None = None  # time.monotonic() of the first text, and of the last output
+        self.last_output_at: float | None = None
+        self.completion_tokens = [0] * len(specs)  # per choice, from its final message
 
     async def __aenter__(self) -> "ChoiceRun":
         try:
@@ -74,11 +82,29 @@ class ChoiceRun:
                 except ValueError:
                     raise APIError(500, f"the inferlet sent a message that is not JSON: {payload[:200]!r}",
                                    type="server_error") from None
+                self._timed(i, message)
                 yield i, message
             elif kind == "done":
                 pending.discard(instance_id)
                 if payload.error is not None:
                     raise inferlet_error(payload.error)
+
+
+    def _timed(self, i: int, message: Any) -> None:
+        now = time.monotonic()
+        if isinstance(message, dict) and "delta" in message:
+            if self.first_output_at is None and message["delta"]:
+                self.first_output_at = now
+        elif isinstance(message, dict) and isinstance(message.get("completion_tokens"), int):
+            self.completion_tokens[i] = message["completion_tokens"]
+        self.last_output_at = now
+
+    def time_per_output_token(self) -> float | None:
+        """(last output - first text) / (tokens of the longest choice - 1), or None without two tokens."""
+        tokens = max(self.completion_tokens, default=0)
+        if self.first_output_at is None or self.last_output_at is None or tokens < 2:
+            return None
+        return (self.last_output_at - self.first_output_at) / (tokens - 1)
 
 
 def inferlet_error(error: str) -> APIError:
@@ -143,11 +169,13 @@ def sse(data: Any, event: str | None = None) -> bytes:
 class OpenAIRoutes:
     """The /v1 routes of one server: its configuration, its instances, the model it serves."""
 
-    def __init__(self, config: PieConfig, instances: InstanceManager, model_name: str, started_at: float):
+    def __init__(self, config: PieConfig, instances: InstanceManager, model_name: str, started_at: float,
+                 metrics: ServerMetrics | None = None):
         self.config = config
         self.instances = instances
         self.model_name = model_name
         self.started_at = started_at
+        self.metrics = metrics
         self.inferlet = resolve_inferlet(config.openai.inferlet)  # the operator's choice: a name or a path
 
     def add_to(self, app: web.Application) -> None:
@@ -174,6 +202,22 @@ class OpenAIRoutes:
         return body
 
     async def _run(self, request: web.Request, kind: str) -> web.StreamResponse:
+        """Runs the request and records it (pie_requests_total, the latency histograms)."""
+        arrived = time.monotonic()
+        runs: list[ChoiceRun] = []
+        status = 500
+        try:
+            response = await self._respond(request, kind, runs)
+            status = response.status
+            return response
+        finally:
+            if self.metrics is not None:
+                run = runs[0] if runs else None
+                ttft = None if run is None or run.first_output_at is None else run.first_output_at - arrived
+                tpot = None if run is None else run.time_per_output_token()
+                self.metrics.request_done(ROUTES[kind], status, ttft, tpot)
+
+    async def _respond(self, request: web.Request, kind: str, runs: list[ChoiceRun]) -> web.StreamResponse:
         try:
             body = await self._body(request)
             openai = self.config.openai
@@ -185,6 +229,7 @@ class OpenAIRoutes:
             else:
                 specs, meta = responses_specs(body, model=self.model_name, default_max_tokens=openai.default_max_tokens)
             async with ChoiceRun(self.config, self.instances, self.inferlet, specs) as run:
+                runs.append(run)
                 if meta.stream:
                     return await getattr(self, f"_{kind}_stream")(request, run, meta)
                 collected = Collected(len(specs))

@@ -147,3 +147,23 @@ def test_a_logged_failure_keeps_nothing_of_the_batch_alive(make_scheduler, caplo
     gc.collect()
     assert any("device lost" in r.getMessage() for r in caplog.records)
     assert alive() is None, "a log record keeps the failed batch's payload alive"
+
+
+def test_the_loop_counts_batches_by_size_bucket_and_kind(make_scheduler, fake_runner):
+    """What pie_batch_size reports: per command kind, batches per size bucket (BATCH_SIZE_BUCKETS, then
+    larger) and the sum of their sizes."""
+    from pie.control.batch_loop import BATCH_SIZE_BUCKETS
+
+    scheduler = make_scheduler(policy=Policy.EAGER)
+    loop = BatchLoop(scheduler, {CommandKind.FORWARD: fake_runner, CommandKind.COPY_PAGES: lambda p: [None] * len(p)})
+    for n, kind in [(1, CommandKind.FORWARD), (3, CommandKind.FORWARD), (4, CommandKind.FORWARD),
+                    (5, CommandKind.FORWARD), (2, CommandKind.COPY_PAGES)]:
+        queues = [scheduler.create_queue(instance_id=100 * n + i + int(kind)) for i in range(n)]
+        for q in queues:
+            q.submit(kind, EchoRequest(q.instance_id) if kind == CommandKind.FORWARD else None)
+        assert len(loop.run_once(timeout=1)) == n
+    forward = loop.batch_size_counts[int(CommandKind.FORWARD)]
+    bucket = {bound: i for i, bound in enumerate(BATCH_SIZE_BUCKETS)}
+    assert forward[bucket[1]] == 1 and forward[bucket[4]] == 2 and forward[bucket[8]] == 1  # 1; 3, 4; 5
+    assert sum(forward) == 4 and loop.batch_size_sums[int(CommandKind.FORWARD)] == 13
+    assert loop.batch_size_counts[int(CommandKind.COPY_PAGES)][bucket[2]] == 1

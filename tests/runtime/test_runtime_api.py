@@ -37,6 +37,28 @@ def test_every_wit_function_is_defined_hot_cold_or_trapping():
                    "kv.mask-page", "forward.submit", "forward.wait", "forward.ready"}
 
 
+def test_host_calls_are_counted_by_function_hot_and_cold(runtime, run_py):
+    """What pie_host_calls_total reads: every hot function's calls (C++ counters), and every cold function
+    called at least once, whatever the instance."""
+    from pie._ext import _runtime
+
+    before = _runtime.host_call_counts()
+    assert set(before) >= {"kv.allocate", "kv.free", "forward.submit", "runtime.instance-id"}
+    r = run_py("""
+        from wit_world.imports import kv, runtime
+        pages = [kv.allocate(1) for _ in range(7)]
+        for p in pages:
+            kv.free(p)
+        for _ in range(3):
+            runtime.version()
+    """)
+    assert r.error is None
+    after = _runtime.host_call_counts()
+    assert after["kv.allocate"] - before["kv.allocate"] == 7 and after["kv.free"] - before["kv.free"] == 7
+    assert after["runtime.version"] - before.get("runtime.version", 0) == 3
+    assert after["forward.submit"] == before["forward.submit"]
+
+
 def test_runtime_calls(runtime, run_py):
     r = run_py("""
         import sys, inferlet

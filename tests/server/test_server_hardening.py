@@ -197,7 +197,7 @@ def test_an_idle_connection_is_closed(server_config, server_runtime, tmp_path):
 
 def test_a_token_guards_every_http_route(server_config, server_runtime, tmp_path):
     """With [auth] token set, no HTTP route answers without `Authorization: Bearer TOKEN` (the server's info at
-    GET /, /health, every /v1 route): 401 and nothing else; with the token each answers as before."""
+    GET /, /health, /metrics, every /v1 route): 401 and nothing else; with the token each answers as before."""
     import http.client
     import json
 
@@ -206,7 +206,7 @@ def test_a_token_guards_every_http_route(server_config, server_runtime, tmp_path
     cfg = server_config.replace(auth={"token": "sesame"})
     with ServerThread(cfg, runtime=server_runtime, programs_dir=tmp_path).start() as srv:
         m = srv.server.model_name
-        routes = [("GET", "/", None), ("GET", "/health", None), ("GET", "/v1/models", None),
+        routes = [("GET", "/", None), ("GET", "/health", None), ("GET", "/metrics", None), ("GET", "/v1/models", None),
                   ("GET", "/v1/models/anything", None),
                   ("POST", "/v1/completions", {"model": m, "prompt": "hi", "max_tokens": 1}),
                   ("POST", "/v1/chat/completions", {"model": m, "messages": [{"role": "user", "content": "hi"}],
