@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -88,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
 
     with Runtime(model, config) as runtime:
-        instance = runtime.launch(path, inferlet_args, on_output=out, on_log=log)
+        instance = runtime.launch(path, inferlet_args, on_output=out, on_log=log, trace=args.trace is not None)
 
         def forward_stdin() -> None:  # each line is a client message; "" marks the end of input
             for line in sys.stdin:
@@ -97,12 +98,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         threading.Thread(target=forward_stdin, name="pie-run-stdin", daemon=True).start()
         result = instance.wait()
+    _write_trace(args.trace, result.trace)
     if result.return_value is not None:
         print(result.return_value)
     if result.error is not None:
         print(f"pie: error: {path.name}: {result.error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _write_trace(path: str | None, trace: dict | None) -> None:
+    """--trace FILE: the instance's Chrome trace (open it in https://ui.perfetto.dev or chrome://tracing)."""
+    if path is None:
+        return
+    if trace is None:
+        print(f"pie: warning: no trace came back; {path} not written", file=sys.stderr)
+        return
+    with open(path, "w") as f:
+        json.dump(trace, f)
+    dropped = trace.get("otherData", {}).get("dropped_events", 0)
+    print(f"pie: trace of {len(trace['traceEvents'])} events written to {path}"
+          + (f" ({dropped} more dropped)" if dropped else "") + " (open it in https://ui.perfetto.dev)",
+          file=sys.stderr)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -131,7 +148,8 @@ def _run_on_server(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("PIE_TOKEN")
     try:
         with Client(args.server, token) as client:
-            instance = client.launch(name, expand_file_arguments(args.inferlet_args), **limits)
+            instance = client.launch(name, expand_file_arguments(args.inferlet_args), trace=args.trace is not None,
+                                     **limits)
 
             def forward_stdin() -> None:  # each line is a client message; "" marks the end of input
                 try:
@@ -153,6 +171,7 @@ def _run_on_server(args: argparse.Namespace) -> int:
     except PieError as e:
         print(f"pie: error: {args.server}: {e}", file=sys.stderr)
         return 1
+    _write_trace(args.trace, result.trace)
     if result.return_value is not None:
         print(result.return_value)
     if result.error is not None:
@@ -235,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     r = sub.add_parser("run", help="run an inferlet in an embedded engine (no server)",
-                       usage="pie run NAME|PATH [--server URL] [--model M] [--deadline S] [--memory-mb N] [--http-allow HOST[:PORT]]... -- ARGS...",
+                       usage="pie run NAME|PATH [--server URL] [--model M] [--deadline S] [--memory-mb N] [--http-allow HOST[:PORT]]... [--trace FILE] -- ARGS...",
                        description="ARGS go to the inferlet (sys.argv[1:]); an argument @FILE is replaced by the "
                        "text of FILE (read by pie run: inferlets have no filesystem); @@x passes @x.")
     r.add_argument("inferlet", help="a bundled example (e.g. text_completion) or a .py / .wasm file")
@@ -247,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--server", default=None, metavar="URL",
                    help="run on a `pie serve` (ws://HOST:PORT) instead of an embedded engine")
     r.add_argument("--token", default=None, help="the server's token (default: $PIE_TOKEN)")
+    r.add_argument("--trace", default=None, metavar="FILE",
+                   help="write the instance's Chrome/Perfetto trace (host calls, forward passes, outputs) as JSON")
     _engine_args(r)
     r.set_defaults(func=cmd_run)
 

@@ -28,7 +28,7 @@
 extern "C" {
 #endif
 
-#define PIE_CONTROL_API_VERSION 1
+#define PIE_CONTROL_API_VERSION 2  // 2: ForwardCommand carries its batch's size, tokens and run times
 #define PIE_CONTROL_API_CAPSULE "pie._ext._control._C_API"
 
 typedef struct PieControlQueue PieControlQueue;

@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -11,6 +12,11 @@ namespace py = pybind11;
 
 namespace pie::control {
 namespace {
+
+int64_t steady_now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 // A Python list of the values (one allocation for the list, one int object each).
 template <typename Values>
@@ -79,8 +85,12 @@ void bind_engine_batch(py::module_& m) {
         py::array_t<int64_t> write_slots(static_cast<py::ssize_t>(num_tokens));
         int64_t* slots = write_slots.mutable_data();
         size_t row = 0, out = 0;
+        const int64_t now = steady_now_ns();
         for (size_t r = 0; r < num_commands; ++r) {
-          const ForwardCommand& c = *cs[r];
+          ForwardCommand& c = *cs[r];
+          c.batch_size = static_cast<uint32_t>(num_commands);
+          c.batch_tokens = static_cast<uint32_t>(num_tokens);
+          c.run_start_ns = now;
           const size_t t = c.token_ids.size();
           // the K/V of the T input tokens go to the sequence's last T slots (checked: kv_len >= T)
           const uint64_t kv_len = c.kv_len(page_size);
@@ -142,9 +152,11 @@ void bind_engine_batch(py::module_& m) {
           throw std::invalid_argument(std::to_string(py::len(outputs)) + " outputs for " +
                                       std::to_string(num_outputs) + " samplers");
         size_t offset = 0;
+        const int64_t now = steady_now_ns();
         for (ForwardCommand* c : cs) {
           write_command_outputs(*c, outputs, offset);
           offset += c->outputs.size();
+          c->run_end_ns = now;
         }
       },
       py::arg("commands"), py::arg("outputs"),

@@ -74,6 +74,12 @@ struct ForwardCommand {
   // them) or the command is dropped unrun: an instance that frees them meanwhile cannot have them handed
   // to another. Empty: not pinned (a Python client holds its pages until its passes are done).
   std::shared_ptr<void> pins;
+  // The batch it ran in, stamped by the engine's handler (pack_forward / write_batch_outputs) for traces:
+  // how many commands and input tokens the forward pass had, and when it ran (steady clock, ns).
+  uint32_t batch_size = 0;
+  uint32_t batch_tokens = 0;
+  int64_t run_start_ns = 0;
+  int64_t run_end_ns = 0;
 
   uint32_t num_tokens() const { return static_cast<uint32_t>(token_ids.size()); }
   // Tokens in the KV sequence: full pages plus the last page's tokens (the one expression of it).

@@ -1,6 +1,7 @@
 #include "host_calls.h"
 
 #include <atomic>
+#include <chrono>
 
 #include <dlfcn.h>
 
@@ -385,6 +386,7 @@ void* forward_wait(void*, void*, const void*, val_t* args, size_t nargs, val_t* 
     case WaitStatus::kTerminated:
       return trap("forward.wait: " + error);
   }
+  if (inst->tracing()) inst->trace_pass(*command);
   const std::vector<pie::control::OutputValue>& outputs = command->results;
   val_t& list = results[0];
   list.kind = K_LIST;
@@ -438,14 +440,25 @@ const HotEntry kHot[] = {
 };
 
 constexpr size_t kNumHot = sizeof(kHot) / sizeof(kHot[0]);
+
+int64_t steady_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 std::atomic<unsigned long long> g_hot_calls[kNumHot];
 
 // What the linker calls for a hot function: counts the call, then runs it (env: its kHot entry).
 void* counted_hot_call(void* env, void* context, const void* func_type, val_t* args, size_t nargs, val_t* results,
                        size_t nresults) {
   const HotEntry* e = static_cast<const HotEntry*>(env);
-  g_hot_calls[e - kHot].fetch_add(1, std::memory_order_relaxed);
-  return e->fn(nullptr, context, func_type, args, nargs, results, nresults);
+  const size_t index = static_cast<size_t>(e - kHot);
+  g_hot_calls[index].fetch_add(1, std::memory_order_relaxed);
+  InstanceState* inst = current_instance();
+  if (inst == nullptr || !inst->tracing()) return e->fn(nullptr, context, func_type, args, nargs, results, nresults);
+  const int64_t start = steady_ns();
+  void* trap = e->fn(nullptr, context, func_type, args, nargs, results, nresults);
+  inst->trace_call(static_cast<uint32_t>(index), start, steady_ns());
+  return trap;
 }
 
 const HotEntry* find_hot(const char* iface, const char* name) {

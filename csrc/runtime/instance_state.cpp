@@ -310,6 +310,27 @@ std::string InstanceState::terminate_reason() {
   return reason_;
 }
 
+void InstanceState::trace_pass(const ForwardCommand& command) {
+  pending_pass_.num_tokens = command.num_tokens();
+  pending_pass_.batch_size = command.batch_size;
+  pending_pass_.batch_tokens = command.batch_tokens;
+  pending_pass_.run_start_ns = command.run_start_ns;
+  pending_pass_.run_end_ns = command.run_end_ns;
+}
+
+void InstanceState::trace_call(uint32_t call, int64_t start_ns, int64_t end_ns) {
+  TraceEvent event = pending_pass_;
+  pending_pass_ = TraceEvent{};
+  if (trace_.size() >= kMaxTraceEvents) {
+    ++trace_dropped_;
+    return;
+  }
+  event.call = call;
+  event.start_ns = start_ns;
+  event.end_ns = end_ns;
+  trace_.push_back(event);
+}
+
 double InstanceState::seconds_left() {
   if (deadline_ == std::chrono::steady_clock::time_point::max()) return -1.0;
   return std::chrono::duration<double>(deadline_ - std::chrono::steady_clock::now()).count();

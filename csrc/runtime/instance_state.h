@@ -98,6 +98,26 @@ class InstanceState {
 
   void* py_owner = nullptr;  // borrowed PyObject* of the Python-side instance (cold calls)
 
+  // Tracing (pie run --trace): while enabled, the instance's thread records each hot call (and, for a
+  // forward.wait, the pass it waited for). At most kMaxTraceEvents; later ones are counted, not kept.
+  struct TraceEvent {
+    uint32_t call;        // index of the hot function (pie_rt::hot_function_calls)
+    int64_t start_ns;     // steady clock
+    int64_t end_ns;
+    uint32_t num_tokens;  // forward.wait: the pass's input tokens, its batch's commands and tokens, when it ran
+    uint32_t batch_size;  // 0: not a forward.wait
+    uint32_t batch_tokens;
+    int64_t run_start_ns;
+    int64_t run_end_ns;
+  };
+  static constexpr size_t kMaxTraceEvents = 1 << 20;
+  void enable_trace() { tracing_ = true; }
+  bool tracing() const { return tracing_; }
+  void trace_call(uint32_t call, int64_t start_ns, int64_t end_ns);
+  void trace_pass(const ForwardCommand& command);  // amends the forward.wait being recorded
+  const std::vector<TraceEvent>& trace_events() const { return trace_; }
+  uint64_t trace_dropped() const { return trace_dropped_; }
+
  private:
   struct PendingPass {  // behind one future handle
     PieControlFuture* future = nullptr;  // owned
@@ -118,6 +138,11 @@ class InstanceState {
   bool terminated_ = false;
   bool released_ = false;
   std::string reason_;
+  // only the instance's thread touches these while it runs
+  bool tracing_ = false;
+  std::vector<TraceEvent> trace_;
+  uint64_t trace_dropped_ = 0;
+  TraceEvent pending_pass_{};  // set by trace_pass, taken by the next trace_call
 };
 
 // The instance whose guest runs on this thread (set by the instance thread before calling the guest).

@@ -118,6 +118,19 @@ cdef extern from "instance_state.h" namespace "pie_rt":
         cbool has_page_masks()
         void apply_page_masks(const vector[uint32_t]&, size_t, size_t, vector[vector[uint32_t]]&) except +
         void* py_owner
+        void enable_trace()
+        cbool tracing()
+        const vector[CTraceEvent]& trace_events()
+        uint64_t trace_dropped()
+    cdef cppclass CTraceEvent "pie_rt::InstanceState::TraceEvent":
+        uint32_t call
+        int64_t start_ns
+        int64_t end_ns
+        uint32_t num_tokens
+        uint32_t batch_size
+        uint32_t batch_tokens
+        int64_t run_start_ns
+        int64_t run_end_ns
     CInstanceState* current_instance() nogil
     void set_current_instance(CInstanceState*) nogil
 
@@ -327,6 +340,8 @@ cdef void _encode(object desc, object value, val_t* out) except *:
         raise TypeError(f"unknown result type {desc!r}")
 
 
+from time import monotonic_ns as _monotonic_ns  # the steady clock of the C++ trace stamps
+
 _cold_call_counts = {}  # "iface.name" -> calls of that cold function (under the GIL)
 
 
@@ -334,9 +349,28 @@ cdef void* _cold_cb(void* env, void* context, const void* func_type, val_t* args
                     val_t* results, size_t nresults) noexcept with gil:
     cdef ColdEnv* e = <ColdEnv*>env
     cdef CInstanceState* inst = current_instance()
-    cdef bytes msg
     call = <object>e.call
     _cold_call_counts[call] = _cold_call_counts.get(call, 0) + 1
+    if inst != NULL and inst.py_owner != NULL and inst.tracing():
+        return _traced_cold_call(e, inst, call, args, nargs, results, nresults)
+    return _cold_call(e, inst, call, args, nargs, results, nresults)
+
+
+cdef void* _traced_cold_call(ColdEnv* e, CInstanceState* inst, object call, val_t* args, size_t nargs,
+                             val_t* results, size_t nresults) noexcept:
+    """A cold call of a traced instance: recorded with its times by the instance (Instance.trace_cold_call)."""
+    start = _monotonic_ns()
+    cdef void* trap = _cold_call(e, inst, call, args, nargs, results, nresults)
+    try:
+        (<object>inst.py_owner).trace_cold_call(call, start, _monotonic_ns(), trap != NULL)
+    except BaseException:  # a trace that cannot record never fails the call
+        pass
+    return trap
+
+
+cdef void* _cold_call(ColdEnv* e, CInstanceState* inst, object call, val_t* args, size_t nargs,
+                      val_t* results, size_t nresults) noexcept:
+    cdef bytes msg
     try:
         if inst == NULL or inst.py_owner == NULL:
             raise RuntimeError("no inferlet instance is bound to this thread")
@@ -474,6 +508,33 @@ cdef class InstanceState:
             return False
         self.link.api.queue_release(q)
         return True
+
+    def enable_trace(self):
+        """Records the instance's hot calls from now on (pie.runtime.trace builds the Chrome trace)."""
+        self.ptr.get().enable_trace()
+
+    @property
+    def tracing(self):
+        return self.ptr.get().tracing()
+
+    def trace_events(self):
+        """(hot calls: [(name, start_ns, end_ns, pass or None)], dropped): pass = (tokens, batch commands,
+        batch tokens, run_start_ns, run_end_ns) for a forward.wait. Steady clock (time.monotonic_ns)."""
+        cdef const char* iface
+        cdef const char* name
+        cdef unsigned long long count
+        names = []
+        for i in range(c_num_hot_functions()):
+            c_hot_function_calls(i, &iface, &name, &count)
+            names.append(f"{iface.decode()}.{name.decode()}")
+        cdef const vector[CTraceEvent]* events = &self.ptr.get().trace_events()
+        out = []
+        for i in range(events.size()):
+            e = &events.at(i)
+            run = None if e.batch_size == 0 else (e.num_tokens, e.batch_size, e.batch_tokens, e.run_start_ns,
+                                                 e.run_end_ns)
+            out.append((names[e.call], e.start_ns, e.end_ns, run))
+        return out, self.ptr.get().trace_dropped()
 
     @property
     def has_page_masks(self):

@@ -48,6 +48,7 @@ class Event:
     error: str | None = None  # done: None on success
     return_value: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    trace: dict | None = None  # done, of an instance launched with trace=True: its Chrome trace
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Result:
     log: str
     return_value: str | None
     timings: dict[str, float] = field(default_factory=dict)
+    trace: dict | None = None  # launched with trace=True: its Chrome trace (docs/traces.md)
 
     @property
     def ok(self) -> bool:
@@ -98,7 +100,7 @@ class RemoteInstance:
             self._log.append(event.data or "")
         else:
             self.result = Result(self.id, event.error, "".join(self._output), "".join(self._log), event.return_value,
-                                 event.timings)
+                                 event.timings, event.trace)
         return event
 
     async def events(self) -> AsyncIterator[Event]:
@@ -200,7 +202,7 @@ class PieClient:
         elif kind in ("output", "log", "done"):
             iid = msg["instance_id"]
             event = Event(kind, iid, msg.get("data"), msg.get("error"), msg.get("return_value"),
-                          msg.get("timings") or {})
+                          msg.get("timings") or {}, msg.get("trace"))
             inst = self._instances.get(iid)
             if inst is None:
                 self._early.setdefault(iid, []).append(event)
@@ -268,9 +270,11 @@ class PieClient:
         return digest
 
     async def launch(self, inferlet: str | None = None, arguments: Sequence[str] = (), *, program: str | None = None,
-                     deadline_s: float | None = None, memory_mb: int | None = None) -> RemoteInstance:
+                     deadline_s: float | None = None, memory_mb: int | None = None,
+                     trace: bool = False) -> RemoteInstance:
         """Starts a bundled inferlet by name, an uploaded program by hash (`program=`), or a local file
-        (`inferlet=` a path to a .py/.wasm/.wat: uploaded first)."""
+        (`inferlet=` a path to a .py/.wasm/.wat: uploaded first). trace: its result carries its Chrome
+        trace (docs/traces.md)."""
         from pie.server.protocol import is_program_hash
 
         if program is not None and not is_program_hash(program):
@@ -279,7 +283,7 @@ class PieClient:
         if inferlet is not None and (inferlet.endswith((".py", ".wasm", ".wat")) or "/" in inferlet):
             program, inferlet = await self.upload(inferlet), None
         reply = await self.request("launch", inferlet=inferlet, program=program, arguments=list(arguments),
-                                   deadline_s=deadline_s, memory_mb=memory_mb)
+                                   deadline_s=deadline_s, memory_mb=memory_mb, trace=True if trace else None)
         iid = reply["instance_id"]
         inst = RemoteInstance(self, iid)
         self._instances[iid] = inst

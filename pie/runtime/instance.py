@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import wasmtime
 
 from pie.runtime.shared import LimitReached, utf8_size
+from pie.runtime.trace import ColdCallTrace, chrome_trace
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class InstanceResult:
     return_value: str | None
     log: str
     timings: dict[str, float] = field(default_factory=dict)  # seconds: instantiate, run, total
+    trace: dict | None = None  # launched with trace=True: its Chrome trace (pie.runtime.trace)
 
     @property
     def ok(self) -> bool:
@@ -65,13 +67,15 @@ class Instance:
                  on_done: Callable[[InstanceResult], None] | None = None,
                  on_terminate: Callable[[int, str], None] | None = None,
                  on_end: Callable[["Instance", str], None] | None = None, client: int = 0,
-                 keep_output: bool = True, max_kept_output_bytes: int = 64 << 20, inbox_messages: int = 1024):
+                 keep_output: bool = True, max_kept_output_bytes: int = 64 << 20, inbox_messages: int = 1024,
+                 trace: bool = False):
         """state: the instance's pie._ext._runtime.InstanceState; on_terminate(id, reason): told when the
         instance is terminated (to release it in the control plane at once); on_end(instance, reason):
         called on the instance thread once it has ended, before `done` is set. client: who launched it (its
         kv-store and messaging namespace). keep_output: keep what it sends and logs for the result (a
         server that streams it passes False); what is kept is capped at max_kept_output_bytes (UTF-8),
-        past which `runtime.send` / `runtime.log` fail. inbox_messages: client messages it holds unread."""
+        past which `runtime.send` / `runtime.log` fail. inbox_messages: client messages it holds unread.
+        trace: record its host calls, the passes it waited for and its outputs (the result's `trace`)."""
         self.id = instance_id
         self.state = state
         self.services = services
@@ -105,14 +109,26 @@ class Instance:
         self.streams: dict[int, Any] = {}  # generation.start handles -> pie.control GenerationStream
         self.next_stream_handle = 1
         self.terminate_reason: str | None = None
+        self.cold_trace: ColdCallTrace | None = None  # trace=True: its cold calls and outputs (the hot ones in C++)
+        self.started_ns = time.monotonic_ns()
+        if trace:
+            self.cold_trace = ColdCallTrace()
+            state.enable_trace()
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"pie-instance-{instance_id}", daemon=True)
 
     # ---- called by host functions (on the instance thread) ----------------------------------------
     def emit(self, message: str) -> None:
+        if self.cold_trace is not None:
+            self.cold_trace.output(time.monotonic_ns(), utf8_size(message))
         self._keep(self.messages, message)
         if self.on_output is not None:
             self.on_output(message)
+
+    def trace_cold_call(self, call: str, start_ns: int, end_ns: int, trapped: bool) -> None:
+        """A cold call of this (traced) instance ended (pie._ext._runtime records it)."""
+        if self.cold_trace is not None:
+            self.cold_trace.call(call, start_ns, end_ns, trapped)
 
     def add_log(self, message: str) -> None:
         self._keep(self.logs, message)
@@ -164,8 +180,12 @@ class Instance:
     def wait(self, timeout: float | None = None) -> InstanceResult:
         if not self.done.wait(timeout):
             raise TimeoutError(f"instance {self.id} did not finish within {timeout} s")
+        trace = None
+        if self.cold_trace is not None:
+            hot, dropped = self.state.trace_events()
+            trace = chrome_trace(self.id, self.started_ns, hot, dropped, self.cold_trace)
         return InstanceResult(self.id, self.error, "".join(self.messages), self.return_value, "".join(self.logs),
-                              dict(self.timings))
+                              dict(self.timings), trace)
 
     def _main(self) -> None:
         t0 = self._started

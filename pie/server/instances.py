@@ -91,10 +91,12 @@ class InstanceManager:
     # ---- launching ------------------------------------------------------------------------------
     async def launch(self, owner: Any, outbox: Outbox, arguments: Sequence[str], *, program: Program | None = None,
                      inferlet: str | Path | None = None, deadline_s: float | None = None, memory_mb: int | None = None,
-                     forward_log: bool = True, on_started: Callable[[Any], None] | None = None) -> Any:
+                     forward_log: bool = True, on_started: Callable[[Any], None] | None = None,
+                     trace: bool = False) -> Any:
         """Starts an instance of an uploaded program, a bundled inferlet (by name: only those) or the
         configured one (a Path, from the operator's configuration).
-        `on_started(instance)` runs on the launching thread before any event of the instance is queued."""
+        `on_started(instance)` runs on the launching thread before any event of the instance is queued.
+        trace: the instance records its Chrome trace (its result's `trace`)."""
         if not self.accepting:
             raise LaunchError("shutting_down", "the server is shutting down and takes no new instances")
         if len(self.live) >= self.limits.max_instances:
@@ -110,6 +112,8 @@ class InstanceManager:
                 raise LaunchError("bad_request", f"memory_mb must be in 1..{self.limits.memory_mb} on this server, "
                                                  f"got {memory_mb}")
             kwargs["memory_mb"] = int(memory_mb)
+        if trace:
+            kwargs["trace"] = True
         if not all(isinstance(a, str) for a in arguments):
             raise LaunchError("bad_request", "arguments must be a list of strings")
         return await asyncio.get_running_loop().run_in_executor(

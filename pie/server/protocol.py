@@ -29,7 +29,8 @@ REQUESTS: dict[str, dict[str, tuple[type, ...]]] = {
 
 OPTIONAL: dict[str, dict[str, tuple[type, ...]]] = {
     "upload": {"kind": (str,), "name": (str,)},
-    "launch": {"program": (str,), "inferlet": (str,), "deadline_s": (int, float), "memory_mb": (int,)},
+    "launch": {"program": (str,), "inferlet": (str,), "deadline_s": (int, float), "memory_mb": (int,),
+               "trace": (bool,)},
     "terminate": {"reason": (str,)},
 }
 
@@ -87,7 +88,7 @@ def unpack_request(frame: bytes) -> dict[str, Any]:
 
 
 def _check(kind: str, name: str, value: Any, types: tuple[type, ...], corr_id: Any) -> None:
-    if not isinstance(value, types) or isinstance(value, bool):
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):  # True is an int too
         want = " or ".join(t.__name__ for t in types)
         raise ProtocolError("bad_request", f"{kind}: field {name!r} must be {want}, got {type(value).__name__}",
                             corr_id)

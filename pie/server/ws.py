@@ -22,10 +22,12 @@ from pie.server.instances import InstanceManager, LaunchError, stop_instance
 from pie.server.outbox import Outbox
 from pie.server.programs import ProgramError, ProgramStore, Upload
 from pie.server.protocol import PROTOCOL_VERSION, ProtocolError, error_response, pack, response, unpack_request
+from pie.runtime.trace import bounded_trace
 
 log = logging.getLogger("pie.server")
 
 MAX_UPLOADS_IN_PROGRESS = 4
+MAX_TRACE_EVENTS = 100_000  # of a trace sent back in a done event (about 15 MB); the rest counted as dropped
 INFERLET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
@@ -151,8 +153,11 @@ class Session:
             return pack(response(payload, instance_id=instance_id))
         if kind == "done":
             self.instance_ids.discard(instance_id)
-            return pack({"type": "done", "instance_id": instance_id, "error": payload.error,
-                         "return_value": payload.return_value, "timings": payload.timings})
+            done = {"type": "done", "instance_id": instance_id, "error": payload.error,
+                    "return_value": payload.return_value, "timings": payload.timings}
+            if payload.trace is not None:  # launched with trace: true
+                done["trace"] = bounded_trace(payload.trace, MAX_TRACE_EVENTS)
+            return pack(done)
         return None
 
     # ---- reading ---------------------------------------------------------------------------------
@@ -236,7 +241,7 @@ class Session:
         outbox = self.outbox
         await self.instances.launch(
             self, outbox, msg["arguments"], program=program, inferlet=name, deadline_s=msg.get("deadline_s"),
-            memory_mb=msg.get("memory_mb"),
+            memory_mb=msg.get("memory_mb"), trace=bool(msg.get("trace")),
             on_started=lambda inst: outbox.post_from_thread(("launched", inst.id, corr_id)))
         return None  # answered by the "launched" event
 

@@ -105,3 +105,22 @@ def test_serve_drains_on_a_signal_and_exits_0(tmp_path, sig):
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_pie_run_writes_the_instances_trace_embedded_and_on_a_server(server, tmp_path):
+    """`pie run --trace FILE`: the Chrome trace of the instance, embedded and through the protocol's
+    launch option (sent back in its done event)."""
+    import json
+
+    args = ["text_completion", "--", "--prompt", PROMPT, "--max-tokens", "4", "--temperature", "0", "--per-token"]
+    for where, extra in (("embedded", []), ("server", ["--server", server.ws_url])):
+        path = tmp_path / f"{where}.json"
+        r = run_pie("run", *extra, "--trace", str(path), *args)
+        assert r.returncode == 0, r.stderr
+        assert f"written to {path}" in r.stderr
+        events = json.loads(path.read_text())["traceEvents"]
+        names = [e["name"] for e in events]
+        assert names.count("forward.wait") == names.count("forward pass") >= 4, where  # prompt + 3 tokens
+        assert "runtime.send" in names and "output" in names, where
+    plain = run_pie("run", "--server", server.ws_url, *args)
+    assert plain.returncode == 0 and "trace" not in plain.stderr

@@ -272,3 +272,18 @@ def test_a_request_on_a_dropped_connection_raises_connection_closed(server, capl
 
     asyncio.run(main())
     assert "never retrieved" not in caplog.text
+
+
+def test_a_launch_with_trace_gets_its_trace_in_the_done_event(server, pool_whole):
+    from pie.client import Client
+
+    with Client(server.ws_url) as client:
+        traced = client.run(str(INFERLETS / "tiny.py"), ["x", "--generate"], trace=True, timeout=60)
+        plain = client.run(str(INFERLETS / "tiny.py"), ["x", "--generate"], timeout=60)
+    assert traced.error is None and plain.error is None and traced.output == plain.output == "got x"
+    assert plain.trace is None
+    events = traced.trace["traceEvents"]
+    assert events[0]["name"] == "process_name" and events[0]["pid"] == traced.instance_id
+    names = [e["name"] for e in events]
+    assert "generation.start" in names and names.count("output") == 1  # Context.generate runs on a stream
+    pool_whole()
