@@ -58,7 +58,7 @@ READY, FAILED, CANCELLED = 1, 2, 3
 
 def test_native_submit_and_wait_through_the_capsule(make_scheduler):
     api = load_api()
-    assert api.version == compiled.C_API_VERSION == 1
+    assert api.version == compiled.C_API_VERSION == 2  # 2: ForwardCommand carries its batch (traces)
     released = []
     release = RELEASE(lambda address: released.append(address))
     scheduler = make_scheduler(policy=Policy.EAGER)
