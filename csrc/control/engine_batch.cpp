@@ -8,6 +8,9 @@
 #include <string>
 #include <vector>
 
+#include "command_payload.h"
+#include "scheduler.h"
+
 namespace py = pybind11;
 
 namespace pie::control {
@@ -23,6 +26,27 @@ template <typename Values>
 py::list int_list(const Values& values) {
   py::list out(values.size());
   for (size_t i = 0; i < values.size(); ++i) out[i] = py::int_(values[i]);
+  return out;
+}
+
+// The ForwardCommands of `commands`: a Batch (its payloads, read in place: no Python object per command)
+// or a sequence of pie.control.ForwardCommand.
+std::vector<ForwardCommand*> commands_of(py::handle commands) {
+  std::vector<ForwardCommand*> out;
+  if (py::isinstance<Batch>(commands)) {
+    const Batch& batch = commands.cast<const Batch&>();
+    out.resize(batch.size());
+    for (size_t r = 0; r < batch.size(); ++r) {
+      const Payload& payload = batch.command(r).payload;
+      if (!payload || payload.release_function() != &release_command<ForwardCommand>)
+        throw std::invalid_argument("command " + std::to_string(r) + " of the batch is not a ForwardCommand");
+      out[r] = static_cast<std::shared_ptr<ForwardCommand>*>(payload.get())->get();
+    }
+    return out;
+  }
+  auto sequence = py::reinterpret_borrow<py::sequence>(commands);
+  out.resize(py::len(sequence));
+  for (size_t r = 0; r < out.size(); ++r) out[r] = &sequence[r].cast<ForwardCommand&>();
   return out;
 }
 
@@ -63,13 +87,12 @@ void write_command_outputs(ForwardCommand& c, py::sequence outputs, size_t offse
 void bind_engine_batch(py::module_& m) {
   m.def(
       "pack_forward",
-      [](py::sequence commands, uint32_t page_size, py::object greedy, py::object to_sampler) {
+      [](py::object commands, uint32_t page_size, py::object greedy, py::object to_sampler) {
         if (page_size == 0) throw std::invalid_argument("page_size: 0");
-        const size_t num_commands = py::len(commands);
-        std::vector<ForwardCommand*> cs(num_commands);
+        const std::vector<ForwardCommand*> cs = commands_of(commands);
+        const size_t num_commands = cs.size();
         size_t num_tokens = 0, num_outputs = 0, num_pages = 0;
         for (size_t r = 0; r < num_commands; ++r) {
-          cs[r] = &commands[r].cast<ForwardCommand&>();
           num_tokens += cs[r]->token_ids.size();
           num_outputs += cs[r]->outputs.size();
           num_pages += cs[r]->kv_page_ids.size();
@@ -135,19 +158,15 @@ void bind_engine_batch(py::module_& m) {
         return fields;
       },
       py::arg("commands"), py::arg("page_size"), py::arg("greedy"), py::arg("to_sampler"),
-      "The FORWARD commands as the fields of one pie.engine.ragged_batch.RaggedBatch (write_slots as an int64 "
+      "The FORWARD commands (a sequence of ForwardCommand, or a Batch: its commands in place) as the fields of one pie.engine.ragged_batch.RaggedBatch (write_slots as an int64 "
       "array; embed_slots: None or (first row, slots) per command with input embeddings); every greedy output's "
       "sampler is `greedy`, the others to_sampler(sampler).");
   m.def(
       "write_batch_outputs",
-      [](py::sequence commands, py::sequence outputs) {
-        const size_t num_commands = py::len(commands);
-        std::vector<ForwardCommand*> cs(num_commands);
+      [](py::object commands, py::sequence outputs) {
+        const std::vector<ForwardCommand*> cs = commands_of(commands);
         size_t num_outputs = 0;
-        for (size_t r = 0; r < num_commands; ++r) {
-          cs[r] = &commands[r].cast<ForwardCommand&>();
-          num_outputs += cs[r]->outputs.size();
-        }
+        for (ForwardCommand* c : cs) num_outputs += c->outputs.size();
         if (py::len(outputs) != num_outputs)
           throw std::invalid_argument(std::to_string(py::len(outputs)) + " outputs for " +
                                       std::to_string(num_outputs) + " samplers");
@@ -160,7 +179,7 @@ void bind_engine_batch(py::module_& m) {
         }
       },
       py::arg("commands"), py::arg("outputs"),
-      "Write the engine's (M,) outputs of a packed batch, in order, into the commands' results (as "
+      "Write the engine's (M,) outputs of a packed batch, in order, into the commands' results (a sequence or the Batch) (as "
       "ForwardCommand.write_outputs for each); their pages are unpinned.");
 }
 

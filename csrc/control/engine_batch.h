@@ -2,6 +2,8 @@
 // commands: the two crossings of a forward pass between the control layer and the model runner, one
 // call each per batch (pie/control/handlers.py).
 //
+// `commands` is a sequence of ForwardCommand or a Batch of them (read in place: the batch loop's fast path
+// creates no Python object per command).
 // pack_forward(commands, page_size, greedy, to_sampler) -> dict of pie.engine.ragged_batch.RaggedBatch's
 // fields, the commands' rows back to back (command r owns rows starts[r] .. starts[r] + T_r):
 //   token_ids (N,), positions (N,), write_slots (N,) int64 numpy (the last T_r slots of each sequence),

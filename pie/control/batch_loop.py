@@ -32,6 +32,10 @@ class BatchHandler(Protocol):
     `execute` returns one result per payload, in order. It may raise an exception with a
     `request_index` attribute (like pie.engine.batch.BatchError) to reject one payload; that command
     fails with the message and the others are run again without it.
+
+    A handler may also have `execute_batch(batch)`, given the whole Batch first (it reads the payloads
+    itself, e.g. in C++, with no Python object per command); if it raises, the batch runs through
+    `execute` as above, which attributes the failure.
     """
 
     def execute(self, payloads: list[Any]) -> Sequence[Any]: ...
@@ -49,6 +53,9 @@ class BatchLoop:
         self._execute: dict[int, Callable[[list[Any]], Sequence[Any]]] = {
             int(kind): (handler.execute if hasattr(handler, "execute") else handler)
             for kind, handler in handlers.items()
+        }
+        self._execute_batch: dict[int, Callable[[Batch], Sequence[Any]]] = {
+            int(kind): handler.execute_batch for kind, handler in handlers.items() if hasattr(handler, "execute_batch")
         }
         self._name = name
         self._poll_interval = poll_interval
@@ -123,7 +130,8 @@ class BatchLoop:
             if execute is None:
                 batch.fail_unresolved(f"no handler for command kind {batch.kind}")
                 return
-            self._run_on(execute, batch)
+            if not self._run_whole(batch):
+                self._run_on(execute, batch)
         except BaseException as error:  # the loop survives; every future learns what happened
             # the traceback as text: a log record that kept the exception would keep its frames, and with
             # them the batch's commands and the pages they pin, for as long as a handler keeps records
@@ -133,6 +141,21 @@ class BatchLoop:
                 raise
         finally:
             batch.finish()
+
+    def _run_whole(self, batch: Batch) -> bool:
+        """The handler's execute_batch over the whole batch; False when it has none or it raised (then the
+        batch runs through execute, which attributes the failure to its command)."""
+        execute_batch = self._execute_batch.get(batch.kind)
+        if execute_batch is None:
+            return False
+        try:
+            results = execute_batch(batch)
+        except Exception:
+            return False
+        if len(results) != len(batch):
+            return False
+        batch.complete(results, list(range(len(batch))))
+        return True
 
     @staticmethod
     def _run_on(execute: Callable[[list[Any]], Sequence[Any]], batch: Batch) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from pie.control import _control
-from pie.control._control import CommandKind, ForwardCommand, PageCopyCommand, Sampler, SamplerKind
+from pie.control._control import Batch, CommandKind, ForwardCommand, PageCopyCommand, Sampler, SamplerKind
 from pie.engine.batch import Greedy, Logprobs, RawLogits, Sample, TopKDistribution
 from pie.engine.ragged_batch import RaggedBatch
 
@@ -41,9 +41,10 @@ _TO_SAMPLER: dict[SamplerKind, Callable[[Sampler], Any]] = {
 }
 
 
-def pack_forward(commands: Sequence[ForwardCommand], page_size: int, embeddings: Any = None) -> RaggedBatch:
-    """The commands as the engine's one ragged batch, rows command after command; `embeddings` (the
-    runner's EmbeddingTable) supplies the rows of the commands' input-embedding slots."""
+def pack_forward(commands: Sequence[ForwardCommand] | Batch, page_size: int, embeddings: Any = None) -> RaggedBatch:
+    """The commands (a list, or a whole Batch read in place) as the engine's one ragged batch, rows command
+    after command; `embeddings` (the runner's EmbeddingTable) supplies the rows of the commands'
+    input-embedding slots."""
     fields = _control.pack_forward(commands, page_size, _GREEDY, _to_sampler)
     fields["write_slots"] = torch.from_numpy(fields["write_slots"])
     embed = fields.pop("embed_slots")
@@ -66,9 +67,14 @@ class ForwardHandler:
         self.lock = lock or threading.Lock()
 
     def execute(self, commands: list[ForwardCommand]) -> list[None]:
-        batch = pack_forward(commands, self.runner.page_size, self.runner.embeddings)
+        return self.execute_batch(commands)
+
+    def execute_batch(self, commands: list[ForwardCommand] | Batch) -> list[None]:
+        """A list of commands, or the whole Batch (the batch loop's fast path: its commands are read in
+        place, no Python object is made per command)."""
+        packed = pack_forward(commands, self.runner.page_size, self.runner.embeddings)
         with self.lock:
-            outputs = self.runner.run_batch(batch)
+            outputs = self.runner.run_batch(packed)
         _control.write_batch_outputs(commands, outputs)
         return [None] * len(commands)
 

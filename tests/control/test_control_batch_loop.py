@@ -167,3 +167,59 @@ def test_the_loop_counts_batches_by_size_bucket_and_kind(make_scheduler, fake_ru
     assert forward[bucket[1]] == 1 and forward[bucket[4]] == 2 and forward[bucket[8]] == 1  # 1; 3, 4; 5
     assert sum(forward) == 4 and loop.batch_size_sums[int(CommandKind.FORWARD)] == 13
     assert loop.batch_size_counts[int(CommandKind.COPY_PAGES)][bucket[2]] == 1
+
+
+def test_a_handler_with_execute_batch_gets_the_whole_batch_and_a_failure_falls_back_to_execute(make_scheduler):
+    """execute_batch(batch) runs first (the ForwardHandler reads the payloads in C++ from it); when it raises,
+    the same batch runs through execute(payloads), which attributes a failure to its command."""
+    from pie.control import Batch
+
+    class Handler:
+        def __init__(self):
+            self.whole, self.listed, self.fail_whole = [], [], False
+
+        def execute_batch(self, batch):
+            assert isinstance(batch, Batch)
+            if self.fail_whole:
+                raise RuntimeError("the fast path fails")
+            self.whole.append(len(batch))
+            return [p * 2 for p in batch.payloads]
+
+        def execute(self, payloads):
+            self.listed.append(list(payloads))
+            return [p * 3 for p in payloads]
+
+    scheduler = make_scheduler(policy=Policy.EAGER)
+    q = scheduler.create_queue(instance_id=1)
+    handler = Handler()
+    loop = BatchLoop(scheduler, {0: handler})
+    first = [q.submit(0, 1), q.submit(0, 2)]
+    loop.run_once(timeout=1)
+    assert [f.result(1) for f in first] == [2, 4] and handler.whole == [2] and handler.listed == []
+    handler.fail_whole = True
+    second = [q.submit(0, 5), q.submit(0, 6)]
+    loop.run_once(timeout=1)
+    assert [f.result(1) for f in second] == [15, 18] and handler.listed == [[5, 6]]
+
+
+def test_the_forward_handler_packs_a_batch_in_place_as_it_packs_the_list(make_scheduler):
+    """pack_forward of a Batch reads its ForwardCommands in place: the same RaggedBatch as from the list."""
+    from pie.control import ForwardCommand, ForwardLimits, ForwardOutput, Sampler, SamplerKind
+    from pie.control.handlers import pack_forward
+
+    scheduler = make_scheduler(policy=Policy.EAGER)
+    limits = ForwardLimits(vocab_size=100, page_size=4, num_pages=16, max_tokens=32, max_position=1000)
+    q = scheduler.create_queue(instance_id=3)
+    # n tokens in page n, the last one sampled
+    commands = [ForwardCommand([1, 2, 3][:n], list(range(n)), [n], n,
+                               outputs=[ForwardOutput(n - 1, Sampler(SamplerKind.GREEDY))]) for n in (1, 2, 3)]
+    for c in commands:
+        q.submit_forward(c, limits)
+    batch = scheduler.take(1.0)
+    whole, listed = pack_forward(batch, 4), pack_forward(commands, 4)
+    for name in ("token_ids", "positions", "output_rows", "qo_lens", "last_page_len", "masks"):
+        assert list(getattr(whole, name)) == list(getattr(listed, name)), name
+    assert whole.page_ids.tolist() == listed.page_ids.tolist() == [1, 2, 3]
+    assert whole.write_slots.tolist() == listed.write_slots.tolist()
+    batch.fail_unresolved("done with it")
+    batch.finish()
