@@ -160,9 +160,7 @@ void GenerationStream::submit_next() {
     }
   }
   // Checked before anything changes (as forward.submit): a refused pass leaves the pages as they were.
-  resolve_pages(num_pages);
-  command->kv_page_ids.assign(pages_.begin(), pages_.begin() + static_cast<std::ptrdiff_t>(num_pages));
-  command->pins = page_pins_;
+  point_at_pages(*command, num_pages);
   if (auto problem = check_forward(*command, limits_))
     throw std::invalid_argument(describe(*problem, FieldNaming::kPython));
   // Copy-on-write of the pages the pass writes (its last t slots) that are shared (a fork, an import):
@@ -179,11 +177,7 @@ void GenerationStream::submit_next() {
     throw;
   }
   if (hooks_.report_terminations && !terminations.empty()) hooks_.report_terminations(terminations);
-  if (!copies.empty()) {
-    resolve_pages(num_pages);
-    command->kv_page_ids.assign(pages_.begin(), pages_.begin() + static_cast<std::ptrdiff_t>(num_pages));
-    command->pins = page_pins_;
-  }
+  if (!copies.empty()) point_at_pages(*command, num_pages);
   if (hooks_.fold_page_masks) {
     const std::vector<uint32_t> pass_handles(handles_.begin(), handles_.begin() + static_cast<std::ptrdiff_t>(num_pages));
     hooks_.fold_page_masks(pass_handles, end, t, command->mask);
@@ -222,12 +216,14 @@ void GenerationStream::submit_next() {
   });
 }
 
-void GenerationStream::resolve_pages(size_t count) {
+void GenerationStream::point_at_pages(ForwardCommand& command, size_t count) {
   PagePins fresh;
   if (pool_->resolve_more(spec_.instance_id, handles_, count, pages_epoch_, pages_, fresh) || !page_pins_) {
     page_pins_ = std::make_shared<PinGroups>();  // the earlier set stays with the passes that hold it
   }
-  page_pins_->groups.push_back(std::move(fresh));
+  if (fresh) page_pins_->groups.push_back(std::move(fresh));  // a step that added no page pins nothing
+  command.kv_page_ids.assign(pages_.begin(), pages_.begin() + static_cast<std::ptrdiff_t>(count));
+  command.pins = page_pins_;
 }
 
 void GenerationStream::release_pages() {

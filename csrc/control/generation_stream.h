@@ -151,7 +151,9 @@ class GenerationStream : public std::enable_shared_from_this<GenerationStream> {
   bool stop_string_found();
   bool stop_tokens_found() const;
   std::vector<uint32_t> allocate(uint32_t count);
-  void resolve_pages(size_t count);  // pages_ covers handles_[:count], current and pinned
+  // Makes pages_ cover handles_[:count], current and pinned, and points the pass at them (its pages and
+  // the stream's pins).
+  void point_at_pages(ForwardCommand& command, size_t count);
   void release_pages();              // the stream has ended: its passes' pins go with the last of them
   void finish(StreamEnd end, std::string message);
 

@@ -342,7 +342,7 @@ bool PagePool::resolve_more(uint64_t instance_id, const std::vector<uint32_t>& h
     const size_t from = all ? 0 : pages.size();
     std::vector<uint32_t> fresh =
         pages_of_locked(instance, std::vector<uint32_t>(handles.begin() + from, handles.begin() + count));
-    pinned = pin_locked(fresh);
+    if (!fresh.empty()) pinned = pin_locked(fresh);
     if (all) {
       pages = std::move(fresh);
       epoch = instance.mapping_epoch;

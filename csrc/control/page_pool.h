@@ -139,7 +139,8 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   // `pages` holds the pages of handles[:pages.size()] as of the instance's mapping `epoch`. When no
   // handle of the instance was freed or moved since (the epoch is unchanged), only handles[pages.size():
   // count] are resolved and appended (O(new)); otherwise all of handles[:count] are, and `epoch` is
-  // updated. The pages resolved now are pinned into `pins`. Returns true when all were resolved again
+  // updated. The pages resolved now are pinned into `pins` (left empty when none were). Returns true
+  // when all were resolved again
   // (pins of the earlier ones are then the caller's to drop). Throws as resolve().
   bool resolve_more(uint64_t instance_id, const std::vector<uint32_t>& handles, size_t count, uint64_t& epoch,
                     std::vector<uint32_t>& pages, PagePins& pins);

@@ -289,12 +289,12 @@ class GenerationStream:
 
 def step_seed(seed: int, step: int) -> int: ...
 
-def pack_forward(commands: Sequence[ForwardCommand], page_size: int, greedy: Any,
+def pack_forward(commands: Sequence[ForwardCommand] | Batch, page_size: int, greedy: Any,
                  to_sampler: Callable[[Sampler], Any]) -> dict[str, Any]:
-    """The commands as pie.engine.ragged_batch.RaggedBatch fields (write_slots an int64 array; embed_slots
+    """The commands (a list, or a Batch's read in place) as pie.engine.ragged_batch.RaggedBatch fields (write_slots an int64 array; embed_slots
     None or (first row, slots) per command); pie.control.handlers.pack_forward wraps it."""
 
-def write_batch_outputs(commands: Sequence[ForwardCommand], outputs: Sequence[Any]) -> None:
+def write_batch_outputs(commands: Sequence[ForwardCommand] | Batch, outputs: Sequence[Any]) -> None:
     """The (M,) outputs of a packed batch, in order, into the commands' results; unpins their pages."""
 
 def drive_native_producers(
