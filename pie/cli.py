@@ -69,6 +69,7 @@ def expand_file_arguments(arguments: list[str]) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _check_trace_path(args.trace)  # before the run, not after it
     if args.server is not None:
         return _run_on_server(args)
     from pie.engine.model import Model
@@ -105,6 +106,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"pie: error: {path.name}: {result.error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_trace_path(path: str | None) -> None:
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise OSError(f"--trace {path}: not a file that can be written (its folder must exist and be writable)")
 
 
 def _write_trace(path: str | None, trace: dict | None) -> None:

@@ -321,7 +321,7 @@ void InstanceState::trace_pass(const ForwardCommand& command) {
 void InstanceState::trace_call(uint32_t call, int64_t start_ns, int64_t end_ns) {
   TraceEvent event = pending_pass_;
   pending_pass_ = TraceEvent{};
-  if (trace_.size() >= kMaxTraceEvents) {
+  if (trace_.size() >= trace_max_events_) {
     ++trace_dropped_;
     return;
   }

@@ -99,7 +99,7 @@ class InstanceState {
   void* py_owner = nullptr;  // borrowed PyObject* of the Python-side instance (cold calls)
 
   // Tracing (pie run --trace): while enabled, the instance's thread records each hot call (and, for a
-  // forward.wait, the pass it waited for). At most kMaxTraceEvents; later ones are counted, not kept.
+  // forward.wait, the pass it waited for). At most max_events (enable_trace); later ones are counted, not kept.
   struct TraceEvent {
     uint32_t call;        // index of the hot function (pie_rt::hot_function_calls)
     int64_t start_ns;     // steady clock
@@ -110,8 +110,10 @@ class InstanceState {
     int64_t run_start_ns;
     int64_t run_end_ns;
   };
-  static constexpr size_t kMaxTraceEvents = 1 << 20;
-  void enable_trace() { tracing_ = true; }
+  void enable_trace(size_t max_events) {
+    trace_max_events_ = max_events;
+    tracing_ = true;
+  }
   bool tracing() const { return tracing_; }
   void trace_call(uint32_t call, int64_t start_ns, int64_t end_ns);
   void trace_pass(const ForwardCommand& command);  // amends the forward.wait being recorded
@@ -142,6 +144,7 @@ class InstanceState {
   bool tracing_ = false;
   std::vector<TraceEvent> trace_;
   uint64_t trace_dropped_ = 0;
+  size_t trace_max_events_ = 0;
   TraceEvent pending_pass_{};  // set by trace_pass, taken by the next trace_call
 };
 

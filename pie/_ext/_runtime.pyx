@@ -118,7 +118,7 @@ cdef extern from "instance_state.h" namespace "pie_rt":
         cbool has_page_masks()
         void apply_page_masks(const vector[uint32_t]&, size_t, size_t, vector[vector[uint32_t]]&) except +
         void* py_owner
-        void enable_trace()
+        void enable_trace(size_t)
         cbool tracing()
         const vector[CTraceEvent]& trace_events()
         uint64_t trace_dropped()
@@ -162,16 +162,22 @@ def is_hot(str iface, str name):
     return c_is_hot(iface.encode(), name.encode())
 
 
-def host_call_counts():
-    """{"iface.name": calls since the process started} of every hot function and of every cold function
-    called at least once (every instance together)."""
+def _hot_functions():
+    """[("iface.name", calls since the process started)] of every hot function, in the C++ table's order."""
     cdef const char* iface
     cdef const char* name
     cdef unsigned long long count
-    out = {}
+    out = []
     for i in range(c_num_hot_functions()):
         c_hot_function_calls(i, &iface, &name, &count)
-        out[f"{iface.decode()}.{name.decode()}"] = count
+        out.append((f"{iface.decode()}.{name.decode()}", count))
+    return out
+
+
+def host_call_counts():
+    """{"iface.name": calls since the process started} of every hot function and of every cold function
+    called at least once (every instance together)."""
+    out = dict(_hot_functions())
     out.update(_cold_call_counts)
     return out
 
@@ -509,9 +515,10 @@ cdef class InstanceState:
         self.link.api.queue_release(q)
         return True
 
-    def enable_trace(self):
-        """Records the instance's hot calls from now on (pie.runtime.trace builds the Chrome trace)."""
-        self.ptr.get().enable_trace()
+    def enable_trace(self, size_t max_events):
+        """Records the instance's hot calls from now on, at most max_events of them (pie.runtime.trace
+        builds the Chrome trace)."""
+        self.ptr.get().enable_trace(max_events)
 
     @property
     def tracing(self):
@@ -520,13 +527,7 @@ cdef class InstanceState:
     def trace_events(self):
         """(hot calls: [(name, start_ns, end_ns, pass or None)], dropped): pass = (tokens, batch commands,
         batch tokens, run_start_ns, run_end_ns) for a forward.wait. Steady clock (time.monotonic_ns)."""
-        cdef const char* iface
-        cdef const char* name
-        cdef unsigned long long count
-        names = []
-        for i in range(c_num_hot_functions()):
-            c_hot_function_calls(i, &iface, &name, &count)
-            names.append(f"{iface.decode()}.{name.decode()}")
+        names = [name for name, _ in _hot_functions()]
         cdef const vector[CTraceEvent]* events = &self.ptr.get().trace_events()
         out = []
         for i in range(events.size()):

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import wasmtime
 
 from pie.runtime.shared import LimitReached, utf8_size
-from pie.runtime.trace import ColdCallTrace, chrome_trace
+from pie.runtime.trace import MAX_EVENTS, ColdCallTrace, chrome_trace
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,15 @@ class Instance:
                  on_terminate: Callable[[int, str], None] | None = None,
                  on_end: Callable[["Instance", str], None] | None = None, client: int = 0,
                  keep_output: bool = True, max_kept_output_bytes: int = 64 << 20, inbox_messages: int = 1024,
-                 trace: bool = False):
+                 trace: bool = False, trace_max_events: int = MAX_EVENTS):
         """state: the instance's pie._ext._runtime.InstanceState; on_terminate(id, reason): told when the
         instance is terminated (to release it in the control plane at once); on_end(instance, reason):
         called on the instance thread once it has ended, before `done` is set. client: who launched it (its
         kv-store and messaging namespace). keep_output: keep what it sends and logs for the result (a
         server that streams it passes False); what is kept is capped at max_kept_output_bytes (UTF-8),
         past which `runtime.send` / `runtime.log` fail. inbox_messages: client messages it holds unread.
-        trace: record its host calls, the passes it waited for and its outputs (the result's `trace`)."""
+        trace: record its host calls, the passes it waited for and its outputs (the result's `trace`): at
+        most trace_max_events hot calls and as many other events, later ones counted, not kept."""
         self.id = instance_id
         self.state = state
         self.services = services
@@ -112,8 +113,8 @@ class Instance:
         self.cold_trace: ColdCallTrace | None = None  # trace=True: its cold calls and outputs (the hot ones in C++)
         self.started_ns = time.monotonic_ns()
         if trace:
-            self.cold_trace = ColdCallTrace()
-            state.enable_trace()
+            self.cold_trace = ColdCallTrace(trace_max_events)
+            state.enable_trace(trace_max_events)
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"pie-instance-{instance_id}", daemon=True)
 

@@ -20,28 +20,34 @@ from __future__ import annotations
 from typing import Any
 
 HOST_CALLS, FORWARD_PASSES, OUTPUTS = 1, 2, 3
-MAX_COLD_EVENTS = 1 << 20  # as the C++ side's bound on hot calls: later ones are counted, not kept
+MAX_EVENTS = 1 << 20  # a traced instance's default bound on its hot calls, and on its other events together
 
 
 class ColdCallTrace:
-    """What a traced instance records in Python: its cold calls and output messages (bounded)."""
+    """What a traced instance records in Python: its cold calls and output messages, at most max_events
+    of them together (later ones are counted, not kept)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_events: int = MAX_EVENTS) -> None:
         self.calls: list[tuple[str, int, int, bool]] = []  # (iface.name, start_ns, end_ns, trapped)
         self.outputs: list[tuple[int, int]] = []  # (time_ns, UTF-8 bytes)
+        self.max_events = max_events
         self.dropped = 0
 
     def call(self, name: str, start_ns: int, end_ns: int, trapped: bool) -> None:
-        if len(self.calls) >= MAX_COLD_EVENTS:
-            self.dropped += 1
+        if self._full():
             return
         self.calls.append((name, start_ns, end_ns, trapped))
 
     def output(self, time_ns: int, size: int) -> None:
-        if len(self.outputs) >= MAX_COLD_EVENTS:
-            self.dropped += 1
+        if self._full():
             return
         self.outputs.append((time_ns, size))
+
+    def _full(self) -> bool:
+        if len(self.calls) + len(self.outputs) < self.max_events:
+            return False
+        self.dropped += 1
+        return True
 
 
 def bounded_trace(trace: dict, max_events: int) -> dict:

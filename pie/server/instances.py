@@ -52,6 +52,11 @@ class Running:
                 "arguments": list(self.instance.arguments)}
 
 
+# Events of a traced instance's trace, sent back in its done event (about 15 MB); its recording is bounded
+# by it too (each kind of event), the rest counted as dropped.
+MAX_TRACE_EVENTS = 100_000
+
+
 def stop_instance(inst: Any, reason: str) -> None:
     """Terminates `inst` (at its next host call). Also wakes a pending runtime.receive with the end of
     input: Instance.terminate does not interrupt that wait, and the guest's next call then traps."""
@@ -96,7 +101,7 @@ class InstanceManager:
         """Starts an instance of an uploaded program, a bundled inferlet (by name: only those) or the
         configured one (a Path, from the operator's configuration).
         `on_started(instance)` runs on the launching thread before any event of the instance is queued.
-        trace: the instance records its Chrome trace (its result's `trace`)."""
+        trace: the instance records its Chrome trace (its result's `trace`), within MAX_TRACE_EVENTS."""
         if not self.accepting:
             raise LaunchError("shutting_down", "the server is shutting down and takes no new instances")
         if len(self.live) >= self.limits.max_instances:
@@ -113,7 +118,7 @@ class InstanceManager:
                                                  f"got {memory_mb}")
             kwargs["memory_mb"] = int(memory_mb)
         if trace:
-            kwargs["trace"] = True
+            kwargs.update(trace=True, trace_max_events=MAX_TRACE_EVENTS)
         if not all(isinstance(a, str) for a in arguments):
             raise LaunchError("bad_request", "arguments must be a list of strings")
         return await asyncio.get_running_loop().run_in_executor(

@@ -18,7 +18,7 @@ from aiohttp import WSMsgType, web
 
 from pie.server.auth import token_matches
 from pie.server.config import PieConfig
-from pie.server.instances import InstanceManager, LaunchError, stop_instance
+from pie.server.instances import MAX_TRACE_EVENTS, InstanceManager, LaunchError, stop_instance
 from pie.server.outbox import Outbox
 from pie.server.programs import ProgramError, ProgramStore, Upload
 from pie.server.protocol import PROTOCOL_VERSION, ProtocolError, error_response, pack, response, unpack_request
@@ -27,7 +27,6 @@ from pie.runtime.trace import bounded_trace
 log = logging.getLogger("pie.server")
 
 MAX_UPLOADS_IN_PROGRESS = 4
-MAX_TRACE_EVENTS = 100_000  # of a trace sent back in a done event (about 15 MB); the rest counted as dropped
 INFERLET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 

@@ -58,3 +58,16 @@ def test_a_trace_sent_back_is_bounded():
     cut = bounded_trace(trace, 4)
     assert [e["name"] for e in cut["traceEvents"]] == ["0", "1", "2", "3"] and cut["otherData"]["dropped_events"] == 8
     assert bounded_trace(trace, 10) is trace
+
+
+def test_a_trace_is_bounded_while_it_is_recorded(runtime):
+    """trace_max_events bounds the hot calls kept, and the cold calls and outputs together; the rest are
+    counted as dropped (a server records at most what it sends back)."""
+    result = runtime.run_source(GUEST, trace=True, trace_max_events=3)
+    assert result.error is None, result.error
+    events = [e for e in result.trace["traceEvents"] if e["ph"] != "M"]
+    hot = [e for e in events if e.get("cat") == "hot"]
+    others = [e for e in events if e.get("cat") in ("cold", "output")]
+    assert len(hot) == 3 and len(others) == 3
+    # 8 hot calls (allocate, 3 submits, 3 waits, free) and at least 4 other events (2 sends, 2 outputs) ran
+    assert result.trace["otherData"]["dropped_events"] >= (8 - 3) + (4 - 3)

@@ -124,3 +124,5 @@ def test_pie_run_writes_the_instances_trace_embedded_and_on_a_server(server, tmp
         assert "runtime.send" in names and "output" in names, where
     plain = run_pie("run", "--server", server.ws_url, *args)
     assert plain.returncode == 0 and "trace" not in plain.stderr
+    bad = run_pie("run", "--trace", str(tmp_path / "missing" / "t.json"), *args)  # refused before the run
+    assert bad.returncode == 1 and bad.stdout == "" and "--trace" in bad.stderr and "Traceback" not in bad.stderr
