@@ -850,6 +850,9 @@ PYBIND11_MODULE(_control, m) {
           },
           py::arg("results"), py::arg("indices") = py::none(),
           "Resolve commands with results, in batch order (or at `indices`).")
+      .def("complete_all", &Batch::complete_all,
+           "Resolve every command not resolved yet with no result (the handler wrote the results into the "
+           "commands) and finish the batch.")
       .def("fail_unresolved", &Batch::fail_unresolved, py::arg("message"),
            "Fail every command not resolved yet and finish the batch.")
       .def("finish", &Batch::finish, "Finish the batch; unresolved commands fail.")

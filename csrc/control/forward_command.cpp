@@ -51,6 +51,23 @@ std::optional<std::string> check_vocab_mask(const std::vector<uint32_t>& runs, u
 
 }  // namespace
 
+// Every field of ForwardCommand is reset below: one added must be added there too (this fails then).
+static_assert(sizeof(void*) != 8 || sizeof(ForwardCommand) == 216, "ForwardCommand changed: update reset()");
+
+void ForwardCommand::reset() {
+  token_ids.clear();
+  positions.clear();
+  kv_page_ids.clear();
+  kv_last_page_len = 0;
+  mask.clear();
+  embed_slots.clear();
+  outputs.clear();
+  results.clear();
+  pins.reset();
+  batch_size = batch_tokens = 0;
+  run_start_ns = run_end_ns = 0;
+}
+
 std::optional<ForwardError> check_forward(const ForwardCommand& c, const ForwardLimits& limits) {
   using F = ForwardField;
   const size_t t = c.token_ids.size();

@@ -82,6 +82,8 @@ struct ForwardCommand {
   int64_t run_end_ns = 0;
 
   uint32_t num_tokens() const { return static_cast<uint32_t>(token_ids.size()); }
+  // Empties it for another pass (every field as a new command's), keeping its vectors' capacity.
+  void reset();
   // Tokens in the KV sequence: full pages plus the last page's tokens (the one expression of it).
   uint64_t kv_len(uint32_t page_size) const {
     return kv_page_ids.empty() ? 0 : (kv_page_ids.size() - 1) * uint64_t(page_size) + kv_last_page_len;

@@ -5,7 +5,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
-#include <functional>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -53,6 +53,17 @@ class Payload {
 
 enum class FutureStatus : uint8_t { kPending = 0, kReady = 1, kFailed = 2, kCancelled = 3 };
 
+class FutureState;
+
+// A continuation held weakly and called with the resolved future: what a generation stream chains on
+// every pass, with no allocation per pass (a std::function holding captures allocates). A listener
+// gone by the time the future resolves is not called.
+class FutureListener {
+ public:
+  virtual ~FutureListener() = default;
+  virtual void on_future_resolved(FutureState& future) = 0;
+};
+
 // The completion of one command. Resolved exactly once (the first of set_result / set_error wins);
 // waiters block on a condition variable, never spinning. Thread-safe.
 //
@@ -83,26 +94,27 @@ class FutureState {
 
   void notify_waiters() { resolved_.notify_all(); }
 
-  // Runs `continuation` once the future is resolved (now, if it is already).
-  void then(std::function<void()> continuation) {
+  // Calls listener->on_future_resolved(*this) once the future is resolved (now, if it is already), if
+  // the listener is still alive then. A future has one continuation.
+  void then(std::weak_ptr<FutureListener> listener) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (status_.load(std::memory_order_relaxed) == FutureStatus::kPending) {
-        continuation_ = std::move(continuation);
+        listener_ = std::move(listener);
         return;
       }
     }
-    continuation();
+    if (std::shared_ptr<FutureListener> alive = listener.lock()) alive->on_future_resolved(*this);
   }
 
   // Runs the continuation, if any, once (the resolver calls it after waking the waiters).
   void run_continuation() {
-    std::function<void()> continuation;
+    std::weak_ptr<FutureListener> listener;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      continuation.swap(continuation_);
+      listener.swap(listener_);
     }
-    if (continuation) continuation();
+    if (std::shared_ptr<FutureListener> alive = listener.lock()) alive->on_future_resolved(*this);
   }
 
   // Resolves with `result`. Returns false, leaving `result` with the caller (to drop outside any
@@ -154,7 +166,7 @@ class FutureState {
   std::mutex mutex_;
   std::condition_variable resolved_;
   uint32_t num_waiters_ = 0;  // guarded by mutex_
-  std::function<void()> continuation_;  // guarded by mutex_
+  std::weak_ptr<FutureListener> listener_;  // guarded by mutex_
   Payload result_;
   std::string error_;
 };

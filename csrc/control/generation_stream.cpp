@@ -136,107 +136,121 @@ void GenerationStream::submit_next() {
     new_handles_.insert(new_handles_.end(), fresh.begin(), fresh.end());
   }
   const size_t t = static_cast<size_t>(end - cached_);
-  auto command = std::make_shared<ForwardCommand>();
-  command->token_ids.assign(inputs_.begin(), inputs_.begin() + t);
+  std::shared_ptr<ForwardCommand> command = next_command();
+  command->token_ids.assign(inputs_.begin(), inputs_.begin() + static_cast<std::ptrdiff_t>(t));
   command->positions.resize(t);
   for (size_t i = 0; i < t; ++i) command->positions[i] = static_cast<uint32_t>(cached_ + i);
   const uint64_t num_pages = pages_for(end, ps);
   command->kv_last_page_len = static_cast<uint32_t>(end - (num_pages - 1) * ps);
   if (end == total_) {
-    ForwardOutput draw;
+    ForwardOutput& draw = command->outputs.emplace_back();
     draw.index = static_cast<uint32_t>(t - 1);
     draw.sampler = spec_.sampler;
     if (draw.sampler.kind == SamplerKind::kSample && draw.sampler.seed)
       draw.sampler.seed = step_seed(*spec_.sampler.seed, num_generated_);
     draw.vocab_mask = mask_;
-    command->outputs.push_back(std::move(draw));
     if (spec_.top_logprobs > 0) {
-      ForwardOutput top;
+      ForwardOutput& top = command->outputs.emplace_back();
       top.index = static_cast<uint32_t>(t - 1);
       top.sampler.kind = SamplerKind::kTopKDistribution;
       top.sampler.top_k = spec_.top_logprobs;
       top.sampler.temperature = 1.0f;
-      command->outputs.push_back(std::move(top));
     }
   }
+  // The pass writes its last t slots: pages [(end - t) / ps, num_pages).
+  const size_t first_written = static_cast<size_t>((end - t) / ps);
   // Checked before anything changes (as forward.submit): a refused pass leaves the pages as they were.
-  point_at_pages(*command, num_pages);
+  const bool written_shared = point_at_pages(*command, num_pages, first_written);
   if (auto problem = check_forward(*command, limits_))
     throw std::invalid_argument(describe(*problem, FieldNaming::kPython));
-  // Copy-on-write of the pages the pass writes (its last t slots) that are shared (a fork, an import):
-  // the copies move those handles to new pages, so the pass's pages are resolved (and pinned) again.
-  const std::vector<uint32_t> written(handles_.begin() + static_cast<std::ptrdiff_t>((end - t) / ps),
-                                      handles_.begin() + static_cast<std::ptrdiff_t>(num_pages));
-  std::vector<Termination> terminations;
-  PagePins copy_pins;
+  // Copy-on-write of the pages the pass writes that are shared (a fork, an import): the copies move
+  // those handles to new pages, so the pass's pages are resolved (and pinned) again.
   std::vector<PageCopy> copies;
-  try {
-    copies = pool_->prepare_write(spec_.instance_id, written, terminations, &copy_pins);
-  } catch (...) {
+  PagePins copy_pins;
+  if (written_shared) {
+    const std::vector<uint32_t> written(handles_.begin() + static_cast<std::ptrdiff_t>(first_written),
+                                        handles_.begin() + static_cast<std::ptrdiff_t>(num_pages));
+    std::vector<Termination> terminations;
+    try {
+      copies = pool_->prepare_write(spec_.instance_id, written, terminations, &copy_pins);
+    } catch (...) {
+      if (hooks_.report_terminations && !terminations.empty()) hooks_.report_terminations(terminations);
+      throw;
+    }
     if (hooks_.report_terminations && !terminations.empty()) hooks_.report_terminations(terminations);
-    throw;
+    if (!copies.empty()) point_at_pages(*command, num_pages, num_pages);
   }
-  if (hooks_.report_terminations && !terminations.empty()) hooks_.report_terminations(terminations);
-  if (!copies.empty()) point_at_pages(*command, num_pages);
   if (hooks_.fold_page_masks) {
     const std::vector<uint32_t> pass_handles(handles_.begin(), handles_.begin() + static_cast<std::ptrdiff_t>(num_pages));
     hooks_.fold_page_masks(pass_handles, end, t, command->mask);
   }
 
-  std::vector<CommandQueue::Submission> submissions;
-  if (!copies.empty()) {
-    auto copy = std::make_shared<PageCopyCommand>();
-    for (const PageCopy& c : copies) copy->spans.push_back(CopySpan{c.src_page, 0, c.dst_page, 0, ps});
-    copy->pins.push_back(std::move(copy_pins));
-    CommandQueue::Submission s;
-    s.kind = static_cast<int32_t>(CommandKind::kCopyPages);
-    s.payload = command_payload(std::move(copy));
-    s.depends_on_previous = true;  // it reads what earlier passes wrote
-    s.from_stream = true;
-    submissions.push_back(std::move(s));
-  }
   CommandQueue::Submission pass;
   pass.kind = static_cast<int32_t>(CommandKind::kForward);
   pass.payload = command_payload(command);
   pass.num_tokens = static_cast<uint32_t>(t);
   pass.from_stream = true;
-  submissions.push_back(std::move(pass));
-  std::vector<std::shared_ptr<FutureState>> futures = queue_->submit_all(std::move(submissions));
-  std::shared_ptr<ForwardCommand> previous = std::exchange(in_flight_, command);
-  previous.reset();  // the last pass's command (results already taken), dropped here: no lock is held
-  std::shared_ptr<FutureState> future = futures.back();
-  // Weak references: a stream its owner dropped stops (nobody could read it), and the continuation
-  // never destroys a stream (its hooks may hold Python objects) on a thread holding a control lock.
-  std::weak_ptr<FutureState> weak_future = future;
-  std::weak_ptr<GenerationStream> weak_self = weak_from_this();
-  future->then([weak_self, command, weak_future] {
-    std::shared_ptr<FutureState> resolved = weak_future.lock();  // alive: its resolver holds it
-    std::shared_ptr<GenerationStream> self = weak_self.lock();
-    if (self && resolved) self->on_pass_done(command, resolved);
-  });
+  std::shared_ptr<FutureState> future;
+  if (copies.empty()) {
+    future = queue_->submit(std::move(pass));
+  } else {
+    auto copy = std::make_shared<PageCopyCommand>();
+    for (const PageCopy& c : copies) copy->spans.push_back(CopySpan{c.src_page, 0, c.dst_page, 0, ps});
+    copy->pins.push_back(std::move(copy_pins));
+    std::vector<CommandQueue::Submission> submissions(2);
+    submissions[0].kind = static_cast<int32_t>(CommandKind::kCopyPages);
+    submissions[0].payload = command_payload(std::move(copy));
+    submissions[0].depends_on_previous = true;  // it reads what earlier passes wrote
+    submissions[0].from_stream = true;
+    submissions[1] = std::move(pass);
+    future = queue_->submit_all(std::move(submissions)).back();
+  }
+  // The pass before the one that just completed becomes the spare; the one it replaces is dropped
+  // here, where no lock is held.
+  std::shared_ptr<ForwardCommand> retired = std::exchange(spare_, std::exchange(in_flight_, std::move(command)));
+  retired.reset();
+  // A weak listener: a stream its owner dropped stops (nobody could read it).
+  future->then(weak_from_this());
 }
 
-void GenerationStream::point_at_pages(ForwardCommand& command, size_t count) {
+std::shared_ptr<ForwardCommand> GenerationStream::next_command() {
+  std::shared_ptr<ForwardCommand> command = std::move(spare_);
+  if (command && command.use_count() == 1) {  // only this stream holds it: nothing reads it any more
+    // (the acquire pairs with the release of the last other holder's drop: its reads happened before)
+    std::atomic_thread_fence(std::memory_order_acquire);
+    command->reset();
+    return command;
+  }
+  return std::make_shared<ForwardCommand>();
+}
+
+bool GenerationStream::point_at_pages(ForwardCommand& command, size_t count, size_t written_from) {
   PagePins fresh;
-  if (pool_->resolve_more(spec_.instance_id, handles_, count, pages_epoch_, pages_, fresh) || !page_pins_) {
+  bool written_shared = false;
+  if (pool_->resolve_more(spec_.instance_id, handles_, count, pages_epoch_, pages_, fresh, written_from,
+                          &written_shared) ||
+      !page_pins_) {
     page_pins_ = std::make_shared<PinGroups>();  // the earlier set stays with the passes that hold it
   }
   if (fresh) page_pins_->groups.push_back(std::move(fresh));  // a step that added no page pins nothing
   command.kv_page_ids.assign(pages_.begin(), pages_.begin() + static_cast<std::ptrdiff_t>(count));
   command.pins = page_pins_;
+  return written_shared;
 }
 
 void GenerationStream::release_pages() {
+  in_flight_.reset();
+  spare_.reset();
   page_pins_.reset();
   pages_.clear();
 }
 
-void GenerationStream::on_pass_done(const std::shared_ptr<ForwardCommand>& command,
-                                    const std::shared_ptr<FutureState>& future) {
-  if (future->status() != FutureStatus::kReady) {  // possibly under the scheduler's mutex: only record
-    in_flight_.reset();  // its pins go with the continuation's copy (the pool's lock nests in the scheduler's)
-    release_pages();
-    finish(StreamEnd::kFailed, future->error());
+void GenerationStream::on_future_resolved(FutureState& future) {
+  const std::shared_ptr<ForwardCommand> command = in_flight_;  // the pass of this future
+  if (future.status() != FutureStatus::kReady) {  // possibly under the scheduler's mutex: only record
+    release_pages();  // a pass still running keeps its pins (its batch holds it); the pool's lock nests in
+                      // the scheduler's
+    finish(StreamEnd::kFailed, future.error());
     return;
   }
   const size_t t = command->num_tokens();
@@ -253,10 +267,7 @@ void GenerationStream::on_pass_done(const std::shared_ptr<ForwardCommand>& comma
     const uint32_t token = command->results[0].ids[0];
     end = accept_token(token, message);
     if (end == StreamEnd::kRunning && cancel_requested_.load(std::memory_order_acquire)) end = StreamEnd::kCancelled;
-    if (end != StreamEnd::kRunning) {
-      in_flight_.reset();
-      release_pages();
-    }
+    if (end != StreamEnd::kRunning) release_pages();
     if (end != StreamEnd::kEos) {  // the token, and the end it caused if any, become readable together
       const OutputValue* top = spec_.top_logprobs > 0 && command->results.size() > 1 ? &command->results[1] : nullptr;
       publish(token, top, end, std::move(message));
@@ -266,7 +277,6 @@ void GenerationStream::on_pass_done(const std::shared_ptr<ForwardCommand>& comma
     end = StreamEnd::kCancelled;
   }
   if (end != StreamEnd::kRunning) {
-    in_flight_.reset();
     release_pages();
     finish(end, std::move(message));
     return;
@@ -274,7 +284,6 @@ void GenerationStream::on_pass_done(const std::shared_ptr<ForwardCommand>& comma
   try {
     submit_next();
   } catch (const std::exception& failure) {
-    in_flight_.reset();
     release_pages();
     finish(StreamEnd::kFailed, failure.what());
   }

@@ -115,7 +115,7 @@ struct StreamChunk {
 // then the 63 bits the engine's generators take).
 uint64_t step_seed(uint64_t seed, uint64_t step);
 
-class GenerationStream : public std::enable_shared_from_this<GenerationStream> {
+class GenerationStream : public std::enable_shared_from_this<GenerationStream>, public FutureListener {
  public:
   // Checks the spec (std::invalid_argument naming the field) and submits the first pass. Errors of
   // the first pass (quota, a check of the pending tokens) throw; later ones end the stream.
@@ -137,13 +137,18 @@ class GenerationStream : public std::enable_shared_from_this<GenerationStream> {
   std::vector<uint32_t> generated();
   uint64_t instance_id() const { return spec_.instance_id; }
 
+  // The pass in flight has completed (its future's continuation, on the thread that resolved it).
+  void on_future_resolved(FutureState& future) override;
+
  private:
   GenerationStream(StreamSpec spec, std::shared_ptr<CommandQueue> queue, std::shared_ptr<PagePool> pool,
                    ForwardLimits limits, std::shared_ptr<const TokenBytes> token_bytes, StreamHooks hooks);
 
   // Step side (one thread at a time).
   void submit_next();                      // throws on failure
-  void on_pass_done(const std::shared_ptr<ForwardCommand>& command, const std::shared_ptr<FutureState>& future);
+  // The command of the next pass: the one of two passes ago when nothing else holds it any more (its
+  // vectors keep their capacity, so a step allocates none of them again), else a new one.
+  std::shared_ptr<ForwardCommand> next_command();
   StreamEnd accept_token(uint32_t token, std::string& message);  // appends it and runs the stop checks
   // Makes the token readable, with the end it caused (kRunning: none), in one step; wakes the readers.
   void publish(uint32_t token, const OutputValue* top, StreamEnd end, std::string message);
@@ -152,9 +157,10 @@ class GenerationStream : public std::enable_shared_from_this<GenerationStream> {
   bool stop_tokens_found() const;
   std::vector<uint32_t> allocate(uint32_t count);
   // Makes pages_ cover handles_[:count], current and pinned, and points the pass at them (its pages and
-  // the stream's pins).
-  void point_at_pages(ForwardCommand& command, size_t count);
-  void release_pages();              // the stream has ended: its passes' pins go with the last of them
+  // the stream's pins). Returns whether any of pages_[written_from:count] is shared (copy-on-write).
+  bool point_at_pages(ForwardCommand& command, size_t count, size_t written_from);
+  // The stream has ended: it lets go of its passes and pins (a pass still in a batch keeps its own).
+  void release_pages();
   void finish(StreamEnd end, std::string message);
 
   const StreamSpec spec_;
@@ -175,7 +181,10 @@ class GenerationStream : public std::enable_shared_from_this<GenerationStream> {
   std::vector<uint32_t> mask_;          // the grammar's mask of the next token
   std::string text_;                    // bytes of the generated text
   size_t scanned_ = 0;                  // text_[:scanned_] has been searched for stop strings
-  std::shared_ptr<ForwardCommand> in_flight_;  // kept until the next step (never dropped under a lock)
+  // The pass in flight (its future's continuation reads it), and the one before (reused by the next
+  // pass once its batch has let it go). Kept until a later step (never dropped under a lock).
+  std::shared_ptr<ForwardCommand> in_flight_;
+  std::shared_ptr<ForwardCommand> spare_;
   // The physical pages of handles_[:pages_.size()] as of the instance's mapping epoch pages_epoch_
   // (PagePool::resolve_more: a step resolves only its new pages while no handle moved), pinned by
   // page_pins_ (shared by every pass of the stream in flight; dropped when the stream ends).

@@ -167,16 +167,23 @@ void PagePool::terminate(uint64_t instance_id, const std::string& reason) {
 
 std::vector<uint32_t> PagePool::pages_of_locked(const Account& instance, const std::vector<uint32_t>& handles) const {
   std::vector<uint32_t> pages;
-  pages.reserve(handles.size());
-  for (uint32_t handle : handles) {
-    auto found = instance.page_of_handle.find(handle);
+  append_pages_locked(instance, handles.data(), handles.size(), pages);
+  return pages;
+}
+
+void PagePool::append_pages_locked(const Account& instance, const uint32_t* handles, size_t count,
+                                   std::vector<uint32_t>& pages) const {
+  const size_t before = pages.size();
+  pages.reserve(before + count);
+  for (size_t i = 0; i < count; ++i) {
+    auto found = instance.page_of_handle.find(handles[i]);
     if (found == instance.page_of_handle.end()) {
-      throw InvalidHandle(prefix(instance.id) + resource_name_ + " handle " + std::to_string(handle) +
+      pages.resize(before);
+      throw InvalidHandle(prefix(instance.id) + resource_name_ + " handle " + std::to_string(handles[i]) +
                           " is not held by this instance");
     }
     pages.push_back(found->second);
   }
-  return pages;
 }
 
 void PagePool::check_quota_locked(const Account& instance, size_t more) const {
@@ -331,7 +338,8 @@ std::vector<uint32_t> PagePool::resolve_pinned(uint64_t instance_id, const std::
 }
 
 bool PagePool::resolve_more(uint64_t instance_id, const std::vector<uint32_t>& handles, size_t count,
-                            uint64_t& epoch, std::vector<uint32_t>& pages, PagePins& pins) {
+                            uint64_t& epoch, std::vector<uint32_t>& pages, PagePins& pins, size_t written_from,
+                            bool* written_shared) {
   if (count > handles.size()) throw std::invalid_argument("resolve_more: count past the handles");
   PagePins pinned;
   bool all;
@@ -339,15 +347,20 @@ bool PagePool::resolve_more(uint64_t instance_id, const std::vector<uint32_t>& h
     std::lock_guard<std::mutex> lock(mutex_);
     const Account& instance = live_instance_locked(instance_id);
     all = instance.mapping_epoch != epoch || pages.size() > count;
-    const size_t from = all ? 0 : pages.size();
-    std::vector<uint32_t> fresh =
-        pages_of_locked(instance, std::vector<uint32_t>(handles.begin() + from, handles.begin() + count));
-    if (!fresh.empty()) pinned = pin_locked(fresh);
     if (all) {
+      std::vector<uint32_t> fresh;
+      append_pages_locked(instance, handles.data(), count, fresh);
+      if (!fresh.empty()) pinned = pin_locked(fresh);
       pages = std::move(fresh);
       epoch = instance.mapping_epoch;
-    } else {
-      pages.insert(pages.end(), fresh.begin(), fresh.end());
+    } else if (pages.size() < count) {
+      const size_t from = pages.size();
+      append_pages_locked(instance, handles.data() + from, count - from, pages);
+      pinned = pin_locked(std::vector<uint32_t>(pages.begin() + static_cast<std::ptrdiff_t>(from), pages.end()));
+    }
+    if (written_shared != nullptr) {
+      *written_shared = false;
+      for (size_t i = written_from; i < count; ++i) *written_shared = *written_shared || refcounts_[pages[i]] > 1;
     }
   }
   pins.swap(pinned);  // pins it held before are released here, outside the lock

@@ -140,10 +140,13 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   // handle of the instance was freed or moved since (the epoch is unchanged), only handles[pages.size():
   // count] are resolved and appended (O(new)); otherwise all of handles[:count] are, and `epoch` is
   // updated. The pages resolved now are pinned into `pins` (left empty when none were). Returns true
-  // when all were resolved again
-  // (pins of the earlier ones are then the caller's to drop). Throws as resolve().
+  // when all were resolved again (pins of the earlier ones are then the caller's to drop). Throws as
+  // resolve(). With `written_shared`: set to whether any of pages[written_from:count] is shared (held
+  // by another handle or an export), that is whether a pass writing there needs prepare_write's copies.
+  // Nothing is allocated when no handle is new.
   bool resolve_more(uint64_t instance_id, const std::vector<uint32_t>& handles, size_t count, uint64_t& epoch,
-                    std::vector<uint32_t>& pages, PagePins& pins);
+                    std::vector<uint32_t>& pages, PagePins& pins, size_t written_from = 0,
+                    bool* written_shared = nullptr);
   // With `pins`: the copies' source and destination pages are pinned (for the copy command).
   std::vector<PageCopy> prepare_write(uint64_t instance_id, const std::vector<uint32_t>& handles,
                                       std::vector<Termination>& terminations, PagePins* pins = nullptr);
@@ -199,6 +202,10 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   Account& live_instance_locked(uint64_t instance_id);
   const Account& live_instance_locked(uint64_t instance_id) const;
   std::vector<uint32_t> pages_of_locked(const Account& instance, const std::vector<uint32_t>& handles) const;
+  // Appends the pages of handles[:count] to `pages`; throws InvalidHandle (before appending any) for a
+  // handle the instance does not hold.
+  void append_pages_locked(const Account& instance, const uint32_t* handles, size_t count,
+                           std::vector<uint32_t>& pages) const;
   struct Client {  // kept while it has instances or exports charged to it
     uint32_t quota = 0;
     uint32_t num_handles = 0;  // held by its live instances

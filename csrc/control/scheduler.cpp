@@ -103,19 +103,30 @@ std::shared_ptr<FutureState> CommandQueue::synchronize() {
   return push(std::move(command));
 }
 
+std::shared_ptr<FutureState> CommandQueue::submit(Submission submission) {
+  CommandPtr command = make_command(submission.kind, std::move(submission.payload), submission.num_tokens,
+                                    submission.depends_on_previous);
+  command->from_stream = submission.from_stream;
+  return push(std::move(command));
+}
+
 std::shared_ptr<FutureState> CommandQueue::push(CommandPtr command) {
-  std::vector<CommandPtr> one;
-  one.push_back(std::move(command));
-  return push_all(std::move(one)).front();
+  std::shared_ptr<FutureState> future;
+  push_chain(&command, 1, &future);
+  return future;
 }
 
 std::vector<std::shared_ptr<FutureState>> CommandQueue::push_all(std::vector<CommandPtr> commands) {
   if (closed()) throw QueueClosed(queue_label(id_, instance_id_) + " is closed (" + close_reason_ + ")");
-  std::vector<std::shared_ptr<FutureState>> futures;
-  if (commands.empty()) return futures;
-  futures.reserve(commands.size());
+  std::vector<std::shared_ptr<FutureState>> futures(commands.size());
+  if (!commands.empty()) push_chain(commands.data(), commands.size(), futures.data());
+  return futures;
+}
+
+void CommandQueue::push_chain(CommandPtr* commands, size_t count, std::shared_ptr<FutureState>* futures) {
+  if (closed()) throw QueueClosed(queue_label(id_, instance_id_) + " is closed (" + close_reason_ + ")");
   const Clock::time_point now = Clock::now();
-  for (size_t i = 0; i < commands.size(); ++i) {
+  for (size_t i = 0; i < count; ++i) {
     Command& command = *commands[i];
     command.id = scheduler_->next_command_id_.fetch_add(1, std::memory_order_relaxed);
     command.queue_id = id_;
@@ -123,19 +134,18 @@ std::vector<std::shared_ptr<FutureState>> CommandQueue::push_all(std::vector<Com
     command.queue = this;
     command.submitted_at = now;
     command.future = std::make_shared<FutureState>(command.id);
-    futures.push_back(command.future);
+    futures[i] = command.future;
     if (i > 0) commands[i - 1]->next.store(&command, std::memory_order_relaxed);
   }
-  scheduler_->num_submitted_.fetch_add(commands.size(), std::memory_order_relaxed);
-  MpscNode* first = commands.front().get();
-  MpscNode* last = commands.back().get();
-  for (CommandPtr& command : commands) command.release();  // owned by the inbox from here
+  scheduler_->num_submitted_.fetch_add(count, std::memory_order_relaxed);
+  MpscNode* first = commands[0].get();
+  MpscNode* last = commands[count - 1].get();
+  for (size_t i = 0; i < count; ++i) commands[i].release();  // owned by the inbox from here
   inbox_.push_chain(first, last);
   scheduler_->announce(this);
   // Dekker pairing with close_queue_locked: either its drain sees this push, or we see closed_.
   std::atomic_thread_fence(std::memory_order_seq_cst);
   if (closed_.load(std::memory_order_relaxed)) scheduler_->drain_after_late_push();
-  return futures;
 }
 
 uint64_t CommandQueue::close(const std::string& reason) {
@@ -670,6 +680,25 @@ void Batch::set_results(const std::vector<size_t>& indices, std::vector<Payload>
   // Continuations (a generation stream's next pass) run once every waiter of the batch is awake.
   for (size_t index : indices) commands_[index]->future->run_continuation();
   if (num_resolved_ == commands_.size()) finish();
+}
+
+void Batch::complete_all() {
+  std::vector<FutureState*> to_wake;
+  for (size_t index = 0; index < commands_.size(); ++index) {
+    if (resolved_[index]) continue;
+    resolved_[index] = 1;
+    ++num_resolved_;
+    Payload none;
+    switch (commands_[index]->future->resolve_quietly(none)) {
+      case FutureState::Resolution::kResolvedWithWaiters: to_wake.push_back(commands_[index]->future.get()); [[fallthrough]];
+      case FutureState::Resolution::kResolved: ++num_completed_; break;
+      case FutureState::Resolution::kAlreadyResolved: break;
+    }
+  }
+  for (FutureState* future : to_wake) future->notify_waiters();
+  // (a continuation runs once: those of commands resolved before have run already)
+  for (const CommandPtr& command : commands_) command->future->run_continuation();
+  finish();
 }
 
 void Batch::set_error(size_t index, const std::string& message) {

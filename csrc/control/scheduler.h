@@ -107,6 +107,8 @@ class CommandQueue : public std::enable_shared_from_this<CommandQueue> {
     bool depends_on_previous = false;
     bool from_stream = false;  // a generation stream's: its next one is submitted when it completes
   };
+  // One command (as submit), with its from_stream mark.
+  std::shared_ptr<FutureState> submit(Submission submission);
   // Several commands in one lock-free push: the scheduler sees all of them or none, so consecutive
   // independent ones can share one batch. Checks every one (as submit) before pushing any.
   std::vector<std::shared_ptr<FutureState>> submit_all(std::vector<Submission> submissions);
@@ -132,6 +134,9 @@ class CommandQueue : public std::enable_shared_from_this<CommandQueue> {
   CommandPtr make_command(int32_t kind, Payload payload, uint32_t num_tokens, bool depends_on_previous) const;
   // Numbers the commands, links them and pushes them as one chain; returns their futures in order.
   std::vector<std::shared_ptr<FutureState>> push_all(std::vector<CommandPtr> commands);
+  // push_all over commands[:count] (count >= 1), their futures written to futures[:count]: no container
+  // is allocated (a stream's pass each step).
+  void push_chain(CommandPtr* commands, size_t count, std::shared_ptr<FutureState>* futures);
 
   const std::shared_ptr<Scheduler> scheduler_;
   const uint64_t id_;
@@ -287,6 +292,9 @@ class Batch {
   // Resolves results[i] at indices[i] for all i, then wakes the waiters, so that a producer with
   // several commands in the batch wakes once. Validates everything before resolving anything.
   void set_results(const std::vector<size_t>& indices, std::vector<Payload>& results);
+  // Resolves every command not resolved yet with no result (a handler that wrote its results into the
+  // commands), waking the waiters as set_results does, and finishes the batch.
+  void complete_all();
   void set_error(size_t index, const std::string& message);
   void fail_unresolved(const std::string& message);
   void finish();

@@ -34,8 +34,9 @@ class BatchHandler(Protocol):
     fails with the message and the others are run again without it.
 
     A handler may also have `execute_batch(batch)`, given the whole Batch first (it reads the payloads
-    itself, e.g. in C++, with no Python object per command); if it raises, the batch runs through
-    `execute` as above, which attributes the failure.
+    itself, e.g. in C++, with no Python object per command). It returns one result per payload, or None
+    when it wrote every command's results into the command itself (each completes with no result). If it
+    raises, the batch runs through `execute` as above, which attributes the failure.
     """
 
     def execute(self, payloads: list[Any]) -> Sequence[Any]: ...
@@ -54,7 +55,7 @@ class BatchLoop:
             int(kind): (handler.execute if hasattr(handler, "execute") else handler)
             for kind, handler in handlers.items()
         }
-        self._execute_batch: dict[int, Callable[[Batch], Sequence[Any]]] = {
+        self._execute_batch: dict[int, Callable[[Batch], Sequence[Any] | None]] = {
             int(kind): handler.execute_batch for kind, handler in handlers.items() if hasattr(handler, "execute_batch")
         }
         self._name = name
@@ -152,6 +153,9 @@ class BatchLoop:
             results = execute_batch(batch)
         except Exception:
             return False
+        if results is None:  # the results are in the commands
+            batch.complete_all()
+            return True
         if len(results) != len(batch):
             return False
         batch.complete(results, list(range(len(batch))))

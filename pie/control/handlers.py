@@ -51,7 +51,7 @@ def pack_forward(commands: Sequence[ForwardCommand] | Batch, page_size: int, emb
     if embed is not None:  # (first row, slots) per command that reads input embeddings
         fields["embed_rows"] = torch.cat([torch.arange(row, row + len(slots)) for row, slots in embed])
         fields["embed_values"] = torch.cat([embeddings.read(slots) for _, slots in embed])
-    return RaggedBatch(**fields)
+    return RaggedBatch.from_fields(fields)
 
 
 def _to_sampler(sampler: Sampler) -> Any:
@@ -67,16 +67,16 @@ class ForwardHandler:
         self.lock = lock or threading.Lock()
 
     def execute(self, commands: list[ForwardCommand]) -> list[None]:
-        return self.execute_batch(commands)
+        self.execute_batch(commands)
+        return [None] * len(commands)
 
-    def execute_batch(self, commands: list[ForwardCommand] | Batch) -> list[None]:
+    def execute_batch(self, commands: list[ForwardCommand] | Batch) -> None:
         """A list of commands, or the whole Batch (the batch loop's fast path: its commands are read in
-        place, no Python object is made per command)."""
+        place, no Python object is made per command). The results are written into the commands."""
         packed = pack_forward(commands, self.runner.page_size, self.runner.embeddings)
         with self.lock:
             outputs = self.runner.run_batch(packed)
         _control.write_batch_outputs(commands, outputs)
-        return [None] * len(commands)
 
 
 class CopyHandler:

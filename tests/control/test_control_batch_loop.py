@@ -202,6 +202,34 @@ def test_a_handler_with_execute_batch_gets_the_whole_batch_and_a_failure_falls_b
     assert [f.result(1) for f in second] == [15, 18] and handler.listed == [[5, 6]]
 
 
+def test_execute_batch_returning_none_completes_every_command_with_no_result(make_scheduler):
+    """execute_batch may write its results into the commands and return None: every command of the batch
+    completes with no result (Batch.complete_all); one resolved before keeps its own result."""
+    scheduler = make_scheduler(policy=Policy.EAGER)
+    q = scheduler.create_queue(instance_id=2)
+    written = []
+
+    class Handler:
+        def execute_batch(self, batch):
+            written.extend(batch.payloads)
+            return None
+
+        def execute(self, payloads):
+            raise AssertionError("the fast path did not fail")
+
+    loop = BatchLoop(scheduler, {0: Handler()})
+    futures = [q.submit(0, i) for i in (7, 8, 9)]
+    batch = loop.run_once(timeout=1)
+    assert written == [7, 8, 9] and batch.finished
+    assert [f.result(1) for f in futures] == [None, None, None]
+
+    more = [q.submit(0, i) for i in (1, 2)]
+    batch = scheduler.take(1)
+    batch.set_result(0, "first")
+    batch.complete_all()
+    assert batch.finished and [f.result(1) for f in more] == ["first", None]
+
+
 def test_the_forward_handler_packs_a_batch_in_place_as_it_packs_the_list(make_scheduler):
     """pack_forward of a Batch reads its ForwardCommands in place: the same RaggedBatch as from the list."""
     from pie.control import ForwardCommand, ForwardLimits, ForwardOutput, Sampler, SamplerKind

@@ -197,6 +197,25 @@ def test_a_packed_batch_equals_the_runners_own_flattening_of_the_same_requests()
     assert packed.num_tokens == sum(len(c.token_ids) for c in commands) > len(commands)
 
 
+def test_a_ragged_batch_from_fields_refuses_a_missing_or_unknown_field():
+    """RaggedBatch.from_fields (pack_forward's fast construction) holds what __init__ would, and is no
+    looser than __init__ about the fields it is given."""
+    from pie.engine.ragged_batch import RaggedBatch
+
+    fields = _control.pack_forward([ForwardCommand([5, 6], [0, 1], [2], 2)], 4, Greedy(), lambda s: None)
+    fields["write_slots"] = torch.from_numpy(fields["write_slots"])
+    fields.pop("embed_slots")
+    batch = RaggedBatch.from_fields(dict(fields))
+    assert batch.token_ids == [5, 6] and batch.embed_rows is None and batch.kv_lens == [2]
+    assert batch.write_slots.tolist() == [8, 9] and batch.is_decode is False
+    with pytest.raises(TypeError, match="missing.*qo_lens"):
+        RaggedBatch.from_fields({k: v for k, v in fields.items() if k != "qo_lens"})
+    with pytest.raises(TypeError, match="unknown.*colour"):
+        RaggedBatch.from_fields({**fields, "colour": 1})
+    with pytest.raises(AttributeError):  # frozen, as one __init__ made
+        batch.page_size = 8
+
+
 def test_batch_outputs_are_written_command_by_command():
     first = command(outputs=[ForwardOutput(0, GREEDY), ForwardOutput(2, GREEDY)])
     second = command(outputs=[])
