@@ -381,6 +381,9 @@ py::dict pool_stats_dict(const PoolStats& stats) {
   result["num_exports"] = stats.num_exports;
   result["num_terminations"] = stats.num_terminations;
   result["num_evictions"] = stats.num_evictions;
+  result["num_cached"] = stats.num_cached;
+  result["num_cache_hits"] = stats.num_cache_hits;
+  result["num_cache_evictions"] = stats.num_cache_evictions;
   result["instances"] = instances;
   py::list exports;
   for (const ExportInfo& e : stats.exports) {
@@ -932,12 +935,12 @@ PYBIND11_MODULE(_control, m) {
                      "Called as on_terminate(instance_id, message) after the pool terminates an instance.")
       .def(
           "add_instance",
-          [](PagePoolHandle& p, uint64_t id, uint32_t quota, uint64_t client, uint32_t client_quota) {
-            p.pool->add_instance(id, quota, client, client_quota);
-          },
+          [](PagePoolHandle& p, uint64_t id, uint32_t quota, uint64_t client, uint32_t client_quota,
+             uint64_t cache_scope) { p.pool->add_instance(id, quota, client, client_quota, cache_scope); },
           py::arg("instance_id"), py::arg("quota") = 0, py::arg("client") = 0, py::arg("client_quota") = 0,
+          py::arg("cache_scope") = 0,
           "Register an instance: its own quota (0 = unlimited) and its client's (client 0: none), which its "
-          "client's instances share.")
+          "client's instances share; the prefix cache scope it uses (0: none).")
       .def(
           "has_instance", [](const PagePoolHandle& p, uint64_t id) { return p.pool->has_instance(id); },
           py::arg("instance_id"))
@@ -998,6 +1001,21 @@ PYBIND11_MODULE(_control, m) {
           "import_pages",
           [](PagePoolHandle& p, uint64_t id, const std::string& name) { return p.pool->import_pages(id, name); },
           py::arg("instance_id"), py::arg("name"))
+      .def(
+          "cache_lookup",
+          [](PagePoolHandle& p, uint64_t id, const std::vector<std::string>& keys) { return p.pool->cache_lookup(id, keys); },
+          py::arg("instance_id"), py::arg("keys"),
+          "New handles to the cached pages of the longest run keys[:k] found in the instance's cache scope.")
+      .def(
+          "cache_store",
+          [](PagePoolHandle& p, uint64_t id, const std::vector<std::string>& keys, const std::vector<uint32_t>& handles) {
+            return p.pool->cache_store(id, keys, handles);
+          },
+          py::arg("instance_id"), py::arg("keys"), py::arg("handles"),
+          "File the pages of the handles under the keys in the instance's cache scope; returns how many were new.")
+      .def(
+          "cache_clear", [](PagePoolHandle& p, std::optional<uint64_t> scope) { return p.pool->cache_clear(scope); },
+          py::arg("scope") = py::none(), "Drop the prefix cache entries of a scope (all when None).")
       .def(
           "unexport",
           [](PagePoolHandle& p, const std::string& name, std::optional<uint64_t> id, uint64_t client) {

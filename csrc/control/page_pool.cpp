@@ -1,6 +1,7 @@
 #include "page_pool.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <unordered_map>
 #include <stdexcept>
 #include <unordered_set>
@@ -35,7 +36,8 @@ const PagePool::Account& PagePool::live_instance_locked(uint64_t instance_id) co
   return found->second;
 }
 
-void PagePool::add_instance(uint64_t instance_id, uint32_t quota, uint64_t client, uint32_t client_quota) {
+void PagePool::add_instance(uint64_t instance_id, uint32_t quota, uint64_t client, uint32_t client_quota,
+                            uint64_t cache_scope) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (instances_.count(instance_id) != 0) {
     throw std::invalid_argument(prefix(instance_id) + "already registered with the " + resource_name_ + " pool");
@@ -45,6 +47,7 @@ void PagePool::add_instance(uint64_t instance_id, uint32_t quota, uint64_t clien
   instance.age = next_age_++;
   instance.quota = quota;
   instance.client = client;
+  instance.cache_scope = cache_scope;
   live_by_age_.emplace(instance.age, instance_id);
   if (client != 0) {
     Client& c = clients_[client];
@@ -207,7 +210,109 @@ void PagePool::check_quota_locked(const Account& instance, size_t more) const {
   }
 }
 
+size_t PagePool::quota_room_locked(const Account& instance) const {
+  size_t room = SIZE_MAX;
+  const size_t held = instance.page_of_handle.size() + instance.num_export_pages;
+  if (instance.quota != 0) room = instance.quota > held ? instance.quota - held : 0;
+  if (instance.client != 0) {
+    const Client& client = clients_.at(instance.client);
+    const size_t client_held = size_t{client.num_handles} + client.num_export_pages;
+    if (client.quota != 0) room = std::min(room, client.quota > client_held ? client.quota - client_held : 0);
+  }
+  return room;
+}
+
+uint32_t PagePool::evict_cache_locked(uint32_t needed) {
+  uint32_t freed = 0;
+  for (auto it = cache_lru_.end(); it != cache_lru_.begin() && freed < needed;) {
+    --it;
+    if (refcounts_[it->page] != 1 || pins_[it->page] != 0) continue;  // dropping it frees nothing now
+    unref_locked(it->page);
+    ++freed;
+    ++num_cache_evictions_;
+    cache_.erase({it->scope, it->key});
+    it = cache_lru_.erase(it);
+  }
+  return freed;
+}
+
+void PagePool::touch_cache_locked(uint64_t scope, const std::vector<std::string>& keys, size_t count) {
+  for (size_t i = count; i-- > 0;) {
+    auto found = cache_.find({scope, keys[i]});
+    if (found != cache_.end()) cache_lru_.splice(cache_lru_.begin(), cache_lru_, found->second);
+  }
+}
+
+std::vector<uint32_t> PagePool::cache_lookup(uint64_t instance_id, const std::vector<std::string>& keys) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Account& instance = live_instance_locked(instance_id);
+  std::vector<uint32_t> handles;
+  if (instance.cache_scope == 0) return handles;
+  const size_t room = quota_room_locked(instance);
+  std::vector<uint32_t> pages;
+  for (const std::string& key : keys) {
+    if (pages.size() >= room) break;
+    auto found = cache_.find({instance.cache_scope, key});
+    if (found == cache_.end()) break;
+    pages.push_back(found->second->page);
+  }
+  touch_cache_locked(instance.cache_scope, keys, pages.size());
+  handles.reserve(pages.size());
+  for (uint32_t page : pages) {
+    const uint32_t handle = instance.next_handle++;
+    instance.page_of_handle.emplace(handle, page);
+    ++refcounts_[page];
+    handles.push_back(handle);
+  }
+  count_handles_locked(instance, static_cast<int64_t>(handles.size()));
+  num_cache_hits_ += pages.size();
+  return handles;
+}
+
+uint32_t PagePool::cache_store(uint64_t instance_id, const std::vector<std::string>& keys,
+                               const std::vector<uint32_t>& handles) {
+  if (keys.size() != handles.size()) {
+    throw std::invalid_argument("cache_store: " + std::to_string(keys.size()) + " keys for " +
+                                std::to_string(handles.size()) + " pages");
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  const Account& instance = live_instance_locked(instance_id);
+  const std::vector<uint32_t> pages = pages_of_locked(instance, handles);  // validates all first
+  if (instance.cache_scope == 0) return 0;
+  uint32_t added = 0;
+  for (size_t i = keys.size(); i-- > 0;) {  // the last first: keys[0] ends the most recently used
+    auto found = cache_.find({instance.cache_scope, keys[i]});
+    if (found != cache_.end()) {
+      cache_lru_.splice(cache_lru_.begin(), cache_lru_, found->second);
+      continue;
+    }
+    cache_lru_.push_front(CacheEntry{instance.cache_scope, keys[i], pages[i]});
+    cache_.emplace(std::make_pair(instance.cache_scope, keys[i]), cache_lru_.begin());
+    ++refcounts_[pages[i]];
+    ++added;
+  }
+  return added;
+}
+
+uint32_t PagePool::cache_clear(std::optional<uint64_t> scope) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  uint32_t dropped = 0;
+  for (auto it = cache_lru_.begin(); it != cache_lru_.end();) {
+    if (scope && it->scope != *scope) {
+      ++it;
+      continue;
+    }
+    unref_locked(it->page);
+    cache_.erase({it->scope, it->key});
+    it = cache_lru_.erase(it);
+    ++dropped;
+  }
+  return dropped;
+}
+
 void PagePool::reserve_pages_locked(Account& requester, uint32_t count, std::vector<Termination>& terminations) {
+  if (free_pages_.size() >= count) return;
+  evict_cache_locked(count - static_cast<uint32_t>(free_pages_.size()));  // a cache is always safe to drop
   if (free_pages_.size() >= count) return;
   const uint32_t needed = count - static_cast<uint32_t>(free_pages_.size());
   const std::string shortage = "the " + resource_name_ + " pool is exhausted (instance " +
@@ -602,6 +707,9 @@ PoolStats PagePool::stats() const {
   stats.num_exports = static_cast<uint32_t>(exports_.size());
   stats.num_terminations = num_terminations_;
   stats.num_evictions = num_evictions_;
+  stats.num_cached = static_cast<uint32_t>(cache_lru_.size());
+  stats.num_cache_hits = num_cache_hits_;
+  stats.num_cache_evictions = num_cache_evictions_;
   const Clock::time_point now = Clock::now();
   for (const auto& entry : exports_) {
     const Export& e = entry.second;
@@ -701,6 +809,13 @@ void PagePool::check_invariants() const {
       fail("private export '" + entry.first.second + "' outlived its client");
     }
     for (uint32_t page : entry.second.pages) ++expected[page];
+  }
+  if (cache_.size() != cache_lru_.size()) fail("the prefix cache's index and LRU list differ");
+  for (const CacheEntry& entry : cache_lru_) {
+    auto found = cache_.find({entry.scope, entry.key});
+    if (found == cache_.end() || &*found->second != &entry) fail("cache entry '" + entry.key + "' is not indexed");
+    if (entry.page >= num_pages_) fail("cache entry '" + entry.key + "' maps to a page out of range");
+    ++expected[entry.page];
   }
   std::vector<uint8_t> on_free_list(num_pages_, 0);
   for (uint32_t page : free_pages_) {

@@ -18,7 +18,14 @@
 //     toward its client's quota until the client ends (end_client): then its private exports are dropped
 //     and its shared ones become ownerless. An export that is ownerless, or has not been imported for
 //     export_idle_s (0: never idle), is evictable.
-//   - Exhaustion: when an allocation (or a copy-on-write) cannot be met, evictable exports are dropped,
+//   - Prefix cache (automatic prefix caching, docs/prefix_caching.md): full pages of computed sequences,
+//     each filed under a key that names its whole prefix (the SDK's hash chain over the tokens of every
+//     page up to and including it), in a cache scope. An instance uses the scope it was added with (0:
+//     none: it finds nothing and stores nothing), so instances of other scopes can neither read nor
+//     fill its entries. An entry holds one reference to its page and counts toward no quota.
+//   - Exhaustion: when an allocation (or a copy-on-write) cannot be met, prefix cache entries are
+//     dropped first, least recently used first (an entry whose page is also held elsewhere frees nothing
+//     and is passed over); then evictable exports are dropped,
 //     least recently imported first, then the newest instances that are newer than the requester are
 //     terminated, newest first, as long as that frees enough; if it cannot, the requester itself is
 //     terminated and nothing else is disturbed. Termination releases
@@ -38,6 +45,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -92,6 +100,9 @@ struct PoolStats {
   uint32_t num_exports = 0;
   uint64_t num_terminations = 0;
   uint64_t num_evictions = 0;  // exports dropped under pressure
+  uint32_t num_cached = 0;             // prefix cache entries (one page each)
+  uint64_t num_cache_hits = 0;         // pages found by cache_lookup
+  uint64_t num_cache_evictions = 0;    // entries dropped under pressure
   std::vector<InstanceUsage> instances;  // by instance id
   std::vector<ExportInfo> exports;       // by (client, name); shared ones by (their client, name) too
   struct ClientUsage {
@@ -115,7 +126,9 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
 
   // client: the instance's client (0: none); client_quota: the handles its client's instances may hold
   // together (0 = unlimited; the latest given applies).
-  void add_instance(uint64_t instance_id, uint32_t quota, uint64_t client = 0, uint32_t client_quota = 0);
+  // cache_scope: the prefix cache scope it looks up and stores in (0: none).
+  void add_instance(uint64_t instance_id, uint32_t quota, uint64_t client = 0, uint32_t client_quota = 0,
+                    uint64_t cache_scope = 0);
   bool has_instance(uint64_t instance_id) const;
   // The client is gone: its private exports are dropped, its shared ones lose their owner (evictable).
   // Its instances, if any still live, keep their handles. Client 0 (the local user) never ends.
@@ -163,6 +176,17 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   // With an instance id: the names it sees (sorted, once each); without: every export's name.
   std::vector<std::string> export_names(std::optional<uint64_t> instance_id = std::nullopt) const;
 
+  // Prefix cache. New handles (copy-on-write shared, counted toward the instance's quotas) to the pages of
+  // keys[:k], for the largest k whose keys are all in the instance's scope, and at most what its quotas
+  // still allow; the entries become the most recently used, keys[0] first. Empty without a scope.
+  std::vector<uint32_t> cache_lookup(uint64_t instance_id, const std::vector<std::string>& keys);
+  // Files the page of handles[i] under keys[i] (full pages whose K/V is computed); a key already in the
+  // scope keeps its page. The entries become the most recently used, keys[0] first. Returns how many
+  // were added (0 without a scope).
+  uint32_t cache_store(uint64_t instance_id, const std::vector<std::string>& keys, const std::vector<uint32_t>& handles);
+  // Drops every entry of the scope (every scope's when nullopt); returns how many.
+  uint32_t cache_clear(std::optional<uint64_t> scope = std::nullopt);
+
   uint32_t refcount(uint32_t page) const;
   std::vector<uint32_t> handles(uint64_t instance_id) const;  // sorted
   PoolStats stats() const;
@@ -187,6 +211,17 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
     uint32_t num_export_pages = 0;  // pages listed by owned_exports
     bool terminated = false;
     std::string termination_message;
+    uint64_t cache_scope = 0;  // 0: none
+  };
+  struct CacheEntry {
+    uint64_t scope = 0;
+    std::string key;
+    uint32_t page = 0;
+  };
+  struct CacheKeyHash {
+    size_t operator()(const std::pair<uint64_t, std::string>& k) const {
+      return std::hash<std::string>()(k.second) ^ (std::hash<uint64_t>()(k.first) * 0x9E3779B97F4A7C15ULL);
+    }
   };
   struct Export {
     uint64_t owner = 0;         // the exporting instance
@@ -223,6 +258,13 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   void count_handles_locked(const Account& instance, int64_t delta);  // a client's share of a change
   void reserve_pages_locked(Account& requester, uint32_t count, std::vector<Termination>& terminations);
   void release_all_locked(Account& instance);
+  // Drops cache entries, least recently used first, whose pages would come free, until `needed` pages
+  // are free or none is left; returns how many pages came free.
+  uint32_t evict_cache_locked(uint32_t needed);
+  // Moves the entries of keys[:count] to the front of the LRU order, keys[0] ending first.
+  void touch_cache_locked(uint64_t scope, const std::vector<std::string>& keys, size_t count);
+  // How many more handles the instance may hold (its quota and its client's).
+  size_t quota_room_locked(const Account& instance) const;
   void terminate_locked(Account& instance, const std::string& message, std::vector<Termination>& terminations);
   uint32_t take_free_page_locked();
   void unref_locked(uint32_t page);
@@ -251,6 +293,11 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   uint64_t next_age_ = 0;
   uint64_t num_terminations_ = 0;
   uint64_t num_evictions_ = 0;
+  // The prefix cache: entries in LRU order (front: most recently used), and by (scope, key).
+  std::list<CacheEntry> cache_lru_;
+  std::unordered_map<std::pair<uint64_t, std::string>, std::list<CacheEntry>::iterator, CacheKeyHash> cache_;
+  uint64_t num_cache_hits_ = 0;
+  uint64_t num_cache_evictions_ = 0;
 };
 
 }  // namespace pie::control

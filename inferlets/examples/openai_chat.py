@@ -7,7 +7,10 @@ argv[1] is the request, checked and normalised by the server (pie/server/openai_
      "json_schema": str | null}
 It sends JSON messages: {"delta": str, "logprobs": [{"token", "logprob", "top": [[token, logprob]]}]}
 as it generates (the host runs the decode loop: a generation stream with the top 20 tokens of each
-step; a token drawn outside them gets its logprob from one more pass at the end), then {"text", "finish_reason": "stop" | "length", "prompt_tokens", "completion_tokens"}.
+step; a token drawn outside them gets its logprob from one more pass at the end), then {"text", "finish_reason": "stop" | "length", "prompt_tokens", "completion_tokens", "cached_tokens"}.
+Automatic prefix caching: the prompt's full pages already computed by an earlier request (the server's /v1
+instances share one prefix cache) are reused, not computed again (`cached_tokens` of them); at the end the
+sequence's full pages (prompt and answer) are filed for later requests.
 A greedy chat request generates exactly what `text_completion` generates for the same prompt.
 
     pie run openai_chat -- '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16,
@@ -76,6 +79,7 @@ if "messages" in spec:
 else:
     ctx.fill_tokens(inferlet.encode(spec["prompt"]))
 prompt_tokens = len(ctx.tokens)
+cached_tokens = ctx.use_prefix_cache()
 
 if spec.get("json_schema") is not None:
     if not hasattr(inferlet, "Grammar"):
@@ -85,9 +89,10 @@ if spec.get("json_schema") is not None:
     sampler = inferlet.sample(temperature, 0, top_p, 0.0, seed)
     text = ctx.generate(max_tokens=max_tokens, sampler=sampler, stop=stop, grammar=grammar)
     num_generated = len(ctx.tokens) - prompt_tokens
+    ctx.store_prefix()
     emit({"delta": text})
     emit({"text": text, "finish_reason": "length" if num_generated >= max_tokens else "stop",
-          "prompt_tokens": prompt_tokens, "completion_tokens": num_generated})
+          "prompt_tokens": prompt_tokens, "completion_tokens": num_generated, "cached_tokens": cached_tokens})
     sys.exit(0)
 
 # The host runs the decode loop (a generation stream); this program turns its tokens into deltas.
@@ -135,5 +140,7 @@ for i, top in outside_top.items():  # tokens drawn outside the top distribution:
 text = stream.text
 send_ready(final=True)
 finish = "length" if stream.reason == "length" else "stop"
-emit({"text": text, "finish_reason": finish, "prompt_tokens": prompt_tokens, "completion_tokens": len(generated)})
+ctx.store_prefix()
+emit({"text": text, "finish_reason": finish, "prompt_tokens": prompt_tokens, "completion_tokens": len(generated),
+      "cached_tokens": cached_tokens})
 ctx.free()

@@ -95,11 +95,11 @@ class RunnerPools:
         return [self.kv_pages] + ([self.embed_slots] if self.embed_slots is not None else [])
 
     def open_instance(self, plane: "ControlPlane", kv_quota: int, embed_quota: int, client: int = 0,
-                      kv_client_quota: int = 0) -> int:
+                      kv_client_quota: int = 0, kv_cache_scope: int = 0) -> int:
         with self._lock:
             instance_id = next(self._next_instance_id)
             self._plane_of[instance_id] = plane
-        self.kv_pages.add_instance(instance_id, kv_quota, client, kv_client_quota)
+        self.kv_pages.add_instance(instance_id, kv_quota, client, kv_client_quota, kv_cache_scope)
         if self.embed_slots is not None:
             self.embed_slots.add_instance(instance_id, embed_quota)
         return instance_id
@@ -209,10 +209,12 @@ class ControlPlane:
         self.stop()
 
     # ---- instances --------------------------------------------------------------------------
-    def open_instance(self, kv_quota: int = 0, embed_quota: int = 0, client: int = 0, kv_client_quota: int = 0) -> int:
+    def open_instance(self, kv_quota: int = 0, embed_quota: int = 0, client: int = 0, kv_client_quota: int = 0,
+                      kv_cache_scope: int = 0) -> int:
         """A new instance id, registered with the pools. Quotas (0 = unlimited) count the KV pages and
-        embedding slots it holds; kv_client_quota the KV pages all instances of its client (0: none) hold."""
-        instance_id = self.pools.open_instance(self, kv_quota, embed_quota, client, kv_client_quota)
+        embedding slots it holds; kv_client_quota the KV pages all instances of its client (0: none) hold;
+        kv_cache_scope the prefix cache it looks up and fills (0: none; docs/prefix_caching.md)."""
+        instance_id = self.pools.open_instance(self, kv_quota, embed_quota, client, kv_client_quota, kv_cache_scope)
         with self._lock:
             self._live.add(instance_id)
         return instance_id

@@ -108,6 +108,35 @@ def kv_import_pages(inst: "Instance", name: str) -> list[int] | None:
         return None
 
 
+MAX_CACHE_KEYS = 65536  # keys of one cache-lookup / cache-store (a 1M-token sequence of 16-token pages)
+MAX_CACHE_KEY = 128  # bytes of a prefix cache key (the SDK's are 32 hex digits)
+
+
+def _check_cache_keys(keys: list[str]) -> None:
+    if len(keys) > MAX_CACHE_KEYS:
+        raise ValueError(f"keys: at most {MAX_CACHE_KEYS} in one call, got {len(keys)}")
+    for i, key in enumerate(keys):
+        if not key or len(key.encode("utf-8", "surrogatepass")) > MAX_CACHE_KEY:
+            raise ValueError(f"keys[{i}]: a prefix cache key has 1 to {MAX_CACHE_KEY} bytes")
+
+
+def kv_cache_lookup(inst: "Instance", keys: list[str]) -> list[int]:
+    _check_cache_keys(keys)
+    return _kv_pool(inst).cache_lookup(inst.id, keys)
+
+
+def kv_cache_store(inst: "Instance", keys: list[str], pages: list[int]) -> int:
+    from pie.control import InvalidHandle
+
+    _check_cache_keys(keys)
+    if len(keys) != len(pages):
+        raise ValueError(f"pages: {len(pages)} pages for {len(keys)} keys")
+    try:
+        return _kv_pool(inst).cache_store(inst.id, keys, pages)
+    except InvalidHandle as e:
+        raise ValueError(f"pages: {_pool_message(e)}") from None
+
+
 def kv_unexport_pages(inst: "Instance", name: str) -> None:
     from pie.control import InvalidHandle
 
@@ -320,6 +349,8 @@ COLD: dict[tuple[str, str], tuple[Callable[..., Any], Any]] = {
     ("kv", "import-pages"): (kv_import_pages, ("option", _U32_LIST)),
     ("kv", "unexport-pages"): (kv_unexport_pages, None),
     ("kv", "list-exports"): (kv_list_exports, ("list", "string")),
+    ("kv", "cache-lookup"): (kv_cache_lookup, _U32_LIST),
+    ("kv", "cache-store"): (kv_cache_store, "u32"),
     ("embeddings", "allocate"): (embeddings_allocate, _U32_LIST),
     ("embeddings", "free"): (embeddings_free, None),
     ("embeddings", "embed-tokens"): (embeddings_embed_tokens, None),

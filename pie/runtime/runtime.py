@@ -213,14 +213,15 @@ class Runtime:
                on_output: Callable[[str], None] | None = None,
                on_log: Callable[[str], None] | None = None,
                on_done: Callable[[InstanceResult], None] | None = None, client: int = 0, keep_output: bool = True,
-               **kwargs: Any) -> Instance:
+               cache_scope: int = 0, **kwargs: Any) -> Instance:
         """client: who launched it (0: the local user); its instances share kv_pages_per_client, a kv-store
         and messaging namespace, and their exports. keep_output=False: the result's output and log stay
-        empty (on_output / on_log see everything)."""
+        empty (on_output / on_log see everything). cache_scope: the prefix cache its kv.cache-lookup and
+        kv.cache-store use (0: none; instances of one scope share it, no other sees it)."""
         deadline_s = self.config.deadline_s if deadline_s is None else deadline_s
         c = self.config
         instance_id = self.plane.open_instance(kv_quota=c.kv_pages_per_instance, client=client,
-                                               kv_client_quota=c.kv_pages_per_client)
+                                               kv_client_quota=c.kv_pages_per_client, kv_cache_scope=cache_scope)
         try:
             state = self._instance_state(instance_id, deadline_s)
         except BaseException:

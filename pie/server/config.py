@@ -200,6 +200,7 @@ class OpenAISection:
     inferlet: str = "openai_chat"  # the inferlet that serves the routes (bundled name or .py path)
     default_max_tokens: int = 256  # chat and responses, when the request gives none (completions: 16)
     max_n: int = 16
+    prefix_caching: bool = True  # the routes' instances share a prefix cache (docs/prefix_caching.md)
 
     def __post_init__(self) -> None:
         if self.default_max_tokens <= 0 or self.max_n <= 0:

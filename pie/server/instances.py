@@ -97,11 +97,12 @@ class InstanceManager:
     async def launch(self, owner: Any, outbox: Outbox, arguments: Sequence[str], *, program: Program | None = None,
                      inferlet: str | Path | None = None, deadline_s: float | None = None, memory_mb: int | None = None,
                      forward_log: bool = True, on_started: Callable[[Any], None] | None = None,
-                     trace: bool = False) -> Any:
+                     trace: bool = False, cache_scope: int = 0) -> Any:
         """Starts an instance of an uploaded program, a bundled inferlet (by name: only those) or the
         configured one (a Path, from the operator's configuration).
         `on_started(instance)` runs on the launching thread before any event of the instance is queued.
-        trace: the instance records its Chrome trace (its result's `trace`), within MAX_TRACE_EVENTS."""
+        trace: the instance records its Chrome trace (its result's `trace`), within MAX_TRACE_EVENTS.
+        cache_scope: the prefix cache it uses (0: none; OPENAI_CACHE_SCOPE for the /v1 routes' instances)."""
         if not self.accepting:
             raise LaunchError("shutting_down", "the server is shutting down and takes no new instances")
         if len(self.live) >= self.limits.max_instances:
@@ -119,6 +120,8 @@ class InstanceManager:
             kwargs["memory_mb"] = int(memory_mb)
         if trace:
             kwargs.update(trace=True, trace_max_events=MAX_TRACE_EVENTS)
+        if cache_scope:
+            kwargs["cache_scope"] = int(cache_scope)
         if not all(isinstance(a, str) for a in arguments):
             raise LaunchError("bad_request", "arguments must be a list of strings")
         return await asyncio.get_running_loop().run_in_executor(

@@ -129,11 +129,16 @@ class RuntimeCollector:
         yield _counter("pie_kv_pool_terminations", "Instances the page pool terminated to free pages",
                        kv["num_terminations"])
         yield _counter("pie_kv_export_evictions", "Exports evicted under pool pressure", kv["num_evictions"])
+        yield _gauge("pie_prefix_cache_pages", "KV pages held by the prefix cache (one entry each)", kv["num_cached"])
+        yield _counter("pie_prefix_cache_evictions", "Prefix cache entries dropped under pool pressure",
+                       kv["num_cache_evictions"])
         runner = rt.runner
         yield _counter("pie_forward_passes", "Forward passes the model runner ran", runner.num_forward_passes)
-        tokens = CounterMetricFamily("pie_tokens", "Input tokens the model runner computed (their K/V written by "
-                                     "a forward pass)", labels=["kind"])
+        tokens = CounterMetricFamily("pie_tokens", "Input tokens: computed by the model runner (their K/V written "
+                                     "by a forward pass), or cached (their K/V found in the prefix cache)",
+                                     labels=["kind"])
         tokens.add_metric(["computed"], runner.num_tokens_processed)
+        tokens.add_metric(["cached"], kv["num_cache_hits"] * kv["page_size"])
         yield tokens
         yield self._batch_sizes(rt.plane.loop)
         calls = CounterMetricFamily("pie_host_calls", "Host calls of the inferlets, by WIT function (hot: C++; "

@@ -27,6 +27,10 @@ FINGERPRINT = "pie-0.1"
 
 
 # the route of each kind of request, as pie_requests_total labels it
+# The prefix cache scope of the /v1 routes' instances: theirs alone (protocol clients' programs launch
+# without one, so they can neither read nor fill it).
+OPENAI_CACHE_SCOPE = 1
+
 ROUTES = {"chat": "chat.completions", "completion": "completions", "responses": "responses"}
 
 
@@ -53,8 +57,9 @@ class ChoiceRun:
     async def __aenter__(self) -> "ChoiceRun":
         try:
             for i, spec in enumerate(self.specs):
-                inst = await self.instances.launch(self, self.outbox, [json.dumps(spec)], inferlet=self.inferlet,
-                                                   forward_log=False)
+                inst = await self.instances.launch(
+                    self, self.outbox, [json.dumps(spec)], inferlet=self.inferlet, forward_log=False,
+                    cache_scope=OPENAI_CACHE_SCOPE if self.config.openai.prefix_caching else 0)
                 self.index[inst.id] = i
         except LaunchError as e:
             await self.__aexit__(None, None, None)
@@ -137,11 +142,16 @@ class Collected:
         final = self.finals[i]
         return final["finish_reason"] if final is not None else "stop"
 
-    def usage(self, choices_per_prompt: int) -> dict[str, int]:
+    def usage(self, choices_per_prompt: int) -> dict:
+        """OpenAI's usage; prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache supplied
+        (of each prompt's first choice, as its prompt tokens are counted)."""
         finals = [f for f in self.finals if f is not None]
-        prompt = sum(f["prompt_tokens"] for k, f in enumerate(finals) if k % choices_per_prompt == 0)
+        firsts = [f for k, f in enumerate(finals) if k % choices_per_prompt == 0]
+        prompt = sum(f["prompt_tokens"] for f in firsts)
+        cached = sum(int(f.get("cached_tokens", 0)) for f in firsts)
         completion = sum(f["completion_tokens"] for f in finals)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def chat_logprobs(entries: list[dict], top: int) -> dict:
@@ -344,7 +354,8 @@ class OpenAIRoutes:
         obj["output"] = [self._message_item(item_id or f"msg_{uuid.uuid4().hex}", c.text(0))]
         u = c.usage(1)
         obj["usage"] = {"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
-                        "total_tokens": u["total_tokens"], "input_tokens_details": {"cached_tokens": 0},
+                        "total_tokens": u["total_tokens"],
+                        "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"]},
                         "output_tokens_details": {"reasoning_tokens": 0}}
         return obj
 

@@ -43,9 +43,12 @@ def test_a_chat_request_moves_each_counter_by_what_it_did(server, openai_client,
         (1 if reply.usage.completion_tokens >= 2 else 0)
     assert 0 < delta("pie_time_to_first_token_seconds_sum", route="chat.completions") < 120
     assert delta("pie_instances_total", outcome="ok") == 1
-    # the prompt, then one pass per generated token but the last (whose K/V is not computed)
+    # the prompt but what the prefix cache had (an earlier test may have sent it), then one pass per
+    # generated token but the last (whose K/V is not computed)
     computed = delta("pie_tokens_total", kind="computed")
-    assert computed == reply.usage.prompt_tokens + reply.usage.completion_tokens - 1
+    cached = reply.usage.prompt_tokens_details.cached_tokens
+    assert computed == reply.usage.prompt_tokens - cached + reply.usage.completion_tokens - 1
+    assert delta("pie_tokens_total", kind="cached") == cached
     assert delta("pie_forward_passes_total") >= reply.usage.completion_tokens
     assert delta("pie_batch_size_count", kind="forward") == delta("pie_forward_passes_total")
     assert delta("pie_batch_size_sum", kind="forward") >= delta("pie_batch_size_count", kind="forward")
@@ -54,9 +57,11 @@ def test_a_chat_request_moves_each_counter_by_what_it_did(server, openai_client,
     assert delta("pie_host_calls_total", name="generation.start") == 1  # openai_chat decodes on a stream
     assert delta("pie_host_calls_total", name="runtime.send") >= 2  # a delta and the final message
     assert delta("pie_commands_total", outcome="completed") >= delta("pie_forward_passes_total")
-    total = value(after, "pie_kv_pages_total")
-    assert total > 0 and value(after, "pie_kv_pages", state="free") == total  # all free again
-    assert value(after, "pie_kv_pages", state="used") == 0 and value(after, "pie_queue_depth") == 0
+    total, cached_pages = value(after, "pie_kv_pages_total"), value(after, "pie_prefix_cache_pages")
+    assert cached_pages > 0  # the request's full pages were filed
+    # all free again, but the pages the prefix cache keeps
+    assert total > 0 and value(after, "pie_kv_pages", state="free") + cached_pages == total
+    assert value(after, "pie_kv_pages", state="used") == cached_pages and value(after, "pie_queue_depth") == 0
 
 
 def test_refused_requests_and_terminations_are_counted_by_status_and_reason(server, openai_client, pool_whole):

@@ -445,7 +445,9 @@ def test_soak_many_clients_launch_stream_disconnect_and_terminate_at_random(serv
     assert inst["num_clients_ending"] == 0, msg
     assert inst["num_clients_ended"] - inst0["num_clients_ended"] <= soak.counts["connections"], msg
     kv, sched = stats["kv_pages"], stats["scheduler"]
-    assert kv["num_used"] == 0 and kv["num_pinned"] == 0 and kv["num_free"] == kv["num_pages"], msg
+    # nothing held but what the /v1 routes' prefix cache keeps (earlier tests of the session filled it)
+    assert kv["num_used"] == kv["num_cached"] and kv["num_pinned"] == 0, msg
+    assert kv["num_free"] + kv["num_cached"] == kv["num_pages"], msg
     assert kv["num_exports"] == before["kv_pages"]["num_exports"], msg
     assert sched["num_pending"] == 0 and sched["num_in_flight"] == 0 and sched["num_queues"] == 0, msg
     resolved = ("num_completed", "num_failed", "num_cancelled")  # every command given to the engine was resolved

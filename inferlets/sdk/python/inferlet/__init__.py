@@ -11,6 +11,7 @@ The capital of France is Paris.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
@@ -353,6 +354,28 @@ class Context:
             if len(self.tokens) - start >= max_tokens:
                 return decode(self.tokens[start:])
 
+    # -- automatic prefix caching --
+    def use_prefix_cache(self) -> int:
+        """Before anything of this context is computed: adopts the longest run of its full pages that the
+        instance's prefix cache holds (the same tokens computed before, by this or another instance of
+        its cache scope: the server's /v1 instances share one), so that only the rest is computed. The
+        last token stays pending (its pass gives the next token's logits). Returns the tokens adopted (0
+        without a cache or a hit). The pages are shared: a pass that writes into one copies it first."""
+        if self.num_cached or self.pages or len(self.tokens) < 2:
+            return 0
+        pages = kv.cache_lookup(prefix_keys(self.tokens[:len(self.tokens) - 1], self.page_size))
+        self.pages = list(pages)
+        self.num_cached = len(self.pages) * self.page_size
+        return self.num_cached
+
+    def store_prefix(self) -> int:
+        """Files the context's full computed pages in the instance's prefix cache (for `use_prefix_cache`
+        of later contexts with the same tokens); returns how many pages were new there."""
+        full = self.num_cached // self.page_size
+        if full == 0:
+            return 0
+        return kv.cache_store(prefix_keys(self.tokens[:full * self.page_size], self.page_size), self.pages[:full])
+
     # -- structure --
     def _cached_pages(self) -> list[int]:
         """The pages holding tokens[:num_cached] (the last one possibly partly filled)."""
@@ -440,6 +463,18 @@ class Context:
 
 
 _PREFIX_KEY = "pie.prefix:"  # kv-store key of a saved prefix's token ids
+
+
+def prefix_keys(tokens: Sequence[int], page_size: int) -> list[str]:
+    """One prefix cache key per full page of `tokens` (a partial last page has none): key i names the
+    tokens of pages 0..i, a chain of SHA-256 over each page's token ids (32 hex digits, 128 bits)."""
+    keys: list[str] = []
+    digest = b""
+    for start in range(0, len(tokens) - page_size + 1, page_size):
+        page = b"".join(int(t).to_bytes(4, "little") for t in tokens[start:start + page_size])
+        digest = hashlib.sha256(digest + page).digest()[:16]
+        keys.append(digest.hex())
+    return keys
 
 
 # ---- grammars ---------------------------------------------------------------------------------------
