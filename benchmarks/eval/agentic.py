@@ -34,6 +34,33 @@ import uuid
 
 from harness import Endpoint, Meter, launch_all, latency_summary
 
+# ---- the agents' manual ----------------------------------------------------------------------------------------
+# Real agents carry a system prompt of a few hundred tokens or more (tool descriptions, rules, formats). Every
+# workflow, on both sides, appends this one to each of its system messages (the inferlets take it as --guide),
+# so the baseline's requests share a long prefix that automatic prefix caching can serve.
+GUIDE = """Operating manual (read before every task).
+1. Tools. The calculator evaluates arithmetic with +, -, *, /, parentheses and decimal numbers; it does not
+know variables, units or percentages, so convert them first. The lookup tool searches a small encyclopedia of
+cities, countries, rivers and famous people; it answers with one paragraph, or with "no entry" when the term
+is unknown, in which case try a shorter or more common spelling. Tools may fail or time out: report the error
+in your next thought and try another way instead of repeating the same call.
+2. Reasoning. Work in small steps. Write one thought per line and never more than one action at a time. Keep
+numbers exact until the final answer, then round to two decimals. When facts conflict, prefer the most recent
+observation. Never invent an observation: wait for the tool to reply.
+3. Code. Python code runs in a sandbox with no network and no files; only the standard modules math,
+statistics, fractions, decimal, itertools, functools, collections, json, re, string, random, datetime, heapq,
+bisect and operator may be imported. Print exactly the values you need. Long loops are cut off after a budget
+of lines, so prefer closed formulas and built-in functions such as sum, range and sorted.
+4. Answers. The final answer is short: one number, one name or one sentence. Do not repeat the question, do not
+apologise, and do not explain the tools. If the task cannot be done with the tools, say so in one sentence.
+5. Style. Be concise and neutral. Use the units of the question. Dates are written as YYYY-MM-DD and times in
+24-hour form. Lists are written one item per line, numbered from 1."""
+
+
+def with_guide(system: str) -> str:
+    return system + "\n\n" + GUIDE
+
+
 # ---- ReAct ---------------------------------------------------------------------------------------------------
 
 REACT_QUESTION = ("Compute ((17 * 23 + 9) / 8) * 2 step by step, and tell which of Paris, Rome, Berlin and "
@@ -60,7 +87,8 @@ def react_system(tools: dict[str, str]) -> str:
     return ("Answer the question by thinking step by step and using tools. Available actions:\n"
             f"{listing}\n- finish[answer]: {REACT_DESCRIPTIONS['finish'].split(', e.g.')[0]}\n"
             "Use exactly this format:\nThought: one line of reasoning\nAction: tool[argument]\n"
-            "Observation: the tool's reply\n... (repeat) ...\nThought: I know the answer\nAction: finish[answer]")
+            "Observation: the tool's reply\n... (repeat) ...\nThought: I know the answer\nAction: finish[answer]"
+            "\n\n" + GUIDE)
 
 
 async def call_tool(session, url: str, argument: str) -> str:
@@ -99,7 +127,7 @@ async def react_client(ep: Endpoint, stack, session, tools_base: str, script, th
 
 def react_inferlet_jobs(c: int, tools_base: str, port: int, script, thought_tokens: int) -> list:
     args = ["--question", REACT_QUESTION, "--tools-url", tools_base, "--max-steps", len(script),
-            "--thought-tokens", thought_tokens, "--json"]
+            "--thought-tokens", thought_tokens, "--guide", GUIDE, "--json"]
     for name, argument in script:
         args += ["--script", f"{name}[{argument}]"]
     return [("react_agent", args, {"http_allow": [f"127.0.0.1:{port}"]}) for _ in range(c)]
@@ -174,7 +202,7 @@ def run_code_client(code: str, max_lines: int = 100_000, max_output: int = 500) 
 
 
 async def codeact_client(ep: Endpoint, stack, max_steps: int, code_tokens: int, answer_tokens: int) -> dict:
-    text = stack.chat_text([{"role": "system", "content": CODEACT_SYSTEM},
+    text = stack.chat_text([{"role": "system", "content": with_guide(CODEACT_SYSTEM)},
                             {"role": "user", "content": CODEACT_EXAMPLE_TASK},
                             {"role": "assistant", "content": CODEACT_EXAMPLE_REPLY},
                             {"role": "user", "content": CODEACT_TASK}])
@@ -206,7 +234,7 @@ SWARM_QUESTION = "Plan a one-day visit to Paris for a family with two children."
 
 async def swarm_client(ep: Endpoint, stack, workers: int, max_tokens: int, summary_tokens: int) -> dict:
     text = stack.chat_text([
-        {"role": "system", "content": f"Split the question into {workers} simpler questions, one per line."},
+        {"role": "system", "content": with_guide(f"Split the question into {workers} simpler questions, one per line.")},
         {"role": "user", "content": SWARM_QUESTION}])
     questions = []
     for i in range(1, workers + 1):
@@ -215,11 +243,11 @@ async def swarm_client(ep: Endpoint, stack, workers: int, max_tokens: int, summa
         line = resp.choices[0].text
         text += line + "\n"
         questions.append(line.strip())
-    answers = await asyncio.gather(*(ep.chat([{"role": "system", "content": "Answer in one short sentence."},
+    answers = await asyncio.gather(*(ep.chat([{"role": "system", "content": with_guide("Answer in one short sentence.")},
                                               {"role": "user", "content": q}], max_tokens, stop=["\n"])
                                       for q in questions))
     notes = "\n".join(f"- {q} {a.strip()}" for q, a in zip(questions, answers))
-    summary = await ep.chat([{"role": "system", "content": "Combine the notes into one short answer."},
+    summary = await ep.chat([{"role": "system", "content": with_guide("Combine the notes into one short answer.")},
                              {"role": "user", "content": f"Question: {SWARM_QUESTION}\nNotes:\n{notes}"}],
                             summary_tokens)
     return {"questions": questions, "answers": [a.strip() for a in answers], "summary": summary.strip()}
@@ -232,21 +260,23 @@ def swarm_jobs(c: int, workers: int, max_tokens: int, summary_tokens: int) -> tu
         names.append(swarm)
         jobs.append(("agent_swarm", ["--role", "coordinator", "--swarm", swarm, "--workers", workers,
                                      "--question", SWARM_QUESTION, "--max-tokens", max_tokens,
-                                     "--summary-tokens", summary_tokens, "--json"], {}))
+                                     "--summary-tokens", summary_tokens, "--guide", GUIDE, "--json"], {}))
         for w in range(workers):
             jobs.append(("agent_swarm", ["--role", "worker", "--swarm", swarm, "--worker-id", f"w{w}",
-                                         "--max-tokens", max_tokens], {}))
+                                         "--max-tokens", max_tokens, "--guide", GUIDE], {}))
     return jobs, names
 
 
 # ---- driver --------------------------------------------------------------------------------------------------
 
-def _client_side(stack, c: int, make_one) -> tuple[list[float], list[dict], Endpoint, float]:
-    """Runs c client workflows at once (make_one(ep, session) -> coroutine); per-workflow latencies."""
+def _client_side(stack, c: int, make_one, cache: bool = True) -> tuple[list[float], list[dict], Endpoint, float]:
+    """Runs c client workflows at once (make_one(ep, session) -> coroutine); per-workflow latencies. cache:
+    through the endpoint with prefix caching (else the one without)."""
     import aiohttp
 
+    url = stack.base_url if cache else stack.plain_url
     async def main():
-        async with Endpoint(stack.base_url, stack.model_name, stack.api_key) as ep, aiohttp.ClientSession() as session:
+        async with Endpoint(url, stack.model_name, stack.api_key) as ep, aiohttp.ClientSession() as session:
             async def timed():
                 t = time.perf_counter()
                 result = await make_one(ep, session)
@@ -259,15 +289,23 @@ def _client_side(stack, c: int, make_one) -> tuple[list[float], list[dict], Endp
     return asyncio.run(main())
 
 
-def _rows(rows: list, app: str, baseline_name: str, c: int, base: dict, inf: dict, details: dict) -> None:
-    lat = base["mean_s"] / inf["mean_s"]
-    tput = inf["per_min"] / base["per_min"]
-    common = {"section": "agentic", "application": app, "concurrency": c, "baseline_name": baseline_name,
-              "goal": ">= 2x", "details": {"baseline": base, "inferlet": inf, **details}}
-    rows.append({**common, "metric": "mean latency s", "baseline": base["mean_s"], "inferlet": inf["mean_s"],
-                 "ratio": lat, "ratio_kind": "speedup", "met": lat >= 2.0})
-    rows.append({**common, "metric": "workflows/min", "baseline": base["per_min"], "inferlet": inf["per_min"],
-                 "ratio": tput, "ratio_kind": "speedup", "met": tput >= 2.0})
+def _rows(rows: list, app: str, baseline_name: str, c: int, base: dict, inf: dict, details: dict,
+          plain: dict | None = None) -> None:
+    """The rows of one application at concurrency c: against the baseline with prefix caching (the goal), and,
+    given `plain`, against the same baseline without it (for reference)."""
+    for which, b in (("prefix caching on", base), ("prefix caching off", plain)):
+        if b is None:
+            continue
+        goal = which == "prefix caching on"
+        lat = b["mean_s"] / inf["mean_s"]
+        tput = inf["per_min"] / b["per_min"]
+        common = {"section": "agentic", "application": app if goal else f"{app} [baseline: no prefix caching]",
+                  "concurrency": c, "baseline_name": f"{baseline_name}, {which}",
+                  "goal": ">= 2x" if goal else "(reference)", "details": {"baseline": b, "inferlet": inf, **details}}
+        rows.append({**common, "metric": "mean latency s", "baseline": b["mean_s"], "inferlet": inf["mean_s"],
+                     "ratio": lat, "ratio_kind": "speedup", "met": lat >= 2.0 if goal else None})
+        rows.append({**common, "metric": "workflows/min", "baseline": b["per_min"], "inferlet": inf["per_min"],
+                     "ratio": tput, "ratio_kind": "speedup", "met": tput >= 2.0 if goal else None})
 
 
 def run(stack, tools, p, rows: list, log, item: str) -> None:
@@ -290,18 +328,22 @@ def run(stack, tools, p, rows: list, log, item: str) -> None:
             inf = latency_summary([r.latency_s for r in res], mi.wall, gen_tok_per_s=gen_i / mi.wall,
                                   generated_tokens_approx=gen_i, **mi.record())
             calls0 = tools.calls
-            with Meter(model) as mb:
-                lats, outs, ep, wall = _client_side(
-                    stack, c, lambda ep, s: react_client(ep, stack, s, tools.base, script, p.react_thought_tokens))
-            assert all(o["tool_calls"] == p.react_tool_calls for o in outs)
-            base = latency_summary(lats, wall, gen_tok_per_s=ep.completion_tokens / wall,
-                                   generated_tokens=ep.completion_tokens, requests=ep.requests,
-                                   prompt_tokens_sent=ep.prompt_tokens, **mb.record())
+            bases = []
+            for cache in (True, False):
+                with Meter(model) as mb:
+                    lats, outs, ep, wall = _client_side(
+                        stack, c, lambda ep, s: react_client(ep, stack, s, tools.base, script, p.react_thought_tokens),
+                        cache)
+                assert all(o["tool_calls"] == p.react_tool_calls for o in outs)
+                bases.append(latency_summary(lats, wall, gen_tok_per_s=ep.completion_tokens / wall,
+                                             generated_tokens=ep.completion_tokens, requests=ep.requests,
+                                             prompt_tokens_sent=ep.prompt_tokens, **mb.record()))
+            base, plain = bases
             same = [s["thought"] for s in reports[0]["steps"]] == outs[0]["thoughts"]
             _rows(rows, f"ReAct, {p.react_tool_calls} tool calls", "client loop over /v1/completions", c, base, inf,
                   {"tool_calls_per_workflow": p.react_tool_calls, "thought_tokens": p.react_thought_tokens,
-                   "client_tool_calls_seen": tools.calls - calls0, "same_thoughts_first_workflow": same})
-            log(f"react c={c}: client {base['mean_s']:.2f} s ({mb.tokens} tokens computed), inferlet "
+                   "client_tool_calls_seen": tools.calls - calls0, "same_thoughts_first_workflow": same}, plain)
+            log(f"react c={c}: client {base['mean_s']:.2f} s (no cache {plain['mean_s']:.2f} s), inferlet "
                 f"{inf['mean_s']:.2f} s ({mi.tokens} tokens computed)")
 
     if item == "codeact":
@@ -309,7 +351,7 @@ def run(stack, tools, p, rows: list, log, item: str) -> None:
                                                       "--answer-tokens", 1], {})])
         for c in p.agent_concurrency:
             args = ["--task", CODEACT_TASK, "--max-steps", p.codeact_steps, "--code-tokens", p.codeact_code_tokens,
-                    "--answer-tokens", p.codeact_answer_tokens, "--json"]
+                    "--answer-tokens", p.codeact_answer_tokens, "--guide", GUIDE, "--json"]
             with Meter(model) as mi:
                 res = launch_all(stack.runtime, [("codeact_agent", args, {})] * c)
             reports = [r.json() for r in res]
@@ -318,19 +360,22 @@ def run(stack, tools, p, rows: list, log, item: str) -> None:
             execs_i = sum(len(r["steps"]) for r in reports)
             inf = latency_summary([r.latency_s for r in res], mi.wall, gen_tok_per_s=gen_i / mi.wall,
                                   generated_tokens_approx=gen_i, executions=execs_i, **mi.record())
-            with Meter(model) as mb:
-                lats, outs, ep, wall = _client_side(stack, c, lambda ep, s: codeact_client(
-                    ep, stack, p.codeact_steps, p.codeact_code_tokens, p.codeact_answer_tokens))
-            execs_b = sum(len(o["steps"]) for o in outs)
-            base = latency_summary(lats, wall, gen_tok_per_s=ep.completion_tokens / wall,
-                                   generated_tokens=ep.completion_tokens, requests=ep.requests,
-                                   executions=execs_b, prompt_tokens_sent=ep.prompt_tokens, **mb.record())
+            bases = []
+            for cache in (True, False):
+                with Meter(model) as mb:
+                    lats, outs, ep, wall = _client_side(stack, c, lambda ep, s: codeact_client(
+                        ep, stack, p.codeact_steps, p.codeact_code_tokens, p.codeact_answer_tokens), cache)
+                execs_b = sum(len(o["steps"]) for o in outs)
+                bases.append(latency_summary(lats, wall, gen_tok_per_s=ep.completion_tokens / wall,
+                                             generated_tokens=ep.completion_tokens, requests=ep.requests,
+                                             executions=execs_b, prompt_tokens_sent=ep.prompt_tokens, **mb.record()))
+            base, plain = bases
             same = [s["code"] for s in reports[0]["steps"]] == [s["code"] for s in outs[0]["steps"]]
             _rows(rows, "CodeAct", "client loop over /v1/completions", c, base, inf,
                   {"max_steps": p.codeact_steps, "code_tokens": p.codeact_code_tokens,
                    "executions_inferlet": execs_i, "executions_client": execs_b, "same_code_first_workflow": same,
-                   "answer_inferlet": reports[0]["answer"], "answer_client": outs[0]["answer"]})
-            log(f"codeact c={c}: client {base['mean_s']:.2f} s ({execs_b} runs, {mb.tokens} tokens computed), "
+                   "answer_inferlet": reports[0]["answer"], "answer_client": outs[0]["answer"]}, plain)
+            log(f"codeact c={c}: client {base['mean_s']:.2f} s (no cache {plain['mean_s']:.2f} s), "
                 f"inferlet {inf['mean_s']:.2f} s ({execs_i} runs, {mi.tokens} tokens computed)")
 
     if item == "swarm":
@@ -347,16 +392,19 @@ def run(stack, tools, p, rows: list, log, item: str) -> None:
                 + sum(tok(r["summary"]) for r in reports)
             inf = latency_summary([r.latency_s for r in coord], mi.wall, gen_tok_per_s=gen_i / mi.wall,
                                   generated_tokens_approx=gen_i, instances=len(jobs), **mi.record())
-            with Meter(model) as mb:
-                lats, outs, ep, wall = _client_side(stack, c, lambda ep, s: swarm_client(
-                    ep, stack, n, p.swarm_tokens, p.swarm_summary_tokens))
-            base = latency_summary(lats, wall, gen_tok_per_s=ep.completion_tokens / wall,
-                                   generated_tokens=ep.completion_tokens, requests=ep.requests,
-                                   prompt_tokens_sent=ep.prompt_tokens, **mb.record())
+            bases = []
+            for cache in (True, False):
+                with Meter(model) as mb:
+                    lats, outs, ep, wall = _client_side(stack, c, lambda ep, s: swarm_client(
+                        ep, stack, n, p.swarm_tokens, p.swarm_summary_tokens), cache)
+                bases.append(latency_summary(lats, wall, gen_tok_per_s=ep.completion_tokens / wall,
+                                             generated_tokens=ep.completion_tokens, requests=ep.requests,
+                                             prompt_tokens_sent=ep.prompt_tokens, **mb.record()))
+            base, plain = bases
             same = [x["question"] for x in reports[0]["contributions"]] == outs[0]["questions"]
             _rows(rows, f"swarm of {n} agents", "client fan-out over /v1 (completions + chat)", c, base, inf,
                   {"workers": n, "max_tokens": p.swarm_tokens, "summary_tokens": p.swarm_summary_tokens,
-                   "same_subquestions_first_swarm": same})
-            log(f"swarm c={c}: client {base['mean_s']:.2f} s ({mb.tokens} tokens computed), inferlet "
+                   "same_subquestions_first_swarm": same}, plain)
+            log(f"swarm c={c}: client {base['mean_s']:.2f} s (no cache {plain['mean_s']:.2f} s), inferlet "
                 f"{inf['mean_s']:.2f} s ({mi.tokens} tokens computed)")
 

@@ -115,8 +115,12 @@ class Stack:
         self.runtime = Runtime(model, RuntimeConfig(deadline_s=900, http_allow=tuple(http_allow)))
         self.runtime.python_runtime()
         self.config = load_config().replace(server={"port": 0})
-        self.server = ServerThread(self.config, runtime=self.runtime).start()
+        self.server = ServerThread(self.config, runtime=self.runtime).start()  # prefix caching on (the default)
         self.base_url = self.server.url + "/v1"
+        # the same runtime behind a second endpoint without prefix caching: the baseline as it was before
+        self.plain_server = ServerThread(self.config.replace(openai={"prefix_caching": False}),
+                                         runtime=self.runtime).start()
+        self.plain_url = self.plain_server.url + "/v1"
         self.model_name = self.server.server.model_name
         self.api_key = self.config.auth.token or "unused"
         self.tokenizer = self.runtime.tokenizer
@@ -130,6 +134,7 @@ class Stack:
 
     def close(self) -> None:
         self.server.stop()
+        self.plain_server.stop()
         self.runtime.close()
 
 

@@ -129,7 +129,7 @@ def table_lines(rows: list[dict], markdown: bool) -> list[str]:
         busy = r.get("others_cores")
         busy_text = "-" if busy is None else (f"{busy:.2f} BUSY" if busy > BUSY_CORES else f"{busy:.2f}")
         body.append([r["application"], str(r["concurrency"]), r["metric"], fmt(r["baseline"]), fmt(r["inferlet"]),
-                     ratio_text(r), r["goal"], "yes" if r["met"] else "no", busy_text])
+                     ratio_text(r), r["goal"], "-" if r["met"] is None else "yes" if r["met"] else "no", busy_text])
     if markdown:
         return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(b) + " |" for b in body]
     widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]

@@ -41,12 +41,16 @@ from inferlet.branches import numbered_lines
 
 MSG = inferlet.raw.messaging
 STORE = inferlet.raw.kv_store
+GUIDE = ""  # --guide: more instructions for every system message (e.g. a manual the agents share)
+
+
+def system(text):
+    return {"role": "system", "content": text + ("\n\n" + GUIDE if GUIDE else "")}
 
 
 def answer(question, max_tokens):
     ctx = Context()
-    ctx.fill(inferlet.chat_prompt([{"role": "system", "content": "Answer in one short sentence."},
-                                   {"role": "user", "content": question}]))
+    ctx.fill(inferlet.chat_prompt([system("Answer in one short sentence."), {"role": "user", "content": question}]))
     text = ctx.generate(max_tokens=max_tokens, sampler=inferlet.greedy(), stop=["\n"]).strip()
     ctx.free()
     return text
@@ -78,7 +82,7 @@ def split(question, count, max_tokens):
     """`count` sub-questions written by the model."""
     ctx = Context()
     ctx.fill(inferlet.chat_prompt([
-        {"role": "system", "content": f"Split the question into {count} simpler questions, one per line."},
+        system(f"Split the question into {count} simpler questions, one per line."),
         {"role": "user", "content": question}]))
     questions = numbered_lines(ctx, count, max_tokens, inferlet.greedy())
     ctx.free()
@@ -115,7 +119,7 @@ def coordinator(args):
     ctx = Context()
     notes = "\n".join(f"- {c['question']} {c['answer']}" for c in contributions)
     ctx.fill(inferlet.chat_prompt([
-        {"role": "system", "content": "Combine the notes into one short answer."},
+        system("Combine the notes into one short answer."),
         {"role": "user", "content": f"Question: {args.question}\nNotes:\n{notes}"}]))
     summary = ctx.generate(max_tokens=args.summary_tokens, sampler=inferlet.greedy()).strip()
     ctx.free()
@@ -137,8 +141,11 @@ def main():
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--summary-tokens", type=int, default=48)
+    parser.add_argument("--guide", default="", help="more instructions for every system message")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    global GUIDE
+    GUIDE = args.guide
     if args.role == "coordinator":
         if args.question is None or args.workers < 1:
             parser.error("a coordinator needs --question and --workers >= 1")

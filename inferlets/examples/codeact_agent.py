@@ -102,6 +102,7 @@ def main():
     parser.add_argument("--max-lines", type=int, default=100_000, help="lines one block may run")
     parser.add_argument("--max-output", type=int, default=500, help="characters of output kept")
     parser.add_argument("--script", action="append", default=[], help="a code block to run (repeatable)")
+    parser.add_argument("--guide", default="", help="more instructions for the system message")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -109,7 +110,7 @@ def main():
     ctx.fill(inferlet.chat_prompt([
         {"role": "system", "content": "You solve tasks by writing Python code. Reply with one ```python code "
                                       "block that prints the result; you will be shown its output. Then "
-                                      "give the final answer."},
+                                      "give the final answer." + ("\n\n" + args.guide if args.guide else "")},
         {"role": "user", "content": EXAMPLE_TASK},
         {"role": "assistant", "content": EXAMPLE_REPLY},
         {"role": "user", "content": args.task}]))

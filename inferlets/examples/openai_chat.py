@@ -4,7 +4,11 @@ and /v1/responses (n > 1: one instance per choice, batched by the server).
 argv[1] is the request, checked and normalised by the server (pie/server/openai_api.py), as JSON:
     {"messages": [{"role", "content"}] | "prompt": str, "max_tokens": int, "temperature": float,
      "top_p": float, "seed": int | null, "stop": [str], "logprobs": bool, "top_logprobs": int,
-     "json_schema": str | null}
+     "json_schema": str | null, "tools": [{"name", "description", "parameters"}], "tool_choice": "auto" |
+     "required" | "none" | <a tool's name>, "parallel_tool_calls": bool}
+(messages may carry an assistant's "tool_calls" [{"id", "name", "arguments"}] and a tool result's
+"tool_call_id"). With tools it also sends {"tool_call": {"index", "name", "arguments"}} as each call is
+complete, and its final message has "tool_calls" and finish_reason "tool_calls" when it made any.
 It sends JSON messages: {"delta": str, "logprobs": [{"token", "logprob", "top": [[token, logprob]]}]}
 as it generates (the host runs the decode loop: a generation stream with the top 20 tokens of each
 step; a token drawn outside them gets its logprob from one more pass at the end), then {"text", "finish_reason": "stop" | "length", "prompt_tokens", "completion_tokens", "cached_tokens"}.
@@ -70,8 +74,15 @@ def logprob_by_pass(ctx, position: int, token: int) -> float:
     return out[0].values[0]
 
 
+tools = spec.get("tools") or []
+with_tool_history = any(m.get("tool_calls") or m["role"] == "tool" for m in spec.get("messages", []))
+
 ctx = inferlet.Context()
-if "messages" in spec:
+if tools or with_tool_history:  # the tools and the earlier calls and results in the prompt
+    from inferlet.tool_calls import generate_with_tools, tool_prompt
+
+    ctx.fill(tool_prompt(spec["messages"], tools))
+elif "messages" in spec:
     if inferlet.model_facts().has_chat_template:
         ctx.fill(inferlet.chat_prompt(spec["messages"]))
     else:
@@ -80,6 +91,18 @@ else:
     ctx.fill_tokens(inferlet.encode(spec["prompt"]))
 prompt_tokens = len(ctx.tokens)
 cached_tokens = ctx.use_prefix_cache()
+
+if tools and spec["tool_choice"] != "none":  # tool calling (docs/tool_calling.md): text, then calls
+    # generated under the tools' grammar (with "none" the tools are in the prompt, and the answer is text)
+    sampler = inferlet.sample(temperature, 0, top_p, 0.0, seed)
+    text, calls, finish = generate_with_tools(
+        ctx, tools, spec["tool_choice"], spec["parallel_tool_calls"], max_tokens, sampler, stop,
+        on_text=lambda piece: emit({"delta": piece}),
+        on_call=lambda index, call: emit({"tool_call": {"index": index, **call}}))
+    ctx.store_prefix()
+    emit({"text": text, "tool_calls": calls, "finish_reason": finish, "prompt_tokens": prompt_tokens,
+          "completion_tokens": len(ctx.tokens) - prompt_tokens, "cached_tokens": cached_tokens})
+    sys.exit(0)
 
 if spec.get("json_schema") is not None:
     if not hasattr(inferlet, "Grammar"):

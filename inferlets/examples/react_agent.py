@@ -72,6 +72,7 @@ def main():
     parser.add_argument("--thought-tokens", type=int, default=32)
     parser.add_argument("--action-tokens", type=int, default=24)
     parser.add_argument("--script", action="append", default=[], help="an action to take: tool[argument]")
+    parser.add_argument("--guide", default="", help="more instructions for the system message (e.g. a tools manual)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -98,6 +99,8 @@ def main():
               f"{listing}\n- finish[answer]: {DESCRIPTIONS['finish'].split(', e.g.')[0]}\n"
               "Use exactly this format:\nThought: one line of reasoning\nAction: tool[argument]\n"
               "Observation: the tool's reply\n... (repeat) ...\nThought: I know the answer\nAction: finish[answer]")
+    if args.guide:
+        system += "\n\n" + args.guide
     ctx = Context()
     ctx.fill(inferlet.chat_prompt([{"role": "system", "content": system},
                                    {"role": "user", "content": args.question}]))

@@ -326,6 +326,25 @@ def tokenizer_apply_chat_template(inst: "Instance", messages: list[tuple[str, st
                                                       add_generation_prompt=add_generation_prompt)
 
 
+def tokenizer_apply_chat_template_json(inst: "Instance", messages: str, tools: str, add_generation_prompt: bool) -> str:
+    import json
+
+    template = inst.services.tokenizer.chat_template
+    if template is None:
+        raise ValueError(f"the model {inst.services.model.name} has no chat template")
+    try:
+        parsed = json.loads(messages)
+        tool_list = json.loads(tools) if tools else None
+    except ValueError as e:
+        raise ValueError(f"messages / tools: not JSON: {e}") from None
+    if not isinstance(parsed, list) or not all(isinstance(m, dict) for m in parsed):
+        raise ValueError("messages: a JSON array of objects")
+    if tool_list is not None and not isinstance(tool_list, list):
+        raise ValueError("tools: a JSON array")
+    extra = {"tools": tool_list} if tool_list is not None else {}
+    return template.render(parsed, add_generation_prompt=add_generation_prompt, **extra)
+
+
 _U32_LIST = ("list", "u32")
 HTTP_RESPONSE = ("record", (("status", "u16"), ("headers", ("list", ("tuple", ("string", "string")))),
                             ("body", ("list", "u8"))))
@@ -369,6 +388,7 @@ COLD: dict[tuple[str, str], tuple[Callable[..., Any], Any]] = {
     ("messaging", "unsubscribe"): (messaging_unsubscribe, None),
     ("tokenizer", "encode"): (tokenizer_encode, _U32_LIST),
     ("tokenizer", "decode"): (tokenizer_decode, "string"),
+    ("tokenizer", "apply-chat-template-json"): (tokenizer_apply_chat_template_json, "string"),
     ("tokenizer", "vocab-size"): (tokenizer_vocab_size, "u32"),
     ("tokenizer", "special-tokens"): (tokenizer_special_tokens, SPECIAL_TOKEN_IDS),
     ("tokenizer", "token-to-id"): (tokenizer_token_to_id, ("option", "u32")),

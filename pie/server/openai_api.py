@@ -126,13 +126,28 @@ class Collected:
         self.texts = [""] * n
         self.finals: list[dict | None] = [None] * n
         self.logprobs: list[list[dict]] = [[] for _ in range(n)]
+        self.calls: list[list[dict]] = [[] for _ in range(n)]  # {"id", "name", "arguments"}, in order
 
-    def add(self, i: int, message: dict) -> None:
+    def add(self, i: int, message: dict) -> dict | None:
+        """Takes one message of choice i; a tool call comes back with the id it was given."""
         if "delta" in message:
             self.texts[i] += message["delta"]
             self.logprobs[i] += message.get("logprobs", [])
+        elif "tool_call" in message:
+            call = message["tool_call"]
+            self.calls[i].append({"id": f"call_{uuid.uuid4().hex[:24]}", "name": call["name"],
+                                  "arguments": call["arguments"]})
+            return self.calls[i][-1]
         else:
             self.finals[i] = message
+        return None
+
+    def tool_calls(self, i: int) -> list[dict] | None:
+        """OpenAI's message.tool_calls of choice i, or None."""
+        if not self.calls[i]:
+            return None
+        return [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in self.calls[i]]
 
     def text(self, i: int) -> str:
         final = self.finals[i]
@@ -256,9 +271,15 @@ class OpenAIRoutes:
         return await self._run(request, "chat")
 
     def _chat_object(self, c: Collected, meta: Meta) -> dict:
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text(i), "refusal": None},
-                    "logprobs": chat_logprobs(c.logprobs[i], meta.top_logprobs) if meta.logprobs else None,
-                    "finish_reason": c.finish_reason(i)} for i in range(meta.n)]
+        choices = []
+        for i in range(meta.n):
+            message = {"role": "assistant", "content": c.text(i), "refusal": None}
+            calls = c.tool_calls(i)
+            if calls:
+                message.update(content=c.text(i) or None, tool_calls=calls)
+            choices.append({"index": i, "message": message,
+                            "logprobs": chat_logprobs(c.logprobs[i], meta.top_logprobs) if meta.logprobs else None,
+                            "finish_reason": c.finish_reason(i)})
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": meta.model, "system_fingerprint": FINGERPRINT, "choices": choices, "usage": c.usage(meta.n)}
 
@@ -277,10 +298,16 @@ class OpenAIRoutes:
             for i in range(meta.n):
                 await resp.write(chunk(i, {"role": "assistant", "content": ""}))
             async for i, message in run.events():
-                collected.add(i, message)
+                call = collected.add(i, message)
                 if "delta" in message:
                     lp = chat_logprobs(message.get("logprobs", []), meta.top_logprobs) if meta.logprobs else None
                     await resp.write(chunk(i, {"content": message["delta"]}, logprobs=lp))
+                elif call is not None:  # the call's name and id first, then its arguments
+                    index = len(collected.calls[i]) - 1
+                    await resp.write(chunk(i, {"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                                               "function": {"name": call["name"], "arguments": ""}}]}))
+                    await resp.write(chunk(i, {"tool_calls": [{"index": index,
+                                                               "function": {"arguments": call["arguments"]}}]}))
                 else:
                     await resp.write(chunk(i, {}, message["finish_reason"]))
             if meta.include_usage:
@@ -345,13 +372,20 @@ class OpenAIRoutes:
         return {"type": "message", "id": item_id, "status": status, "role": "assistant",
                 "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
 
+    @staticmethod
+    def _call_item(call: dict, status: str = "completed") -> dict:
+        return {"type": "function_call", "id": "fc_" + call["id"][5:], "call_id": call["id"], "name": call["name"],
+                "arguments": call["arguments"], "status": status}
+
     def _responses_object(self, c: Collected, meta: Meta, rid: str | None = None, created: int | None = None,
                           item_id: str | None = None) -> dict:
         obj = self._response_shell(meta, "completed", rid or f"resp_{uuid.uuid4().hex}", created or int(time.time()))
         if c.finish_reason(0) == "length":
             obj["status"] = "incomplete"
             obj["incomplete_details"] = {"reason": "max_output_tokens"}
+        # the message first (its text may be empty when the answer is calls), then one item per call
         obj["output"] = [self._message_item(item_id or f"msg_{uuid.uuid4().hex}", c.text(0))]
+        obj["output"] += [self._call_item(call) for call in c.calls[0]]
         u = c.usage(1)
         obj["usage"] = {"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
                         "total_tokens": u["total_tokens"],
@@ -378,10 +412,19 @@ class OpenAIRoutes:
             await event("response.content_part.added", item_id=item_id, output_index=0, content_index=0,
                         part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
             async for _, message in run.events():
-                collected.add(0, message)
+                call = collected.add(0, message)
                 if "delta" in message and message["delta"]:
                     await event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
                                 delta=message["delta"], logprobs=[])
+                elif call is not None:  # each call its own output item, after the message
+                    index = len(collected.calls[0])
+                    item = self._call_item(call, "in_progress")
+                    await event("response.output_item.added", output_index=index, item={**item, "arguments": ""})
+                    await event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                                delta=call["arguments"])
+                    await event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                                arguments=call["arguments"])
+                    await event("response.output_item.done", output_index=index, item=self._call_item(call))
             text = collected.text(0)
             await event("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=text,
                         logprobs=[])

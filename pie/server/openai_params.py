@@ -49,7 +49,7 @@ class Meta:
 
 
 # Parameters accepted and ignored (they change nothing here), besides those each route reads.
-IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction", "modalities",
+IGNORED = {"user", "metadata", "store", "service_tier", "prediction", "modalities",
            "reasoning_effort", "safety_identifier", "prompt_cache_key", "background", "truncation", "reasoning",
            "include", "previous_response_id"}
 
@@ -169,7 +169,11 @@ def _content(content: Any, where: str) -> str:
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
-def _messages(messages: Any, param: str = "messages") -> list[dict[str, str]]:
+def _messages(messages: Any, param: str = "messages") -> list[dict[str, Any]]:
+    """{"role", "content"} each; an assistant's tool calls as "tool_calls" ([{"id", "name", "arguments"}]),
+    a tool result's "tool_call_id"."""
+    from pie.server.openai_tools import assistant_calls
+
     if not isinstance(messages, list) or not messages:
         raise bad(param, f"'{param}' must be a non-empty list of messages",
                   "missing_required_parameter" if messages is None else "invalid_type")
@@ -179,8 +183,25 @@ def _messages(messages: Any, param: str = "messages") -> list[dict[str, str]]:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise bad(where, f"'{where}' must be an object with a role in {sorted(ROLES)}", "invalid_type")
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": _content(m.get("content"), f"{where}.content")})
+        message: dict[str, Any] = {"role": role, "content": _content(m.get("content"), f"{where}.content")}
+        if role == "assistant" and m.get("tool_calls"):
+            message["tool_calls"] = assistant_calls(m["tool_calls"], f"{where}.tool_calls")
+        if role == "tool":
+            if not isinstance(m.get("tool_call_id", ""), str):
+                raise bad(f"{where}.tool_call_id", f"'{where}.tool_call_id' must be a string", "invalid_type")
+            message["tool_call_id"] = m.get("tool_call_id", "")
+        out.append(message)
     return out
+
+
+def _tools(body: dict, flat: bool = False) -> dict[str, Any]:
+    """The spec's "tools", "tool_choice" and "parallel_tool_calls" (docs/tool_calling.md)."""
+    from pie.server.openai_tools import parse_tool_choice, parse_tools
+
+    tools = parse_tools(body.get("tools"), "tools", flat)
+    choice = parse_tool_choice(body.get("tool_choice"), tools, flat=flat)
+    return {"tools": tools, "tool_choice": choice,
+            "parallel_tool_calls": _bool(body, "parallel_tool_calls", True)}
 
 
 def _sampling(body: dict, max_tokens_keys: tuple[str, ...], default_max_tokens: int) -> dict[str, Any]:
@@ -213,7 +234,8 @@ def _choices(base: dict[str, Any], n: int) -> list[dict[str, Any]]:
 
 CHAT_KEYS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed",
              "stream", "stream_options", "logprobs", "top_logprobs", "response_format", "frequency_penalty",
-             "presence_penalty", "logit_bias", "tools", "tool_choice", "functions", "function_call"}
+             "presence_penalty", "logit_bias", "tools", "tool_choice", "functions", "function_call",
+             "parallel_tool_calls"}
 
 
 def chat_specs(body: dict, *, model: str, default_max_tokens: int, max_n: int) -> tuple[list[dict], Meta]:
@@ -221,11 +243,10 @@ def chat_specs(body: dict, *, model: str, default_max_tokens: int, max_n: int) -
     model = _model(body, model)
     messages = _messages(body.get("messages"))
     _penalties(body)
-    if body.get("tools") or body.get("functions"):
-        raise bad("tools", "tool and function calling are not supported by this server; describe tools in the "
-                           "prompt instead", "unsupported_parameter")
-    if body.get("tool_choice") not in (None, "none") or body.get("function_call") not in (None, "none"):
-        raise bad("tool_choice", "'tool_choice' needs 'tools', which this server does not support")
+    if body.get("functions") or body.get("function_call") not in (None, "none"):
+        raise bad("functions", "the deprecated 'functions' / 'function_call' are not supported; use 'tools'",
+                  "unsupported_parameter")
+    tools = _tools(body)
     n = _int(body, "n", 1, max_n, 1)
     stream = _bool(body, "stream")
     logprobs = _bool(body, "logprobs")
@@ -235,8 +256,11 @@ def chat_specs(body: dict, *, model: str, default_max_tokens: int, max_n: int) -
     schema = _schema(body.get("response_format"), "response_format")
     if schema is not None and logprobs:
         raise bad("logprobs", "'logprobs' cannot be combined with a JSON response_format here", "unsupported_value")
+    if tools["tool_choice"] != "none" and (schema is not None or logprobs):
+        raise bad("tools", "'tools' cannot be combined with a JSON response_format or logprobs here",
+                  "unsupported_value")
     base = {"messages": messages, **_sampling(body, ("max_tokens", "max_completion_tokens"), default_max_tokens),
-            "stop": _stop(body), "logprobs": logprobs, "top_logprobs": top, "json_schema": schema}
+            "stop": _stop(body), "logprobs": logprobs, "top_logprobs": top, "json_schema": schema, **tools}
     meta = Meta(model, n, stream, _stream_options(body, stream), logprobs, top)
     return _choices(base, n), meta
 
@@ -283,14 +307,15 @@ def completion_specs(body: dict, *, model: str, max_n: int) -> tuple[list[dict],
 
 
 RESPONSES_KEYS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "text",
-                  "seed", "tools", "tool_choice", "stream_options"}
+                  "seed", "tools", "tool_choice", "stream_options", "parallel_tool_calls"}
 
 
 def responses_specs(body: dict, *, model: str, default_max_tokens: int) -> tuple[list[dict], Meta]:
+    from pie.server.openai_tools import response_items_to_messages
+
     _unknown(body, RESPONSES_KEYS)
     model = _model(body, model)
-    if body.get("tools"):
-        raise bad("tools", "tools are not supported by this server", "unsupported_parameter")
+    tools = _tools(body, flat=True)
     inp = body.get("input")
     if isinstance(inp, str):
         messages = [{"role": "user", "content": inp}]
@@ -298,6 +323,8 @@ def responses_specs(body: dict, *, model: str, default_max_tokens: int) -> tuple
         items = [dict(i, role=i.get("role")) for i in inp if isinstance(i, dict)] if isinstance(inp, list) else inp
         if isinstance(items, list) and len(items) != len(inp):
             raise bad("input", "'input' items must be message objects", "invalid_type")
+        if isinstance(items, list):
+            items = response_items_to_messages(items)
         messages = _messages(items, "input")
     instructions = body.get("instructions")
     if instructions is not None:
@@ -309,6 +336,8 @@ def responses_specs(body: dict, *, model: str, default_max_tokens: int) -> tuple
         raise bad("text", "'text' must be an object", "invalid_type")
     schema = _schema((text or {}).get("format"), "text.format")
     stream = _bool(body, "stream")
+    if tools["tool_choice"] != "none" and schema is not None:
+        raise bad("tools", "'tools' cannot be combined with a JSON text.format here", "unsupported_value")
     base = {"messages": messages, **_sampling(body, ("max_output_tokens",), default_max_tokens), "stop": [],
-            "logprobs": False, "top_logprobs": 0, "json_schema": schema}
+            "logprobs": False, "top_logprobs": 0, "json_schema": schema, **tools}
     return [base], Meta(model, 1, stream)

@@ -48,6 +48,7 @@ import weakref  # noqa: F401
 import inferlet  # noqa: F401  (the SDK)
 import inferlet.branches  # noqa: F401  (its helpers for fork-based inferlets)
 import inferlet.sliding  # noqa: F401  (attention_sink, windowed_attention)
+import inferlet.tool_calls  # noqa: F401  (openai_chat: tools in the prompt, calls under their grammar)
 import wit_world
 from componentize_py_types import Err
 from wit_world.imports import runtime
