@@ -57,6 +57,11 @@ apologise, and do not explain the tools. If the task cannot be done with the too
 24-hour form. Lists are written one item per line, numbered from 1."""
 
 
+# The inferlets run with a prefix cache of their own, as the server gives each protocol client one: what one
+# instance computed of a shared prompt (the manual), the others of the scope adopt (docs/prefix_caching.md).
+INFERLET_CACHE = {"cache_scope": 5}
+
+
 def with_guide(system: str) -> str:
     return system + "\n\n" + GUIDE
 
@@ -130,7 +135,7 @@ def react_inferlet_jobs(c: int, tools_base: str, port: int, script, thought_toke
             "--thought-tokens", thought_tokens, "--guide", GUIDE, "--json"]
     for name, argument in script:
         args += ["--script", f"{name}[{argument}]"]
-    return [("react_agent", args, {"http_allow": [f"127.0.0.1:{port}"]}) for _ in range(c)]
+    return [("react_agent", args, {"http_allow": [f"127.0.0.1:{port}"], **INFERLET_CACHE}) for _ in range(c)]
 
 
 # ---- CodeAct ---------------------------------------------------------------------------------------------------
@@ -260,10 +265,10 @@ def swarm_jobs(c: int, workers: int, max_tokens: int, summary_tokens: int) -> tu
         names.append(swarm)
         jobs.append(("agent_swarm", ["--role", "coordinator", "--swarm", swarm, "--workers", workers,
                                      "--question", SWARM_QUESTION, "--max-tokens", max_tokens,
-                                     "--summary-tokens", summary_tokens, "--guide", GUIDE, "--json"], {}))
+                                     "--summary-tokens", summary_tokens, "--guide", GUIDE, "--json"], INFERLET_CACHE))
         for w in range(workers):
             jobs.append(("agent_swarm", ["--role", "worker", "--swarm", swarm, "--worker-id", f"w{w}",
-                                         "--max-tokens", max_tokens, "--guide", GUIDE], {}))
+                                         "--max-tokens", max_tokens, "--guide", GUIDE], INFERLET_CACHE))
     return jobs, names
 
 
@@ -353,7 +358,7 @@ def run(stack, tools, p, rows: list, log, item: str) -> None:
             args = ["--task", CODEACT_TASK, "--max-steps", p.codeact_steps, "--code-tokens", p.codeact_code_tokens,
                     "--answer-tokens", p.codeact_answer_tokens, "--guide", GUIDE, "--json"]
             with Meter(model) as mi:
-                res = launch_all(stack.runtime, [("codeact_agent", args, {})] * c)
+                res = launch_all(stack.runtime, [("codeact_agent", args, INFERLET_CACHE)] * c)
             reports = [r.json() for r in res]
             gen_i = sum(tok(s["code"]) + 1 for r in reports for s in r["steps"]) + \
                 sum(tok(r["answer"]) + 1 for r in reports)

@@ -219,7 +219,7 @@ class Endpoint:
             kwargs["logprobs"] = logprobs
         if seed is not None:
             kwargs["seed"] = seed
-        resp = await self.client.completions.create(model=self.model_name, prompt=prompt, max_tokens=max_tokens,
+        resp = await self.client.completions.create(model=self.model, prompt=prompt, max_tokens=max_tokens,
                                                     temperature=temperature, n=n, **kwargs)
         self._count(resp)
         return resp
@@ -227,7 +227,7 @@ class Endpoint:
     async def chat(self, messages: list[dict], max_tokens: int, *, stop: Sequence[str] = ()) -> str:
         """/v1/chat/completions, greedy; the reply's text."""
         kwargs = {"stop": list(stop)} if stop else {}
-        resp = await self.client.chat.completions.create(model=self.model_name, messages=messages, temperature=0,
+        resp = await self.client.chat.completions.create(model=self.model, messages=messages, temperature=0,
                                                          max_tokens=max_tokens, **kwargs)
         self._count(resp)
         return resp.choices[0].message.content or ""

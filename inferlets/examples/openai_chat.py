@@ -13,8 +13,8 @@ It sends JSON messages: {"delta": str, "logprobs": [{"token", "logprob", "top": 
 as it generates (the host runs the decode loop: a generation stream with the top 20 tokens of each
 step; a token drawn outside them gets its logprob from one more pass at the end), then {"text", "finish_reason": "stop" | "length", "prompt_tokens", "completion_tokens", "cached_tokens"}.
 Automatic prefix caching: the prompt's full pages already computed by an earlier request (the server's /v1
-instances share one prefix cache) are reused, not computed again (`cached_tokens` of them); at the end the
-sequence's full pages (prompt and answer) are filed for later requests.
+instances share one prefix cache) are reused, not computed again (`cached_tokens` of them); when the
+generation ends the SDK files the sequence's full pages (prompt and answer) for later requests.
 A greedy chat request generates exactly what `text_completion` generates for the same prompt.
 
     pie run openai_chat -- '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16,
@@ -99,7 +99,6 @@ if tools and spec["tool_choice"] != "none":  # tool calling (docs/tool_calling.m
         ctx, tools, spec["tool_choice"], spec["parallel_tool_calls"], max_tokens, sampler, stop,
         on_text=lambda piece: emit({"delta": piece}),
         on_call=lambda index, call: emit({"tool_call": {"index": index, **call}}))
-    ctx.store_prefix()
     emit({"text": text, "tool_calls": calls, "finish_reason": finish, "prompt_tokens": prompt_tokens,
           "completion_tokens": len(ctx.tokens) - prompt_tokens, "cached_tokens": cached_tokens})
     sys.exit(0)
@@ -112,7 +111,6 @@ if spec.get("json_schema") is not None:
     sampler = inferlet.sample(temperature, 0, top_p, 0.0, seed)
     text = ctx.generate(max_tokens=max_tokens, sampler=sampler, stop=stop, grammar=grammar)
     num_generated = len(ctx.tokens) - prompt_tokens
-    ctx.store_prefix()
     emit({"delta": text})
     emit({"text": text, "finish_reason": "length" if num_generated >= max_tokens else "stop",
           "prompt_tokens": prompt_tokens, "completion_tokens": num_generated, "cached_tokens": cached_tokens})
@@ -163,7 +161,6 @@ for i, top in outside_top.items():  # tokens drawn outside the top distribution:
 text = stream.text
 send_ready(final=True)
 finish = "length" if stream.reason == "length" else "stop"
-ctx.store_prefix()
 emit({"text": text, "finish_reason": finish, "prompt_tokens": prompt_tokens, "completion_tokens": len(generated),
       "cached_tokens": cached_tokens})
 ctx.free()

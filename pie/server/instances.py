@@ -55,6 +55,10 @@ class Running:
 # Events of a traced instance's trace, sent back in its done event (about 15 MB); its recording is bounded
 # by it too (each kind of event), the rest counted as dropped.
 MAX_TRACE_EVENTS = 100_000
+# Prefix cache scopes (docs/prefix_caching.md): launch(cache_scope=CLIENT_CACHE) gives an instance its
+# client's own scope, CLIENT_CACHE_SCOPES + the client id (above the server's fixed scopes, 1 for /v1).
+CLIENT_CACHE = -1
+CLIENT_CACHE_SCOPES = 1 << 32
 
 
 def stop_instance(inst: Any, reason: str) -> None:
@@ -102,7 +106,8 @@ class InstanceManager:
         configured one (a Path, from the operator's configuration).
         `on_started(instance)` runs on the launching thread before any event of the instance is queued.
         trace: the instance records its Chrome trace (its result's `trace`), within MAX_TRACE_EVENTS.
-        cache_scope: the prefix cache it uses (0: none; OPENAI_CACHE_SCOPE for the /v1 routes' instances)."""
+        cache_scope: the prefix cache it uses (0: none; OPENAI_CACHE_SCOPE for the /v1 routes' instances;
+        CLIENT_CACHE: one of its client's own, which no other client sees)."""
         if not self.accepting:
             raise LaunchError("shutting_down", "the server is shutting down and takes no new instances")
         if len(self.live) >= self.limits.max_instances:
@@ -185,6 +190,8 @@ class InstanceManager:
         """(the started instance, the program's name for listings)."""
         rt = self.runtime
         kwargs = {**kwargs, **callbacks, "client": client, "keep_output": False}
+        if kwargs.get("cache_scope") == CLIENT_CACHE:
+            kwargs["cache_scope"] = CLIENT_CACHE_SCOPES + client
         try:
             if program is None:  # a client's name is a bundled inferlet; a Path comes from the configuration
                 path = inferlet if isinstance(inferlet, Path) else resolve_bundled(inferlet)
@@ -268,6 +275,7 @@ class InstanceManager:
             self._ending.discard(client)
             self.num_clients_ended += 1
         self.runtime.end_client(client)
+        self.runtime.plane.kv_pages.cache_clear(CLIENT_CACHE_SCOPES + client)  # its own prefix cache goes too
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -18,7 +18,7 @@ from aiohttp import WSMsgType, web
 
 from pie.server.auth import token_matches
 from pie.server.config import PieConfig
-from pie.server.instances import MAX_TRACE_EVENTS, InstanceManager, LaunchError, stop_instance
+from pie.server.instances import CLIENT_CACHE, MAX_TRACE_EVENTS, InstanceManager, LaunchError, stop_instance
 from pie.server.outbox import Outbox
 from pie.server.programs import ProgramError, ProgramStore, Upload
 from pie.server.protocol import PROTOCOL_VERSION, ProtocolError, error_response, pack, response, unpack_request
@@ -240,7 +240,7 @@ class Session:
         outbox = self.outbox
         await self.instances.launch(
             self, outbox, msg["arguments"], program=program, inferlet=name, deadline_s=msg.get("deadline_s"),
-            memory_mb=msg.get("memory_mb"), trace=bool(msg.get("trace")),
+            memory_mb=msg.get("memory_mb"), trace=bool(msg.get("trace")), cache_scope=CLIENT_CACHE,
             on_started=lambda inst: outbox.post_from_thread(("launched", inst.id, corr_id)))
         return None  # answered by the "launched" event
 

@@ -82,24 +82,38 @@ def test_outputs_are_the_same_with_and_without_the_cache_across_concurrent_reque
     pool_whole()
 
 
-def test_a_protocol_client_cannot_read_the_v1_cache(server, openai_client, tmp_path):
-    """Programs launched over the protocol have no prefix cache: kv.cache-lookup finds nothing, even for
-    the exact prompt of a cached /v1 request (and their stores go nowhere)."""
+def test_a_protocol_client_has_its_own_cache_and_cannot_read_another(server, openai_client):
+    """Programs launched over the protocol use their client's own prefix cache (the SDK's Context adopts and
+    files pages by itself): a second launch of the same client finds what the first computed; another
+    client, and the /v1 routes' cache, are out of its sight (even for the exact prompt of a cached /v1
+    request)."""
     from pie.client import Client
 
     system = system_prompt(3, 12)
     chat(openai_client, system, "Hello")
-    chat(openai_client, system, "Hello again")  # cached now
+    chat(openai_client, system, "Hello again")  # in the /v1 cache now
     source = (
         "import inferlet\n"
         "ctx = inferlet.Context()\n"
         f"ctx.fill(inferlet.chat_prompt([{{'role': 'system', 'content': {system!r}}},"
         " {'role': 'user', 'content': 'Hello'}]))\n"
-        "inferlet.send(f'{ctx.use_prefix_cache()} {len(ctx.pages)}')\n"
         "ctx.flush()\n"
-        "inferlet.send(f' {ctx.store_prefix()} {ctx.num_cached}')\n")
+        "inferlet.send('computed')\n")
+    probe = (
+        "import inferlet\n"
+        "ctx = inferlet.Context()\n"
+        f"ctx.fill(inferlet.chat_prompt([{{'role': 'system', 'content': {system!r}}},"
+        " {'role': 'user', 'content': 'Hello'}]))\n"
+        "inferlet.send(str(ctx.use_prefix_cache()))\n")
     with Client(server.ws_url) as client:
-        result = client.run(program=client.upload(source.encode(), name="probe.py"), timeout=120)
-    assert result.ok, result.error
-    cached, pages, stored, computed = result.output.split()
-    assert (cached, pages, stored) == ("0", "0", "0") and int(computed) > 100
+        digest = client.upload(probe.encode(), name="probe.py")
+        first = client.run(program=digest, timeout=120)
+        assert first.ok, first.error
+        assert first.output == "0"  # the /v1 cache holds this prompt, but not for this client
+        filler = client.run(program=client.upload(source.encode(), name="fill.py"), timeout=120)
+        assert filler.ok, filler.error  # computed the prompt: the SDK filed its full pages
+        again = client.run(program=digest, timeout=120)
+        assert again.ok and int(again.output) > 100  # its own cache serves the prompt now
+    with Client(server.ws_url) as other:
+        fresh = other.run(program=other.upload(probe.encode(), name="probe.py"), timeout=120)
+        assert fresh.ok and fresh.output == "0"  # another client sees none of it

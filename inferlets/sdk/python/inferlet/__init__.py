@@ -188,6 +188,11 @@ class Context:
 
     Invariants: `tokens[:num_cached]` have their K/V in `pages` (in order, page_size tokens per page);
     `tokens[num_cached:]` are filled but not yet run. Pages are freed by `free()` (or when the instance ends).
+
+    Automatic prefix caching: the first pass of a context (step, submit, stream, generate) first adopts the
+    pages of its longest prefix of full pages found in the instance's prefix cache, and a prefill, or a
+    generation once ended, files the context's full pages there (`use_prefix_cache`, `store_prefix`). An
+    instance without a cache scope finds and keeps nothing (docs/prefix_caching.md).
     """
 
     def __init__(self) -> None:
@@ -244,13 +249,15 @@ class Context:
             raise ValueError("Context.step: the context is empty (fill first)")
         if self.num_cached >= len(self.tokens):  # everything computed: run the last token again for its logits
             self.num_cached = len(self.tokens) - 1
+        self._adopt_cached_prefix()
+        start = self.num_cached
         budget = model_facts().max_batch_tokens
         self._reserve(len(self.tokens))
         while True:
             end = min(len(self.tokens), self.num_cached + budget)
             if end == len(self.tokens):
                 future = forward.submit(queue, self._pass(end, list(samplers), output_masks))
-                return PendingStep(self, future, end)
+                return PendingStep(self, future, end, start)
             forward.wait(forward.submit(queue, self._pass(end, [])))
             self.num_cached = end
 
@@ -314,6 +321,7 @@ class Context:
             raise ValueError("Context.stream: max_tokens must be >= 1")
         if self.num_cached >= len(self.tokens):  # everything computed: run the last token again for its logits
             self.num_cached = len(self.tokens) - 1
+        self._adopt_cached_prefix()
         eos = not ignore_eos or matcher is not None  # a grammar ends on EOS whatever ignore_eos says
         params = generation.StreamParams(
             pending=self.tokens[self.num_cached:], num_cached=self.num_cached, pages=list(self.pages),
@@ -355,6 +363,16 @@ class Context:
                 return decode(self.tokens[start:])
 
     # -- automatic prefix caching --
+    def _adopt_cached_prefix(self) -> None:
+        """Before the first pass: the cached pages of the longest prefix (a full page or more to gain)."""
+        if self.num_cached == 0 and not self.pages and len(self.tokens) > self.page_size:
+            self.use_prefix_cache()
+
+    def _file_prefix(self, computed_before: int) -> None:
+        """After a pass: files the full pages it completed (a prefill of a page or more)."""
+        if self.num_cached // self.page_size > computed_before // self.page_size:
+            self.store_prefix()
+
     def use_prefix_cache(self) -> int:
         """Before anything of this context is computed: adopts the longest run of its full pages that the
         instance's prefix cache holds (the same tokens computed before, by this or another instance of
@@ -547,8 +565,8 @@ class Grammar:
 class PendingStep:
     """A submitted Context.submit: wait() returns the outputs (one forward.Output per sampler)."""
 
-    def __init__(self, ctx: Context, future: int, end: int):
-        self.ctx, self.future, self.end = ctx, future, end
+    def __init__(self, ctx: Context, future: int, end: int, start: int = 0):
+        self.ctx, self.future, self.end, self.start = ctx, future, end, start  # the step computes [start, end)
 
     def ready(self) -> bool:
         return forward.ready(self.future)
@@ -556,6 +574,8 @@ class PendingStep:
     def wait(self) -> list:
         outs = forward.wait(self.future)
         self.ctx.num_cached = self.end
+        if self.end - self.start > self.ctx.page_size:  # a prefill: its full pages go to the prefix cache
+            self.ctx._file_prefix(self.start)
         return outs
 
 
@@ -591,6 +611,7 @@ class TokenStream:
             self.reason = _finish_name(end.reason)
             if self.reason == "failed":
                 raise RuntimeError(f"generation failed: {end.message}")
+            self.ctx._file_prefix(0)  # the prompt's and the generation's full pages
         return StreamChunk(list(chunk.tokens), list(chunk.top))
 
     def next(self) -> Optional[StreamChunk]:
