@@ -239,7 +239,8 @@ SWARM_QUESTION = "Plan a one-day visit to Paris for a family with two children."
 
 async def swarm_client(ep: Endpoint, stack, workers: int, max_tokens: int, summary_tokens: int) -> dict:
     text = stack.chat_text([
-        {"role": "system", "content": with_guide(f"Split the question into {workers} simpler questions, one per line.")},
+        {"role": "system",
+         "content": with_guide(f"Split the question into {workers} simpler questions, one per line.")},
         {"role": "user", "content": SWARM_QUESTION}])
     questions = []
     for i in range(1, workers + 1):
@@ -248,8 +249,8 @@ async def swarm_client(ep: Endpoint, stack, workers: int, max_tokens: int, summa
         line = resp.choices[0].text
         text += line + "\n"
         questions.append(line.strip())
-    answers = await asyncio.gather(*(ep.chat([{"role": "system", "content": with_guide("Answer in one short sentence.")},
-                                              {"role": "user", "content": q}], max_tokens, stop=["\n"])
+    worker_system = {"role": "system", "content": with_guide("Answer in one short sentence.")}
+    answers = await asyncio.gather(*(ep.chat([worker_system, {"role": "user", "content": q}], max_tokens, stop=["\n"])
                                       for q in questions))
     notes = "\n".join(f"- {q} {a.strip()}" for q, a in zip(questions, answers))
     summary = await ep.chat([{"role": "system", "content": with_guide("Combine the notes into one short answer.")},

@@ -119,9 +119,9 @@ class RuntimeCollector:
         for outcome in ("completed", "failed", "cancelled"):
             commands.add_metric([outcome], scheduler[f"num_{outcome}"])
         yield commands
-        pages = GaugeMetricFamily("pie_kv_pages", "KV cache pages by state (used: held by an instance or an "
-                                  "export; exported: listed by an export; shared: held more than once; pinned: "
-                                  "read by a command in flight)", labels=["state"])
+        pages = GaugeMetricFamily("pie_kv_pages", "KV cache pages by state (used: held by an instance, an export "
+                                  "or the prefix cache; exported: listed by an export; shared: held more than "
+                                  "once; pinned: read by a command in flight)", labels=["state"])
         for state in ("used", "free", "exported", "shared", "pinned"):
             pages.add_metric([state], kv[f"num_{state}"])
         yield pages
