@@ -665,12 +665,27 @@ void Batch::set_results(const std::vector<size_t>& indices, std::vector<Payload>
     if (listed[index]) throw std::invalid_argument("batch index " + std::to_string(index) + " is listed twice");
     listed[index] = 1;
   }
+  resolve_and_wake(indices, results.data());
+  if (num_resolved_ == commands_.size()) finish();
+}
+
+void Batch::complete_all() {
+  std::vector<size_t> unresolved;
+  unresolved.reserve(commands_.size() - num_resolved_);
+  for (size_t index = 0; index < commands_.size(); ++index)
+    if (!resolved_[index]) unresolved.push_back(index);
+  resolve_and_wake(unresolved, nullptr);
+  finish();
+}
+
+void Batch::resolve_and_wake(const std::vector<size_t>& indices, Payload* results) {
   std::vector<FutureState*> to_wake;
   for (size_t i = 0; i < indices.size(); ++i) {
     const size_t index = indices[i];
     resolved_[index] = 1;
     ++num_resolved_;
-    switch (commands_[index]->future->resolve_quietly(results[i])) {
+    Payload none;
+    switch (commands_[index]->future->resolve_quietly(results != nullptr ? results[i] : none)) {
       case FutureState::Resolution::kResolvedWithWaiters: to_wake.push_back(commands_[index]->future.get()); [[fallthrough]];
       case FutureState::Resolution::kResolved: ++num_completed_; break;
       case FutureState::Resolution::kAlreadyResolved: break;
@@ -679,26 +694,6 @@ void Batch::set_results(const std::vector<size_t>& indices, std::vector<Payload>
   for (FutureState* future : to_wake) future->notify_waiters();
   // Continuations (a generation stream's next pass) run once every waiter of the batch is awake.
   for (size_t index : indices) commands_[index]->future->run_continuation();
-  if (num_resolved_ == commands_.size()) finish();
-}
-
-void Batch::complete_all() {
-  std::vector<FutureState*> to_wake;
-  for (size_t index = 0; index < commands_.size(); ++index) {
-    if (resolved_[index]) continue;
-    resolved_[index] = 1;
-    ++num_resolved_;
-    Payload none;
-    switch (commands_[index]->future->resolve_quietly(none)) {
-      case FutureState::Resolution::kResolvedWithWaiters: to_wake.push_back(commands_[index]->future.get()); [[fallthrough]];
-      case FutureState::Resolution::kResolved: ++num_completed_; break;
-      case FutureState::Resolution::kAlreadyResolved: break;
-    }
-  }
-  for (FutureState* future : to_wake) future->notify_waiters();
-  // (a continuation runs once: those of commands resolved before have run already)
-  for (const CommandPtr& command : commands_) command->future->run_continuation();
-  finish();
 }
 
 void Batch::set_error(size_t index, const std::string& message) {

@@ -300,6 +300,9 @@ class Batch {
   void finish();
 
  private:
+  // Resolves the (checked, unresolved) commands at `indices` with results[i] (none: no result), wakes their
+  // waiters, then runs their continuations.
+  void resolve_and_wake(const std::vector<size_t>& indices, Payload* results);
   friend class Scheduler;
   void check_unresolved(size_t index) const;
   void note_resolved();
