@@ -16,6 +16,7 @@ PagePool::PagePool(uint32_t num_pages, uint32_t page_size, std::string resource_
   if (page_size == 0) throw std::invalid_argument("a page pool needs page_size >= 1");
   refcounts_.assign(num_pages, 0);
   pins_.assign(num_pages, 0);
+  page_cached_.assign(num_pages, 0);
   free_pages_.reserve(num_pages);
   for (uint32_t page = num_pages; page-- > 0;) free_pages_.push_back(page);
 }
@@ -210,6 +211,19 @@ void PagePool::check_quota_locked(const Account& instance, size_t more) const {
   }
 }
 
+std::vector<uint32_t> PagePool::share_pages_locked(Account& instance, const std::vector<uint32_t>& pages) {
+  std::vector<uint32_t> handles;
+  handles.reserve(pages.size());
+  for (uint32_t page : pages) {
+    const uint32_t handle = instance.next_handle++;
+    instance.page_of_handle.emplace(handle, page);
+    ++refcounts_[page];
+    handles.push_back(handle);
+  }
+  count_handles_locked(instance, static_cast<int64_t>(handles.size()));
+  return handles;
+}
+
 size_t PagePool::quota_room_locked(const Account& instance) const {
   size_t room = SIZE_MAX;
   const size_t held = instance.page_of_handle.size() + instance.num_export_pages;
@@ -227,13 +241,18 @@ uint32_t PagePool::evict_cache_locked(uint32_t needed) {
   for (auto it = cache_lru_.end(); it != cache_lru_.begin() && freed < needed;) {
     --it;
     if (refcounts_[it->page] != 1 || pins_[it->page] != 0) continue;  // dropping it frees nothing now
-    unref_locked(it->page);
     ++freed;
     ++num_cache_evictions_;
-    cache_.erase({it->scope, it->key});
-    it = cache_lru_.erase(it);
+    it = drop_cache_entry_locked(it);
   }
   return freed;
+}
+
+std::list<PagePool::CacheEntry>::iterator PagePool::drop_cache_entry_locked(std::list<CacheEntry>::iterator entry) {
+  page_cached_[entry->page] = 0;
+  unref_locked(entry->page);
+  cache_.erase({entry->scope, entry->key});
+  return cache_lru_.erase(entry);
 }
 
 void PagePool::touch_cache_locked(uint64_t scope, const std::vector<std::string>& keys, size_t count) {
@@ -246,8 +265,7 @@ void PagePool::touch_cache_locked(uint64_t scope, const std::vector<std::string>
 std::vector<uint32_t> PagePool::cache_lookup(uint64_t instance_id, const std::vector<std::string>& keys) {
   std::lock_guard<std::mutex> lock(mutex_);
   Account& instance = live_instance_locked(instance_id);
-  std::vector<uint32_t> handles;
-  if (instance.cache_scope == 0) return handles;
+  if (instance.cache_scope == 0) return {};
   const size_t room = quota_room_locked(instance);
   std::vector<uint32_t> pages;
   for (const std::string& key : keys) {
@@ -257,16 +275,8 @@ std::vector<uint32_t> PagePool::cache_lookup(uint64_t instance_id, const std::ve
     pages.push_back(found->second->page);
   }
   touch_cache_locked(instance.cache_scope, keys, pages.size());
-  handles.reserve(pages.size());
-  for (uint32_t page : pages) {
-    const uint32_t handle = instance.next_handle++;
-    instance.page_of_handle.emplace(handle, page);
-    ++refcounts_[page];
-    handles.push_back(handle);
-  }
-  count_handles_locked(instance, static_cast<int64_t>(handles.size()));
   num_cache_hits_ += pages.size();
-  return handles;
+  return share_pages_locked(instance, pages);
 }
 
 uint32_t PagePool::cache_store(uint64_t instance_id, const std::vector<std::string>& keys,
@@ -286,6 +296,8 @@ uint32_t PagePool::cache_store(uint64_t instance_id, const std::vector<std::stri
       cache_lru_.splice(cache_lru_.begin(), cache_lru_, found->second);
       continue;
     }
+    if (page_cached_[pages[i]]) continue;  // filed under another key already: one entry per page at most
+    page_cached_[pages[i]] = 1;
     cache_lru_.push_front(CacheEntry{instance.cache_scope, keys[i], pages[i]});
     cache_.emplace(std::make_pair(instance.cache_scope, keys[i]), cache_lru_.begin());
     ++refcounts_[pages[i]];
@@ -302,9 +314,7 @@ uint32_t PagePool::cache_clear(std::optional<uint64_t> scope) {
       ++it;
       continue;
     }
-    unref_locked(it->page);
-    cache_.erase({it->scope, it->key});
-    it = cache_lru_.erase(it);
+    it = drop_cache_entry_locked(it);
     ++dropped;
   }
   return dropped;
@@ -520,16 +530,7 @@ std::vector<uint32_t> PagePool::fork(uint64_t instance_id, const std::vector<uin
   Account& instance = live_instance_locked(instance_id);
   const std::vector<uint32_t> pages = pages_of_locked(instance, handles);
   check_quota_locked(instance, pages.size());
-  std::vector<uint32_t> forked;
-  forked.reserve(pages.size());
-  for (uint32_t page : pages) {
-    const uint32_t handle = instance.next_handle++;
-    instance.page_of_handle.emplace(handle, page);
-    ++refcounts_[page];
-    forked.push_back(handle);
-  }
-  count_handles_locked(instance, static_cast<int64_t>(forked.size()));
-  return forked;
+  return share_pages_locked(instance, pages);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -606,17 +607,8 @@ std::vector<uint32_t> PagePool::import_pages(uint64_t instance_id, const std::st
   if (found == exports_.end()) throw InvalidHandle(prefix(instance_id) + "no export named '" + name + "'");
   const std::vector<uint32_t>& pages = found->second.pages;
   check_quota_locked(instance, pages.size());
-  std::vector<uint32_t> handles;
-  handles.reserve(pages.size());
-  for (uint32_t page : pages) {
-    const uint32_t handle = instance.next_handle++;
-    instance.page_of_handle.emplace(handle, page);
-    ++refcounts_[page];
-    handles.push_back(handle);
-  }
-  count_handles_locked(instance, static_cast<int64_t>(handles.size()));
   found->second.last_used = Clock::now();
-  return handles;
+  return share_pages_locked(instance, pages);
 }
 
 void PagePool::unexport(const std::string& name, std::optional<uint64_t> instance_id, uint64_t client) {
@@ -815,8 +807,11 @@ void PagePool::check_invariants() const {
     auto found = cache_.find({entry.scope, entry.key});
     if (found == cache_.end() || &*found->second != &entry) fail("cache entry '" + entry.key + "' is not indexed");
     if (entry.page >= num_pages_) fail("cache entry '" + entry.key + "' maps to a page out of range");
+    if (!page_cached_[entry.page]) fail("cache entry '" + entry.key + "''s page is not marked cached");
     ++expected[entry.page];
   }
+  if (static_cast<size_t>(std::count(page_cached_.begin(), page_cached_.end(), 1)) != cache_lru_.size())
+    fail("pages marked cached do not match the cache entries (one entry per page)");
   std::vector<uint8_t> on_free_list(num_pages_, 0);
   for (uint32_t page : free_pages_) {
     if (page >= num_pages_ || on_free_list[page]) fail("page " + std::to_string(page) + " is on the free list twice");

@@ -22,7 +22,8 @@
 //     each filed under a key that names its whole prefix (the SDK's hash chain over the tokens of every
 //     page up to and including it), in a cache scope. An instance uses the scope it was added with (0:
 //     none: it finds nothing and stores nothing), so instances of other scopes can neither read nor
-//     fill its entries. An entry holds one reference to its page and counts toward no quota.
+//     fill its entries. An entry holds one reference to its page and counts toward no quota. A page is
+//     filed under one key at most, so the entries never outnumber the pages.
 //   - Exhaustion: when an allocation (or a copy-on-write) cannot be met, prefix cache entries are
 //     dropped first, least recently used first (an entry whose page is also held elsewhere frees nothing
 //     and is passed over); then evictable exports are dropped,
@@ -258,11 +259,16 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   void count_handles_locked(const Account& instance, int64_t delta);  // a client's share of a change
   void reserve_pages_locked(Account& requester, uint32_t count, std::vector<Termination>& terminations);
   void release_all_locked(Account& instance);
+  // Forgets the entry and drops its reference; returns the entry after it in the LRU list.
+  std::list<CacheEntry>::iterator drop_cache_entry_locked(std::list<CacheEntry>::iterator entry);
   // Drops cache entries, least recently used first, whose pages would come free, until `needed` pages
   // are free or none is left; returns how many pages came free.
   uint32_t evict_cache_locked(uint32_t needed);
   // Moves the entries of keys[:count] to the front of the LRU order, keys[0] ending first.
   void touch_cache_locked(uint64_t scope, const std::vector<std::string>& keys, size_t count);
+  // New handles of the instance to `pages` (held elsewhere too: a fork, an import, a cache hit), each page
+  // one holder more; quotas are the caller's to check.
+  std::vector<uint32_t> share_pages_locked(Account& instance, const std::vector<uint32_t>& pages);
   // How many more handles the instance may hold (its quota and its client's).
   size_t quota_room_locked(const Account& instance) const;
   void terminate_locked(Account& instance, const std::string& message, std::vector<Termination>& terminations);
@@ -295,6 +301,7 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   uint64_t num_evictions_ = 0;
   // The prefix cache: entries in LRU order (front: most recently used), and by (scope, key).
   std::list<CacheEntry> cache_lru_;
+  std::vector<uint8_t> page_cached_;  // (num_pages,) 1: filed under one entry (at most one: entries <= pages)
   std::unordered_map<std::pair<uint64_t, std::string>, std::list<CacheEntry>::iterator, CacheKeyHash> cache_;
   uint64_t num_cache_hits_ = 0;
   uint64_t num_cache_evictions_ = 0;

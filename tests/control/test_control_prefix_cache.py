@@ -78,3 +78,17 @@ def test_under_pressure_the_least_recently_used_entries_go_first_and_before_anyo
     pool.allocate(3, 2)  # q1's page was taken again by the lookup above: p3, p4 go
     assert pool.stats()["num_cache_evictions"] == 5 and terminations == []
     assert len(pool.cache_lookup(3, ["p1", "p2", "p3"])) == 2
+
+
+def test_a_page_is_filed_under_one_key_at_most_so_entries_never_outnumber_pages(pool):
+    """A hostile store of one page under many keys files it once: the cache's entries (and the memory they
+    take) are bounded by the pool's pages."""
+    pool.add_instance(1, cache_scope=5)
+    pool.add_instance(2, cache_scope=6)
+    [page] = pool.allocate(1, 1)
+    assert pool.cache_store(1, [f"k{i}" for i in range(100)], [page] * 100) == 1
+    other = pool.allocate(2, 1)
+    assert pool.cache_store(2, ["other"], other) == 1
+    assert pool.stats()["num_cached"] == 2 and pool.refcount(pool.resolve(1, [page])[0]) == 2
+    pool.cache_clear()
+    assert pool.cache_store(1, ["again"], [page]) == 1  # its entry gone, the page may be filed anew
