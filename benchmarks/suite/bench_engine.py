@@ -12,7 +12,7 @@ sampling of 32 rows, and a grammar's token mask per token. Inputs are seeded.
 - prefill: one request of 512 seeded token ids, greedy output at the last.
 - sampling: pie.engine.sampling.Sampling over (32, 49152) float32 logits: greedy rows, and seeded
   temperature 0.8 / top-k 50 / top-p 0.9 rows.
-- grammar: pie.runtime.grammar.GrammarHost (xgrammar) over the model's vocabulary, a JSON schema; one
+- grammar: pie.runtime.grammar.GrammarHost (llguidance) over the model's vocabulary, a JSON schema; one
   round = the token mask (BRLE runs) and accept of each token of a fixed matching document.
 """
 

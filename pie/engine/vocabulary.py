@@ -5,7 +5,7 @@ The bytes table is what a generation stream (csrc/control/generation_stream.h) s
 strings: the text of a generation is the concatenation of its tokens' bytes (special tokens spell
 nothing, as `decode(..., skip_special=True)` drops them), so a stop string is found by scanning only
 the newest bytes, without decoding the whole text again at every token. The grammar host
-(pie/runtime/grammar.py) spells the vocabulary for xgrammar from the same facts.
+(pie/runtime/grammar.py) gives llguidance the same table.
 
 >>> table = token_bytes(model.tokenizer, model.runner.config.vocab_size)       # doctest: +SKIP
 >>> b"".join(table[t] for t in ids).decode() == model.tokenizer.decode(ids)    # doctest: +SKIP
@@ -51,7 +51,7 @@ def _component_types(node: Any, key: str) -> list[dict]:
 
 
 def vocab_metadata(tokenizer_json: dict[str, Any]) -> tuple[str, bool]:
-    """(vocab type, add_prefix_space) of a HF tokenizer.json, in xgrammar's terms.
+    """(vocab type, add_prefix_space) of a HF tokenizer.json, as xgrammar and llguidance name them.
 
     vocab type: "byte_level" (tokens spelled in the byte-level alphabet: GPT-2, Llama 3, SmolLM2,
     Qwen), "byte_fallback" (SentencePiece style: '▁' for a space, "<0xNN>" pieces for raw bytes:

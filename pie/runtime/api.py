@@ -399,7 +399,7 @@ COLD: dict[tuple[str, str], tuple[Callable[..., Any], Any]] = {
 }
 
 
-COLD.update(GRAMMAR_COLD)  # grammar.* (xgrammar): pie/runtime/grammar.py
+COLD.update(GRAMMAR_COLD)  # grammar.* (llguidance): pie/runtime/grammar.py
 COLD.update(GENERATION_COLD)  # generation.* (streams run by the control layer): pie/runtime/generation.py
 
 

@@ -6,7 +6,7 @@ with no guest call per token. The guest reads tokens with `next` (blocks until a
 `poll` (at once) or `finish` (blocks until the end), and `cancel`s it. The read that sees the end
 returns the `stream-end` and forgets the handle.
 
-What the host lends a stream: the instance's grammar matcher (xgrammar, pie/runtime/grammar.py: the
+What the host lends a stream: the instance's grammar matcher (llguidance, pie/runtime/grammar.py: the
 stream calls it on the batch loop's thread after each token) and its page masks (kv.mask-page). Streams
 end with their instance: its queues close, the pass in flight is cancelled, the stream ends "failed"
 with the reason, and the pool takes back every page.

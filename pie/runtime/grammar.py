@@ -1,10 +1,15 @@
-"""The `grammar` interface: constrained decoding through xgrammar matchers held on the host.
+"""The `grammar` interface: constrained decoding through llguidance matchers held on the host.
 
 An inferlet compiles a grammar (JSON schema, regex or EBNF) into a matcher, asks the matcher for the
 tokens allowed next (`token-mask`), passes that mask as the output mask of its forward pass, and feeds
-the sampled token back (`accept`). One `GrammarHost` serves one Runtime (one model): it builds the
-xgrammar tokenizer description from the model's tokenizer once, on first use, caches compiled
-grammars by source, and keeps every instance's matchers under handles private to that instance.
+the sampled token back (`accept`). One `GrammarHost` serves one Runtime (one model): it describes the
+model's vocabulary to llguidance once, on first use, caches compiled grammars by source, and keeps
+every instance's matchers under handles private to that instance.
+
+Why llguidance (benchmarks/results/grammar_engines.md, against xgrammar): a 3 MB wheel with no
+dependencies (xgrammar pulls triton and transformers, over a gigabyte), imported in milliseconds,
+and bounded work per token (its lexer and parser run on fuel limits, so a hostile grammar cannot stall
+the batch loop).
 
 Masks are BRLE run lists over the model's vocabulary [0, vocab_size): runs alternate allowed /
 forbidden, starting with allowed (a first run of 0 forbids token 0), and add up to vocab_size: the
@@ -16,6 +21,11 @@ the EOS token(s), and `accept` takes only those.
 
 The model's vocabulary (logits width) may be wider than the tokenizer's: the extra ids are always
 forbidden, as are special tokens (chat markers and the like) other than EOS.
+
+Dialects: JSON schemas (draft 2020-12, as far as llguidance goes: benchmarks/grammar_engines), compiled
+closed (an object takes only the properties its schema names unless it says otherwise, a tuple only its
+prefixItems) and printed on one line with json.dumps spacing; regexes in Rust's `regex` syntax, matched
+whole; EBNF in the GBNF notation (`rule ::= "text" | [a-z]+ other*`), with any rule as the root.
 
 >>> host = GrammarHost(tokenizer, vocab_size=49152, eos_ids=[2])              # doctest: +SKIP
 >>> m = host.from_regex(instance_id=1, pattern="(yes|no)")                      # doctest: +SKIP
@@ -33,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
-from pie.engine.vocabulary import byte_level_alphabet, vocab_metadata
+from pie.engine.vocabulary import token_bytes
 
 if TYPE_CHECKING:
     from pie.engine.tokenizer import Tokenizer
@@ -43,51 +53,138 @@ MAX_MATCHERS_PER_INSTANCE = 1024  # live matchers one instance may hold
 MAX_SOURCE_CHARS = 1 << 20  # characters of one schema / pattern / grammar
 COMPILED_CACHE_ENTRIES = 256  # compiled grammars kept (least recently used dropped first)
 _MAX_HANDLE = (1 << 32) - 1  # handles are WIT u32
+# JSON as json.dumps prints it, on one line: a small model cannot wander off into endless whitespace
+JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# every grammar's header. no_forcing: a mask allows every token whose text keeps the output in the
+# grammar, however the text is split into tokens (with forcing, llguidance allows only the canonical
+# tokenization of text the grammar forces, and refuses the tokens an inferlet tokenized itself)
+ENGINE_OPTIONS = '%llguidance {"no_forcing": true}'
 
 
-# ---- the tokenizer description xgrammar needs ----------------------------------------------------------
+# ---- what llguidance is given ----------------------------------------------------------------------------
 
-def encoded_vocabulary(tokenizer: "Tokenizer", vocab_size: int, vocab_type: str) -> list[str]:
-    """(vocab_size,) token spellings for xgrammar, indexed by token id.
+class _Vocabulary:
+    """The model's vocabulary as llguidance's TokenizerWrapper reads it: each token's bytes (b"" for
+    special tokens and ids the tokenizer lacks: never allowed by a grammar), the special ids, and the
+    tokenizer itself for the text llguidance tokenizes (forced prefixes)."""
 
-    Ordinary tokens are spelled as in the tokenizer's vocabulary (xgrammar decodes them by the vocab
-    type). Special added tokens and ids the tokenizer lacks (holes, and ids past its vocabulary up to
-    the model's vocab_size) are "", which xgrammar treats as special: never allowed by a grammar
-    (an EOS id among them is still allowed where the grammar may end). Non-special added tokens are
-    plain text; in a byte-level vocabulary they are re-spelled in the byte-level alphabet so that
-    xgrammar decodes them back to that text."""
-    backend = tokenizer.backend
-    spelled = [""] * vocab_size
-    for token, idx in backend.get_vocab(with_added_tokens=False).items():
-        if 0 <= idx < vocab_size:
-            spelled[idx] = token
-    alphabet = byte_level_alphabet() if vocab_type == "byte_level" else None
-    for idx, added in backend.get_added_tokens_decoder().items():
-        if not 0 <= idx < vocab_size:
-            continue
-        if added.special:
-            spelled[idx] = ""
-        elif alphabet is not None:
-            spelled[idx] = "".join(alphabet[b] for b in added.content.encode("utf-8"))
+    def __init__(self, tokenizer: "Tokenizer", vocab_size: int, eos_ids: tuple[int, ...]):
+        self.tokens = token_bytes(tokenizer, vocab_size)  # (vocab_size,) bytes
+        specials = {i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
+        self.special_token_ids = sorted(i for i in specials | set(eos_ids) if 0 <= i < vocab_size)
+        self.eos_token_id = eos_ids[0]
+        self.bos_token_id = None
+        self._tokenizer = tokenizer
+
+    def __call__(self, text: bytes | str) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return self._tokenizer.encode(text, add_bos=False)
+
+
+def closed_schema(schema: Any, in_all_of: bool = False) -> Any:
+    """A copy of a JSON schema in which objects take only the properties their schema names and tuples
+    only their prefixItems, unless the schema says otherwise (additionalProperties / items present).
+
+    Members of an allOf are left open (closing each would refuse the other members' properties); the
+    schema holding the allOf is closed instead, over the properties all of them name.
+
+    >>> closed_schema({"type": "object", "properties": {"a": {"type": "integer"}}})["additionalProperties"]
+    False
+    """
+    if isinstance(schema, list):
+        return [closed_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas"):
+            out[key] = {k: closed_schema(v) for k, v in value.items()} if isinstance(value, dict) else value
+        elif key == "allOf" and isinstance(value, list):
+            out[key] = [closed_schema(s, in_all_of=True) for s in value]
+        elif key in ("items", "additionalProperties", "not", "if", "then", "else", "contains",
+                     "propertyNames", "unevaluatedProperties", "unevaluatedItems", "anyOf", "oneOf",
+                     "prefixItems"):
+            out[key] = closed_schema(value)
         else:
-            spelled[idx] = added.content
-    return spelled
+            out[key] = value
+    open_keys = ("additionalProperties", "unevaluatedProperties", "patternProperties")
+    is_object = out.get("type") == "object" or "properties" in out or (
+        "allOf" in out and any(isinstance(s, dict) and ("properties" in s or s.get("type") == "object")
+                               for s in out["allOf"]))
+    if is_object and not in_all_of and not any(k in out for k in open_keys):
+        members = [m for m in out.get("allOf", []) if isinstance(m, dict)]
+        if members:  # closed over every member's properties: name them all here, where it is closed
+            named = [n for m in members if isinstance(m.get("properties"), dict) for n in m["properties"]]
+            out["properties"] = {**{n: {} for n in named}, **out.get("properties", {})}
+        out["additionalProperties"] = False
+    if "prefixItems" in out and "items" not in out and not in_all_of:
+        out["items"] = False
+    return out
 
 
-_LOG_PREFIX = re.compile(r"^\s*\[[0-9:]+\]\s*\S+:\d+:\s*")  # "[06:22:39] /project/cpp/x.cc:83: "
-_CHECK_FAILED = re.compile(r"Check failed: \(.*?\) is false:\s*")
+_ENGINE_ECHO = re.compile(r"^\s*(\d+\s*\|.*|[\s^~]*)$")  # llguidance's quoted source lines and carets
+_AT_POSITION = re.compile(r"^(?:at \d+\(\d+\): |failed to compile JSON schema: )+")  # where, in the generated grammar
 
 
-def _xgrammar_message(e: BaseException) -> str:
-    """The useful part of an xgrammar error (its C++ log prefix and check expression dropped)."""
-    text = _CHECK_FAILED.sub("", _LOG_PREFIX.sub("", str(e).strip()))
-    return " ".join(text.split()) or type(e).__name__
+def _engine_message(text: str) -> str:
+    """llguidance's error on one line, without its echo of the generated grammar."""
+    lines = [line.strip() for line in str(text).splitlines() if not _ENGINE_ECHO.match(line)]
+    message = _AT_POSITION.sub("", " ".join(lines))
+    if "regex parse error:" in message and "error: " in message:
+        message = message.rsplit("error: ", 1)[1]  # the regex crate's reason: "unclosed group"
+    return " ".join(message.split()) or "the engine refused it"
+
+
+def _has_empty_alternative(node: Any) -> bool:
+    """Whether a parsed GBNF body has an alternative with nothing in it (`a ::= "x" |`, `a ::=`)."""
+    from llguidance.gbnf_to_lark import SequenceNode
+
+    if isinstance(node, SequenceNode) and not node.nodes:
+        return True
+    return any(_has_empty_alternative(child) for child in node.children())
+
+
+def ebnf_to_lark(grammar: str, root: str) -> str:
+    """A GBNF-notation grammar as the Lark rules llguidance compiles, `root` its start rule.
+    Raises ValueError naming the argument: the grammar's syntax error (with its line), a rule used but
+    not defined, or a root the grammar lacks."""
+    from llguidance.gbnf_to_lark import GrammarParser, resolve
+
+    if not root.strip():
+        raise ValueError("root: the root rule name is empty")
+    try:
+        rules = GrammarParser().parse(grammar)
+    except Exception as e:  # GbnfToLarkError: "<what> at line N, <context>"
+        raise ValueError(f"grammar: invalid EBNF grammar: {' '.join(str(e).split())}") from None
+    for name, rule in rules.items():
+        if _has_empty_alternative(rule.alternatives):
+            found = re.search(rf"(?m)^\s*{re.escape(name)}\s*::=", grammar)
+            line = grammar.count("\n", 0, found.start()) + 1 if found else "?"
+            raise ValueError(f"grammar: invalid EBNF grammar: the rule {name} (line {line}) has an empty "
+                             'alternative (write "" for the empty text)')
+    if root not in rules:
+        raise ValueError(f"root: the grammar has no rule named {root!r}")
+    if root != "root":  # the converter starts at the rule named "root": name the chosen one so
+        if "root" in rules:
+            spare = next(f"root_{k}" for k in range(len(rules) + 1) if f"root_{k}" not in rules)
+            rules["root"].name = spare
+        rules[root].name = "root"
+        rules = {rule.name: rule for rule in rules.values()}
+    try:
+        resolve(rules)
+    except Exception as e:  # "Rule 'x' not found"
+        missing = re.fullmatch(r"Rule '(.*)' not found", str(e))
+        reason = f'the rule "{missing.group(1)}" is not defined' if missing else str(e)
+        raise ValueError(f"grammar: invalid EBNF grammar: {reason}") from None
+    ordered = sorted(rules.values(), key=lambda rule: rule.order)
+    return "\n\n".join(str(rule) for rule in ordered) + "\n"
 
 
 # ---- the host --------------------------------------------------------------------------------------------
 
 class _Matcher:
-    """One live matcher: the xgrammar GrammarMatcher and a lock serialising calls on it."""
+    """One live matcher: the llguidance LLMatcher and a lock serialising calls on it."""
 
     __slots__ = ("matcher", "lock")
 
@@ -109,13 +206,11 @@ class GrammarHost:
         self.vocab_size = vocab_size
         self.eos_ids = tuple(sorted({int(e) for e in eos_ids if 0 <= int(e) < vocab_size}))
         self._init_lock = threading.Lock()
-        self._compiler: Any = None  # xgrammar.GrammarCompiler, built on first use
-        self._info: Any = None  # xgrammar.TokenizerInfo
-        self._words = 0  # int32 words of one xgrammar bitmask: ceil(vocab_size / 32)
-        self._eos_allowed: np.ndarray | None = None  # (vocab_size,) bool, True exactly at eos_ids
-        self._eos_runs: list[int] = []  # BRLE of _eos_allowed
+        self._engine_tokenizer: Any = None  # llguidance.LLTokenizer, built on first use
+        self._words = (vocab_size + 31) // 32  # int32 words of one bitmask: bit j of word w = token 32 w + j
+        self._eos_runs: list[int] = []  # BRLE of the EOS-only mask
         self._lock = threading.Lock()  # guards the tables below
-        self._compiled: OrderedDict[tuple, Any] = OrderedDict()  # (kind, *source) -> CompiledGrammar, LRU
+        self._compiled: OrderedDict[tuple, Any] = OrderedDict()  # (kind, *source) -> LLMatcher template, LRU
         self._compiling: dict[tuple, Future] = {}  # keys being compiled now -> their result
         self._matchers: dict[int, dict[int, _Matcher]] = {}  # instance id -> handle -> matcher
         self._next_handle: dict[int, int] = {}  # instance id -> next handle to give out
@@ -123,44 +218,37 @@ class GrammarHost:
 
     # -- lazy setup --
     def _ensure(self) -> Any:
-        """The GrammarCompiler, built on first use (imports xgrammar, reads the whole vocabulary)."""
-        if self._compiler is not None:
-            return self._compiler
+        """The llguidance tokenizer, built on first use (reads the whole vocabulary)."""
+        if self._engine_tokenizer is not None:
+            return self._engine_tokenizer
         with self._init_lock:
-            if self._compiler is None:
+            if self._engine_tokenizer is None:
                 if not self.eos_ids:
                     raise ValueError("the model has no end-of-sequence token in its vocabulary; "
                                      "a grammar needs one to end")
-                import xgrammar
+                import llguidance
 
-                vocab_type, add_prefix_space = vocab_metadata(json.loads(self.tokenizer.backend.to_str()))
-                spelled = encoded_vocabulary(self.tokenizer, self.vocab_size, vocab_type)
-                kinds = {"byte_level": xgrammar.VocabType.BYTE_LEVEL, "byte_fallback": xgrammar.VocabType.BYTE_FALLBACK,
-                         "raw": xgrammar.VocabType.RAW}
-                info = xgrammar.TokenizerInfo(spelled, kinds[vocab_type], vocab_size=self.vocab_size,
-                                              stop_token_ids=list(self.eos_ids), add_prefix_space=add_prefix_space)
+                vocabulary = _Vocabulary(self.tokenizer, self.vocab_size, self.eos_ids)
+                engine_tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(vocabulary),
+                                                          n_vocab=self.vocab_size, eos_token=list(self.eos_ids))
                 eos_allowed = np.zeros(self.vocab_size, dtype=np.bool_)
                 eos_allowed[list(self.eos_ids)] = True
-                self._eos_allowed = eos_allowed
                 self._eos_runs = brle_runs(eos_allowed)
-                self._words = (self.vocab_size + 31) // 32
-                self._info = info
-                # our own cache keeps compiled grammars; xgrammar's would hold a second copy
-                self._compiler = xgrammar.GrammarCompiler(info, max_threads=2, cache_enabled=False)
-        return self._compiler
+                self._engine_tokenizer = engine_tokenizer
+        return self._engine_tokenizer
 
     @property
-    def tokenizer_info(self) -> Any:
-        """The xgrammar TokenizerInfo (built on first use)."""
-        self._ensure()
-        return self._info
+    def engine_tokenizer(self) -> Any:
+        """The llguidance LLTokenizer describing the vocabulary (built on first use)."""
+        return self._ensure()
 
     # -- compiled grammars --
     def compile(self, kind: str, *source: str) -> Any:
-        """The CompiledGrammar of ("json", schema) | ("regex", pattern) | ("ebnf", grammar, root),
-        from the cache or compiled now (once, however many threads ask at the same time). Raises
-        ValueError naming the argument when the source does not compile."""
-        compiler = self._ensure()
+        """The compiled grammar of ("json", schema) | ("regex", pattern) | ("ebnf", grammar, root): a
+        matcher in its start state that new matchers copy, from the cache or compiled now (once, however
+        many threads ask at the same time). Raises ValueError naming the argument when the source does
+        not compile."""
+        self._ensure()
         key = (kind, *source)
         with self._lock:
             hit = self._compiled.get(key)
@@ -174,7 +262,7 @@ class GrammarHost:
         if not owner:
             return pending.result()  # raises the owner's error too
         try:
-            compiled = self._compile_now(compiler, kind, source)
+            compiled = self._compile_now(kind, source)
         except BaseException as e:
             with self._lock:
                 del self._compiling[key]
@@ -189,8 +277,11 @@ class GrammarHost:
         pending.set_result(compiled)
         return compiled
 
-    @staticmethod
-    def _compile_now(compiler: Any, kind: str, source: tuple[str, ...]) -> Any:
+    def _compile_now(self, kind: str, source: tuple[str, ...]) -> Any:
+        """A new LLMatcher in its start state for the grammar; ValueError naming the argument."""
+        import llguidance
+
+        engine_tokenizer = self._ensure()
         if kind == "json":
             [schema] = source
             try:
@@ -199,43 +290,32 @@ class GrammarHost:
                 raise ValueError(f"schema: not JSON: {e}") from None
             if not isinstance(doc, (dict, bool)):
                 raise ValueError(f"schema: a JSON schema is an object or a boolean, got {type(doc).__name__}")
-            try:
-                # one line, json.dumps spacing (", " and ": "): a small model cannot wander off into
-                # endless whitespace, and the text is canonical
-                return compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
-            except Exception as e:  # xgrammar raises RuntimeError for unsupported / inconsistent schemas
-                raise ValueError(f"schema: invalid JSON schema: {_xgrammar_message(e)}") from None
-        if kind == "regex":
+            doc = closed_schema({} if doc is True else {"not": {}} if doc is False else doc)
+            lark, what = f"start: %json {json.dumps({**doc, 'x-guidance': JSON_FORMAT})}", "schema: invalid JSON schema"
+        elif kind == "regex":
             [pattern] = source
-            try:
-                return compiler.compile_regex(pattern)
-            except Exception as e:
-                raise ValueError(f"pattern: invalid regex: {_xgrammar_message(e)}") from None
-        if kind == "ebnf":
+            lark, what = f"start: /{llguidance.regex_to_lark(pattern)}/", "pattern: invalid regex"
+        elif kind == "ebnf":
             grammar, root = source
-            if not root.strip():
-                raise ValueError("root: the root rule name is empty")
-            try:
-                return compiler.compile_grammar(grammar, root_rule_name=root)
-            except Exception as e:
-                message = _xgrammar_message(e)
-                if "root rule" in message and "not found" in message:
-                    raise ValueError(f"root: the grammar has no rule named {root!r}") from None
-                raise ValueError(f"grammar: invalid EBNF grammar: {message}") from None
-        raise ValueError(f"unknown grammar kind {kind!r}")
+            lark, what = ebnf_to_lark(grammar, root), "grammar: invalid EBNF grammar"
+        else:
+            raise ValueError(f"unknown grammar kind {kind!r}")
+        spec = llguidance.LLMatcher.grammar_from_lark(f"{ENGINE_OPTIONS}\n{lark}")
+        matcher = llguidance.LLMatcher(engine_tokenizer, spec, log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"{what}: {_engine_message(matcher.get_error())}")
+        return matcher
 
     # -- matchers --
     _ARG_NAMES = {"json": ("schema",), "regex": ("pattern",), "ebnf": ("grammar", "root")}
 
     def _new_matcher(self, instance_id: int, kind: str, *source: str) -> int:
-        import xgrammar
-
         for name, text in zip(self._ARG_NAMES[kind], source):
             if len(text) > MAX_SOURCE_CHARS:
                 raise ValueError(f"{name}: {len(text)} characters exceed the limit of {MAX_SOURCE_CHARS}")
         with self._lock:  # refuse early, before compiling, when the instance is at its cap
             self._check_room(instance_id)
-        matcher = _Matcher(xgrammar.GrammarMatcher(self.compile(kind, *source)))
+        matcher = _Matcher(self.compile(kind, *source).deep_copy())
         with self._lock:
             self._check_room(instance_id)
             handle = self._next_handle.get(instance_id, 1)
@@ -272,25 +352,17 @@ class GrammarHost:
         """(vocab_size,) bool: the tokens the (not terminated) matcher allows next. Caller holds the
         matcher's lock."""
         words = np.empty(self._words, dtype=np.int32)  # bit j of word w = token 32 * w + j
-        matcher.fill_next_token_bitmask(words)
+        matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
         # little-endian bytes of the words, low bit first = tokens in increasing order
         bits = np.unpackbits(words.view(np.uint8), bitorder="little", count=self.vocab_size)
         return bits.view(np.bool_)
-
-    def _terminated(self, matcher: Any) -> bool:
-        """Caller holds the matcher's lock."""
-        if matcher.is_terminated():  # an EOS token was accepted
-            return True
-        if not matcher.is_completed():
-            return False
-        return bool(np.array_equal(self._allowed(matcher), self._eos_allowed))  # only EOS may follow
 
     def token_mask(self, instance_id: int, m: int) -> list[int]:
         """BRLE runs over [0, vocab_size) of the tokens allowed next (allowed first); a terminated
         matcher allows exactly the EOS tokens."""
         entry = self._get(instance_id, m)
         with entry.lock:
-            if entry.matcher.is_terminated():
+            if entry.matcher.is_stopped():
                 return list(self._eos_runs)
             return brle_runs(self._allowed(entry.matcher))
 
@@ -300,14 +372,18 @@ class GrammarHost:
         if not 0 <= token < self.vocab_size:
             raise ValueError(f"token: {token} is outside the vocabulary [0, {self.vocab_size})")
         with entry.lock:
-            if entry.matcher.is_terminated():  # only EOS is allowed after EOS; xgrammar would refuse it
+            matcher = entry.matcher
+            if matcher.is_stopped():  # complete, or EOS accepted: only EOS may follow
                 return token in self.eos_ids
-            return bool(entry.matcher.accept_token(token))
+            # checked first: a refused token would leave the matcher in its error state
+            return matcher.validate_tokens([token]) == 1 and matcher.consume_token(token)
 
     def is_terminated(self, instance_id: int, m: int) -> bool:
+        """Whether the grammar is complete with nothing but EOS to follow (llguidance stops the
+        matcher then), or EOS was accepted."""
         entry = self._get(instance_id, m)
         with entry.lock:
-            return self._terminated(entry.matcher)
+            return entry.matcher.is_stopped()
 
     def reset(self, instance_id: int, m: int) -> None:
         """Back to the state before any token was accepted."""
