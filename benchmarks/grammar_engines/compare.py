@@ -358,7 +358,10 @@ def main() -> int:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         Path(str(args.out) + ".json").write_text(json.dumps({"cpu": cpu_name(), "results": results}, indent=1) + "\n")
-        Path(str(args.out) + ".md").write_text(table + "\n")
+        header = (f"# Grammar engines side by side ({time.strftime('%Y-%m-%d')})\n\n"
+                  f"`python benchmarks/grammar_engines/compare.py --rounds {args.rounds}`; the machine was shared "
+                  "while it ran, so compare within a row.\n\n")
+        Path(str(args.out) + ".md").write_text(header + table + "\n")
     return 0
 
 

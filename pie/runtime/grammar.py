@@ -6,7 +6,7 @@ the sampled token back (`accept`). One `GrammarHost` serves one Runtime (one mod
 model's vocabulary to llguidance once, on first use, caches compiled grammars by source, and keeps
 every instance's matchers under handles private to that instance.
 
-Why llguidance (benchmarks/results/grammar_engines.md, against xgrammar): a 3 MB wheel with no
+Why llguidance (benchmarks/results/grammar_engines.md, against xgrammar): an 8 MB install with no
 dependencies (xgrammar pulls triton and transformers, over a gigabyte), imported in milliseconds,
 and bounded work per token (its lexer and parser run on fuel limits, so a hostile grammar cannot stall
 the batch loop).
