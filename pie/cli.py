@@ -194,7 +194,7 @@ def _server_config(args: argparse.Namespace):
 
     cfg = load_config(args.config)
     server = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    model = {"name": args.model} if args.model is not None else {}
+    model = {k: v for k, v in (("name", args.model), ("data_parallel", args.data_parallel)) if v is not None}
     return cfg.replace(server=server, model=model)
 
 
@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
         p.add_argument("--port", type=int, default=None, help="listen port (default 8080; 0 = any free one)")
         p.add_argument("--model", default=None, help="model name or folder (default smollm2-135m)")
+        p.add_argument("--data-parallel", type=int, default=None, metavar="M",
+                       help="engine replicas behind the one endpoint, each with its own weights and KV cache "
+                            "(default 1; [model] data_parallel)")
     s.set_defaults(func=cmd_serve)
     c.set_defaults(func=cmd_config)
 

@@ -74,7 +74,18 @@ class RunnerPools:
         self.execute_lock = threading.Lock()  # held while the runner runs a batch or copies pages
         self._lock = threading.Lock()
         self._next_instance_id = itertools.count(1)
+        self._numbered = False  # an instance id was given out
         self._plane_of: dict[int, ControlPlane] = {}  # open instance -> the plane that opened it
+
+    def number_instances(self, first: int, step: int) -> None:
+        """Instance ids from now on: first, first + step, first + 2 step, ... (data-parallel replicas
+        number theirs apart, pie/runtime/replicas.py). Only before any instance was opened."""
+        if first < 1 or step < 1:
+            raise ValueError(f"instance ids start at >= 1 with a step >= 1, got {first}, {step}")
+        with self._lock:
+            if self._plane_of or self._numbered:
+                raise ValueError("the pools have numbered instances already")
+            self._next_instance_id = itertools.count(first, step)
 
     @classmethod
     def of(cls, runner: Any, num_embed_slots: int | None = None) -> "RunnerPools":
@@ -98,6 +109,7 @@ class RunnerPools:
                       kv_client_quota: int = 0, kv_cache_scope: int = 0) -> int:
         with self._lock:
             instance_id = next(self._next_instance_id)
+            self._numbered = True
             self._plane_of[instance_id] = plane
         self.kv_pages.add_instance(instance_id, kv_quota, client, kv_client_quota, kv_cache_scope)
         if self.embed_slots is not None:

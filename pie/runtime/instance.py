@@ -68,7 +68,7 @@ class Instance:
                  on_terminate: Callable[[int, str], None] | None = None,
                  on_end: Callable[["Instance", str], None] | None = None, client: int = 0,
                  keep_output: bool = True, max_kept_output_bytes: int = 64 << 20, inbox_messages: int = 1024,
-                 trace: bool = False, trace_max_events: int = MAX_EVENTS):
+                 trace: bool = False, trace_max_events: int = MAX_EVENTS, replica: int = 0):
         """state: the instance's pie._ext._runtime.InstanceState; on_terminate(id, reason): told when the
         instance is terminated (to release it in the control plane at once); on_end(instance, reason):
         called on the instance thread once it has ended, before `done` is set. client: who launched it (its
@@ -76,8 +76,10 @@ class Instance:
         server that streams it passes False); what is kept is capped at max_kept_output_bytes (UTF-8),
         past which `runtime.send` / `runtime.log` fail. inbox_messages: client messages it holds unread.
         trace: record its host calls, the passes it waited for and its outputs (the result's `trace`): at
-        most trace_max_events hot calls and as many other events, later ones counted, not kept."""
+        most trace_max_events hot calls and as many other events, later ones counted, not kept.
+        replica: the data-parallel replica it runs on (pie/runtime/replicas.py)."""
         self.id = instance_id
+        self.replica = replica
         self.state = state
         self.services = services
         self.sandbox = sandbox

@@ -4,6 +4,9 @@
 >>> with Runtime(Model()) as rt:                                                # doctest: +SKIP
 ...     result = rt.run("text_completion", ["--prompt", "Hi", "--temperature", "0"])
 ...     print(result.output)
+
+Given several models (`Runtime([Model(), Model()])`), it runs them as data-parallel replicas behind one
+runtime (pie/runtime/replicas.py): each instance runs on one of them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pie.runtime.config import RuntimeConfig
 from pie.runtime.grammar import GrammarHost
 from pie.runtime.instance import Instance, InstanceResult
 from pie.runtime.paths import examples_dir
+from pie.runtime.replicas import Replica, check_replicas, least_loaded
 from pie.runtime.services import InstanceServices, ModelInfo
 from pie.runtime.shared import Broker, KeyValueStore
 
@@ -102,31 +106,48 @@ class Runtime:
     interpreter exit."""
 
     def __init__(self, model: Any, config: RuntimeConfig = RuntimeConfig()):
+        """model: a pie.engine.model.Model, or a sequence of them (data-parallel replicas of one model,
+        each with its own runner)."""
         components.check_wasmtime_version()
         _runtime.load(str(wasmtime._ffi.filename))
         self.config = config
-        runner = model.runner
-        self.runner = runner
+        models = list(model) if isinstance(model, (list, tuple)) else [model]
+        check_replicas(models)
+        model = models[0]
         self.tokenizer = model.tokenizer
         self.model_name = model.name
-        self.vocab_size = runner.vocab_size
-        self.page_size = runner.page_size
-        self.plane = ControlPlane.serving(runner, config.scheduler, on_terminate=self._on_plane_terminate).start()
-        self.plane.kv_pages.set_export_idle_s(config.export_idle_s)  # pool-wide: the runner's pool
+        self.vocab_size = model.runner.vocab_size
+        self.page_size = model.runner.page_size
         wasm_engine = components.make_engine()
         linker = Linker(wasm_engine)
         linker.add_wasip2()
         api.define_all(linker)
         self.sandbox = Sandbox(wasm_engine, linker, config.epoch_tick_s, config)
-        mc = runner.model_config
-        self.services = InstanceServices(
-            model=ModelInfo(model.name, mc.architecture, runner.vocab_size, mc.num_layers, runner.page_size,
-                            runner.max_batch_tokens),
-            tokenizer=model.tokenizer, eos_ids=frozenset(model.eos_ids), plane=self.plane,
-            embeddings=runner.embeddings, embed_tokens=runner.embed_tokens,
-            grammar=GrammarHost(model.tokenizer, runner.vocab_size, frozenset(model.eos_ids)),  # compiles at first use
-            token_bytes=lambda: token_table(model),
-            kv_store=KeyValueStore(config.store), broker=Broker(config.store))
+        # shared by every replica's instances
+        grammar = GrammarHost(model.tokenizer, model.runner.vocab_size, frozenset(model.eos_ids))  # compiles at first use
+        kv_store, broker = KeyValueStore(config.store), Broker(config.store)
+        self.replicas: list[Replica] = []
+        for index, replica_model in enumerate(models):
+            runner = replica_model.runner
+            plane = ControlPlane.serving(runner, config.scheduler, on_terminate=self._on_plane_terminate)
+            if len(models) > 1:
+                plane.pools.number_instances(index + 1, len(models))  # ids unique across replicas
+            plane.start()
+            plane.kv_pages.set_export_idle_s(config.export_idle_s)  # pool-wide: the runner's pool
+            mc = runner.model_config
+            services = InstanceServices(
+                model=ModelInfo(replica_model.name, mc.architecture, runner.vocab_size, mc.num_layers,
+                                runner.page_size, runner.max_batch_tokens),
+                tokenizer=replica_model.tokenizer, eos_ids=frozenset(replica_model.eos_ids), plane=plane,
+                embeddings=runner.embeddings, embed_tokens=runner.embed_tokens, grammar=grammar,
+                token_bytes=lambda m=replica_model: token_table(m), kv_store=kv_store, broker=broker)
+            self.replicas.append(Replica(index, replica_model, plane, services))
+        # replica 0: what single-replica callers (tests, `pie run`) reach as runtime.plane / runner / services
+        self.runner = self.replicas[0].runner
+        self.plane = self.replicas[0].plane
+        self.services = self.replicas[0].services
+        self._replica_of: dict[int, Replica] = {}  # live instance id -> its replica
+        self._live_per_replica = [0] * len(self.replicas)  # instances launched on each and not ended
         self._lock = threading.Lock()
         self.live: dict[int, Instance] = {}
         self._components: OrderedDict[str, Any] = OrderedDict()  # key -> compiled component, LRU last
@@ -220,26 +241,34 @@ class Runtime:
         kv.cache-store use (0: none; instances of one scope share it, no other sees it)."""
         deadline_s = self.config.deadline_s if deadline_s is None else deadline_s
         c = self.config
-        instance_id = self.plane.open_instance(kv_quota=c.kv_pages_per_instance, client=client,
-                                               kv_client_quota=c.kv_pages_per_client, kv_cache_scope=cache_scope)
+        with self._lock:  # chosen and counted at once: concurrent launches see each other
+            replica = least_loaded(self.replicas, self._live_per_replica)
+            self._live_per_replica[replica.index] += 1
+        plane, instance_id = replica.plane, None
         try:
-            state = self._instance_state(instance_id, deadline_s)
+            instance_id = plane.open_instance(kv_quota=c.kv_pages_per_instance, client=client,
+                                              kv_client_quota=c.kv_pages_per_client, kv_cache_scope=cache_scope)
+            state = self._instance_state(instance_id, deadline_s, replica=replica)
+            inst = Instance(instance_id, state, component, arguments, services=replica.services,
+                            sandbox=self.sandbox, deadline_s=deadline_s, memory_mb=memory_mb or c.memory_mb,
+                            http_allow=c.http_allow if http_allow is None else http_allow,
+                            http_timeout_s=c.http_timeout_s if http_timeout_s is None else http_timeout_s,
+                            http_max_body_bytes=c.http_max_body_bytes if http_max_body_bytes is None
+                            else http_max_body_bytes,
+                            on_output=on_output, on_log=on_log, on_done=on_done,
+                            on_terminate=plane.terminate_instance, on_end=self._instance_ended, client=client,
+                            keep_output=keep_output, max_kept_output_bytes=c.max_kept_output_bytes,
+                            inbox_messages=c.inbox_messages, replica=replica.index, **kwargs)
         except BaseException:
-            self.plane.end_instance(instance_id, "could not start")
+            if instance_id is not None:
+                plane.end_instance(instance_id, "could not start")
+            with self._lock:
+                self._live_per_replica[replica.index] -= 1
             raise
-        inst = Instance(instance_id, state, component, arguments, services=self.services, sandbox=self.sandbox,
-                        deadline_s=deadline_s, memory_mb=memory_mb or self.config.memory_mb,
-                        http_allow=self.config.http_allow if http_allow is None else http_allow,
-                        http_timeout_s=c.http_timeout_s if http_timeout_s is None else http_timeout_s,
-                        http_max_body_bytes=c.http_max_body_bytes if http_max_body_bytes is None
-                        else http_max_body_bytes,
-                        on_output=on_output, on_log=on_log, on_done=on_done,
-                        on_terminate=self.plane.terminate_instance, on_end=self._instance_ended, client=client,
-                        keep_output=keep_output, max_kept_output_bytes=c.max_kept_output_bytes,
-                        inbox_messages=c.inbox_messages, **kwargs)
         state.set_owner(inst)
         with self._lock:
             self.live[inst.id] = inst
+            self._replica_of[inst.id] = replica
         return inst.start()
 
     def run(self, inferlet: str | Path, arguments: Sequence[str] = (), **kwargs: Any) -> InstanceResult:
@@ -248,11 +277,14 @@ class Runtime:
     def run_source(self, source: str, arguments: Sequence[str] = (), **kwargs: Any) -> InstanceResult:
         return self.launch_source(source, arguments, **kwargs).wait()
 
-    def _instance_state(self, instance_id: int, deadline_s: float, owner: Any = None) -> Any:
-        """The instance's C++ state: its default queue, and the plane's pools its handles live in."""
-        queue = self.plane.create_queue(instance_id)
-        return _runtime.InstanceState(instance_id, deadline_s, owner, queue, self.plane.kv_pages,
-                                      self.plane.embed_slots, self.plane.limits)
+    def _instance_state(self, instance_id: int, deadline_s: float, owner: Any = None,
+                        replica: Replica | None = None) -> Any:
+        """The instance's C++ state: its default queue, and the pools of its replica's plane (default:
+        replica 0) that its handles live in."""
+        plane = (replica or self.replicas[0]).plane
+        queue = plane.create_queue(instance_id)
+        return _runtime.InstanceState(instance_id, deadline_s, owner, queue, plane.kv_pages,
+                                      plane.embed_slots, plane.limits)
 
     def _on_plane_terminate(self, instance_id: int, message: str) -> None:
         """The control plane terminated an instance (KV pool exhausted): stop it at its next host call."""
@@ -263,11 +295,15 @@ class Runtime:
 
     def _instance_ended(self, inst: Instance, reason: str) -> None:
         """An instance's thread is done with it (on_end): release it everywhere."""
-        self.plane.end_instance(inst.id, reason)
+        with self._lock:
+            replica = self._replica_of.get(inst.id, self.replicas[0])
+        replica.plane.end_instance(inst.id, reason)
         self.services.broker.end_instance(inst.id)
         self.services.grammar.end_instance(inst.id)
         with self._lock:
             self.live.pop(inst.id, None)
+            if self._replica_of.pop(inst.id, None) is not None:
+                self._live_per_replica[replica.index] -= 1
 
     def end_client(self, client: int) -> None:
         """A client (a server's connection or HTTP request) is gone and launches nothing more: what it kept
@@ -276,7 +312,18 @@ class Runtime:
         if client == 0:
             raise ValueError("client 0 is the local user: it never ends")
         self.services.kv_store.end_client(client)
-        self.plane.end_client(client)
+        for replica in self.replicas:
+            replica.plane.end_client(client)
+
+    def clear_cache_scope(self, scope: int) -> None:
+        """Drops the prefix cache of `scope` on every replica."""
+        for replica in self.replicas:
+            replica.plane.kv_pages.cache_clear(scope)
+
+    def replica_of(self, instance_id: int) -> Replica | None:
+        """The replica a live instance runs on."""
+        with self._lock:
+            return self._replica_of.get(instance_id)
 
     def bind_test_instance(self) -> Any:
         """C++ state bound to the calling thread, for driving components directly (tests, benchmarks).
@@ -293,11 +340,12 @@ class Runtime:
 
     @property
     def num_pages(self) -> int:
-        return self.plane.kv_pages.num_pages
+        """KV pages of every replica together."""
+        return sum(r.num_pages for r in self.replicas)
 
     @property
     def num_free_pages(self) -> int:
-        return self.services.num_free_pages
+        return sum(r.num_free_pages for r in self.replicas)
 
     # ---- shutdown ------------------------------------------------------------------------------------
     def close(self, timeout: float = 10.0) -> None:
@@ -310,7 +358,8 @@ class Runtime:
             inst.done.wait(timeout)
         self._stop.set()
         self._ticker.join(1)
-        self.plane.stop()
+        for replica in self.replicas:
+            replica.plane.stop()
         self._components.clear()
         self._python_runtime = None
 
@@ -322,11 +371,11 @@ class Runtime:
 
     @property
     def num_batches(self) -> int:
-        return self.plane.loop.num_batches
+        return sum(r.plane.loop.num_batches for r in self.replicas)
 
     @property
     def num_commands(self) -> int:
-        return self.plane.loop.num_commands
+        return sum(r.plane.loop.num_commands for r in self.replicas)
 
 
 @dataclass

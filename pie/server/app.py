@@ -38,9 +38,10 @@ def build_runtime(config: PieConfig, model: Any = None, progress: bool = True) -
     from pie.engine.model import Model
     from pie.runtime import Runtime
 
-    if model is None:
-        model = Model(config.model.name, config.model.engine_config(), progress=progress)
-    runtime = Runtime(model, config.limits.runtime_config(scheduler=config.scheduler.scheduler_config()))
+    models = list(model) if isinstance(model, (list, tuple)) else [] if model is None else [model]
+    while len(models) < config.model.data_parallel:  # replicas: each a model of its own (weights, KV pool)
+        models.append(Model(config.model.name, config.model.engine_config(), progress=progress))
+    runtime = Runtime(models, config.limits.runtime_config(scheduler=config.scheduler.scheduler_config()))
     runtime.python_runtime()  # build or load the Python runtime component now, not at the first request
     return runtime
 
@@ -173,12 +174,29 @@ class Server:
         out: dict[str, Any] = {"model": self.model_name, "connections": len(self.sessions), "programs": len(self.programs),
                                "instances": self.instances.stats(),
                                "kv_pages": {"num_pages": rt.num_pages, "num_free": rt.num_free_pages}}
-        plane = rt.plane.stats()
         # Counters only: which instance, client or export holds what is no client's business.
-        out["kv_pages"] = {k: v for k, v in plane["kv_pages"].items() if k not in ("instances", "clients", "exports")}
-        out["scheduler"] = plane["scheduler"]
-        out["num_plane_instances"] = len(plane["live_instances"])
+        replicas = []
+        for replica in rt.replicas:
+            plane = replica.plane.stats()
+            replicas.append({"kv_pages": {k: v for k, v in plane["kv_pages"].items()
+                                          if k not in ("instances", "clients", "exports")},
+                             "scheduler": plane["scheduler"], "num_plane_instances": len(plane["live_instances"])})
+        # every replica together (counters summed); each one under "replicas"
+        out["kv_pages"] = _summed([r["kv_pages"] for r in replicas])
+        out["scheduler"] = _summed([r["scheduler"] for r in replicas])
+        out["num_plane_instances"] = sum(r["num_plane_instances"] for r in replicas)
+        out["replicas"] = replicas
         return out
+
+
+def _summed(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counter dicts of the replicas added up key by key (num_* counts); other values from the first."""
+    total = dict(parts[0])
+    for part in parts[1:]:
+        for key, value in part.items():
+            if key.startswith("num_") and isinstance(value, (int, float)):
+                total[key] = total.get(key, 0) + value
+    return total
 
 
 class ServerThread:

@@ -135,8 +135,11 @@ class ModelSection:
     kv_cache_mb: int = 1024  # used when num_pages and memory_fraction are 0
     max_batch_tokens: int = 8192
     threads: int = 0  # torch threads; 0 = torch's choice
+    data_parallel: int = 1  # engine replicas behind the one endpoint (pie/runtime/replicas.py)
 
     def __post_init__(self) -> None:
+        if not 1 <= self.data_parallel <= 64:
+            raise ConfigError(f"model.data_parallel must be in [1, 64], got {self.data_parallel}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.page_size <= 0 or self.num_pages < 0 or self.kv_cache_mb <= 0 or self.max_batch_tokens <= 0 \

@@ -275,7 +275,7 @@ class InstanceManager:
             self._ending.discard(client)
             self.num_clients_ended += 1
         self.runtime.end_client(client)
-        self.runtime.plane.kv_pages.cache_clear(CLIENT_CACHE_SCOPES + client)  # its own prefix cache goes too
+        self.runtime.clear_cache_scope(CLIENT_CACHE_SCOPES + client)  # its own prefix cache goes too
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

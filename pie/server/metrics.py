@@ -110,37 +110,43 @@ class RuntimeCollector:
         from pie._ext import _runtime
 
         rt = self.runtime
-        plane = rt.plane.stats()
-        scheduler, kv = plane["scheduler"], plane["kv_pages"]
-        yield _gauge("pie_queue_depth", "Commands queued and not yet in a batch", scheduler["num_pending"])
-        yield _gauge("pie_commands_in_flight", "Commands in a batch being run", scheduler["num_in_flight"])
-        yield _gauge("pie_live_instances", "Instances the control plane holds", len(plane["live_instances"]))
+        planes = [r.plane.stats() for r in rt.replicas]
+        runners = [r.runner for r in rt.replicas]
+
+        def total(part: str, key: str) -> float:  # a counter of every replica together
+            return sum(p[part][key] for p in planes)
+
+        yield _gauge("pie_queue_depth", "Commands queued and not yet in a batch", total("scheduler", "num_pending"))
+        yield _gauge("pie_commands_in_flight", "Commands in a batch being run", total("scheduler", "num_in_flight"))
+        yield _gauge("pie_live_instances", "Instances the control plane holds", sum(len(p["live_instances"]) for p in planes))
         commands = CounterMetricFamily("pie_commands", "Commands the scheduler resolved, by outcome", labels=["outcome"])
         for outcome in ("completed", "failed", "cancelled"):
-            commands.add_metric([outcome], scheduler[f"num_{outcome}"])
+            commands.add_metric([outcome], total("scheduler", f"num_{outcome}"))
         yield commands
         pages = GaugeMetricFamily("pie_kv_pages", "KV cache pages by state (used: held by an instance, an export "
                                   "or the prefix cache; exported: listed by an export; shared: held more than "
                                   "once; pinned: read by a command in flight)", labels=["state"])
         for state in ("used", "free", "exported", "shared", "pinned"):
-            pages.add_metric([state], kv[f"num_{state}"])
+            pages.add_metric([state], total("kv_pages", f"num_{state}"))
         yield pages
-        yield _gauge("pie_kv_pages_total", "KV cache pages of the pool", kv["num_pages"])
+        yield _gauge("pie_kv_pages_total", "KV cache pages of the pool", total("kv_pages", "num_pages"))
         yield _counter("pie_kv_pool_terminations", "Instances the page pool terminated to free pages",
-                       kv["num_terminations"])
-        yield _counter("pie_kv_export_evictions", "Exports evicted under pool pressure", kv["num_evictions"])
-        yield _gauge("pie_prefix_cache_pages", "KV pages held by the prefix cache (one entry each)", kv["num_cached"])
+                       total("kv_pages", "num_terminations"))
+        yield _counter("pie_kv_export_evictions", "Exports evicted under pool pressure", total("kv_pages", "num_evictions"))
+        yield _gauge("pie_prefix_cache_pages", "KV pages held by the prefix cache (one entry each)",
+                     total("kv_pages", "num_cached"))
         yield _counter("pie_prefix_cache_evictions", "Prefix cache entries dropped under pool pressure",
-                       kv["num_cache_evictions"])
-        runner = rt.runner
-        yield _counter("pie_forward_passes", "Forward passes the model runner ran", runner.num_forward_passes)
+                       total("kv_pages", "num_cache_evictions"))
+        yield _counter("pie_forward_passes", "Forward passes the model runner ran",
+                       sum(r.num_forward_passes for r in runners))
         tokens = CounterMetricFamily("pie_tokens", "Input tokens: computed by the model runner (their K/V written "
                                      "by a forward pass), or cached (their K/V found in the prefix cache)",
                                      labels=["kind"])
-        tokens.add_metric(["computed"], runner.num_tokens_processed)
-        tokens.add_metric(["cached"], kv["num_cache_hits"] * kv["page_size"])
+        tokens.add_metric(["computed"], sum(r.num_tokens_processed for r in runners))
+        tokens.add_metric(["cached"], sum(p["kv_pages"]["num_cache_hits"] * p["kv_pages"]["page_size"] for p in planes))
         yield tokens
-        yield self._batch_sizes(rt.plane.loop)
+        yield self._batch_sizes([r.plane.loop for r in rt.replicas])
+        yield from self._per_replica(planes, runners)
         calls = CounterMetricFamily("pie_host_calls", "Host calls of the inferlets, by WIT function (hot: C++; "
                                     "cold: Python), every instance together", labels=["name"])
         for name, count in sorted(_runtime.host_call_counts().items()):
@@ -148,17 +154,40 @@ class RuntimeCollector:
         yield calls
 
     @staticmethod
-    def _batch_sizes(loop: Any) -> Metric:
+    def _batch_sizes(loops: list[Any]) -> Metric:
+        """The batch-size histogram of every replica's batch loop together."""
         family = HistogramMetricFamily("pie_batch_size", "Commands per batch the batch loop ran, by command kind "
                                        "(forward: requests per forward pass)", labels=["kind"])
         kinds = {0: "forward", 1: "copy_pages"}
-        for kind, counts in sorted(dict(loop.batch_size_counts).items()):
+        counts_of: dict[int, list[int]] = {}
+        sums_of: dict[int, float] = {}
+        for loop in loops:
+            for kind, counts in dict(loop.batch_size_counts).items():
+                merged = counts_of.setdefault(kind, [0] * len(counts))
+                counts_of[kind] = [a + b for a, b in zip(merged, counts)]
+                sums_of[kind] = sums_of.get(kind, 0) + loop.batch_size_sums.get(kind, 0)
+        for kind, counts in sorted(counts_of.items()):
             cumulative, buckets = 0, []
             for bound, count in zip([*map(str, BATCH_SIZE_BUCKETS), "+Inf"], counts):
                 cumulative += count
                 buckets.append((bound, cumulative))
-            family.add_metric([kinds.get(kind, str(kind))], buckets, loop.batch_size_sums.get(kind, 0))
+            family.add_metric([kinds.get(kind, str(kind))], buckets, sums_of[kind])
         return family
+
+    @staticmethod
+    def _per_replica(planes: list[dict], runners: list[Any]) -> Iterator[Metric]:
+        """Each data-parallel replica's load (pie/runtime/replicas.py), labelled by its index."""
+        live = GaugeMetricFamily("pie_replica_live_instances", "Instances each replica holds", labels=["replica"])
+        free = GaugeMetricFamily("pie_replica_kv_pages_free", "Free KV pages of each replica's pool", labels=["replica"])
+        queued = GaugeMetricFamily("pie_replica_queue_depth", "Commands queued on each replica", labels=["replica"])
+        passes = CounterMetricFamily("pie_replica_forward_passes", "Forward passes each replica ran", labels=["replica"])
+        for index, (plane, runner) in enumerate(zip(planes, runners)):
+            label = [str(index)]
+            live.add_metric(label, len(plane["live_instances"]))
+            free.add_metric(label, plane["kv_pages"]["num_free"])
+            queued.add_metric(label, plane["scheduler"]["num_pending"])
+            passes.add_metric(label, runner.num_forward_passes)
+        yield from (live, free, queued, passes)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
