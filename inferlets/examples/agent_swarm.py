@@ -36,122 +36,79 @@ import argparse
 import json
 
 import inferlet
-from inferlet import Context
+from inferlet import Subscription, broadcast, store
 from inferlet.branches import numbered_lines
 
-MSG = inferlet.raw.messaging
-STORE = inferlet.raw.kv_store
-GUIDE = ""  # --guide: more instructions for every system message (e.g. a manual the agents share)
+
+def chat(system, user, guide):
+    """A context holding `system` (plus --guide) and `user`, in the assistant's turn."""
+    ctx = inferlet.Context()
+    ctx.system(system + ("\n\n" + guide if guide else ""))
+    ctx.user(user)
+    ctx.assistant()
+    return ctx
 
 
-def system(text):
-    return {"role": "system", "content": text + ("\n\n" + GUIDE if GUIDE else "")}
-
-
-def answer(question, max_tokens):
-    ctx = Context()
-    ctx.fill(inferlet.chat_prompt([system("Answer in one short sentence."), {"role": "user", "content": question}]))
-    text = ctx.generate(max_tokens=max_tokens, sampler=inferlet.greedy(), stop=["\n"]).strip()
-    ctx.free()
-    return text
-
-
-def worker(args):
-    swarm = args.swarm
+def worker(args, swarm):
     me = args.worker_id or str(inferlet.instance_id())
-    tasks = MSG.subscribe(f"{swarm}/tasks")  # before registering: no task can be missed
-    STORE.set(f"{swarm}/workers/{me}", "ready")
-    MSG.broadcast(f"{swarm}/join", me)
-    while True:
-        message = json.loads(MSG.receive(tasks))
-        if message.get("stop"):
-            break
-        if message.get("to") != me:
-            continue
-        reply = answer(message["question"], args.max_tokens)
-        result = {"task": message["task"], "worker": me, "question": message["question"], "answer": reply}
-        STORE.set(f"{swarm}/answers/{message['task']}", json.dumps(result))
-        MSG.broadcast(f"{swarm}/results", json.dumps(result))
-        print(f"task {message['task']}: {message['question']} -> {reply}")
-    MSG.unsubscribe(tasks)
+    with Subscription(f"{swarm}/tasks") as tasks:  # before registering: no task can be missed
+        store.set(f"{swarm}/workers/{me}", "ready")
+        broadcast(f"{swarm}/join", me)
+        while not (message := json.loads(tasks.receive())).get("stop"):
+            if message.get("to") != me:
+                continue
+            with chat("Answer in one short sentence.", message["question"], args.guide) as ctx:
+                reply = ctx.gen(max_tokens=args.max_tokens, stop=["\n"]).strip()
+            result = {"task": message["task"], "worker": me, "question": message["question"], "answer": reply}
+            store.set(f"{swarm}/answers/{message['task']}", json.dumps(result))
+            broadcast(f"{swarm}/results", json.dumps(result))
+            print(f"task {message['task']}: {message['question']} -> {reply}")
 
 
-
-
-def split(question, count, max_tokens):
-    """`count` sub-questions written by the model."""
-    ctx = Context()
-    ctx.fill(inferlet.chat_prompt([
-        system(f"Split the question into {count} simpler questions, one per line."),
-        {"role": "user", "content": question}]))
-    questions = numbered_lines(ctx, count, max_tokens, inferlet.greedy())
-    ctx.free()
-    return questions
-
-
-def coordinator(args):
-    swarm = args.swarm
-    joins = MSG.subscribe(f"{swarm}/join")
-    results = MSG.subscribe(f"{swarm}/results")
-    # Wait for the workers: those registered already are in the store, later ones will broadcast on join.
-    while True:
-        workers = sorted(k.rsplit("/", 1)[1] for k in STORE.list_keys(f"{swarm}/workers/"))
-        if len(workers) >= args.workers:
-            break
-        MSG.receive(joins)
-    workers = workers[:args.workers]
-    MSG.unsubscribe(joins)
-
-    questions = args.subtask or split(args.question, args.workers, args.max_tokens)
+def coordinator(args, swarm):
+    results = Subscription(f"{swarm}/results")
+    with Subscription(f"{swarm}/join") as joins:  # registered workers are in the store, later ones will join
+        while len(workers := sorted(k.rsplit("/", 1)[1] for k in store.keys(f"{swarm}/workers/"))) < args.workers:
+            joins.receive()
+    questions = args.subtask
+    if not questions:  # `--workers` sub-questions written by the model
+        with chat(f"Split the question into {args.workers} simpler questions, one per line.", args.question,
+                  args.guide) as ctx:
+            questions = numbered_lines(ctx, args.workers, args.max_tokens, inferlet.greedy())
     for task, question in enumerate(questions):
-        MSG.broadcast(f"{swarm}/tasks", json.dumps({"task": task, "to": workers[task % len(workers)],
-                                                     "question": question}))
+        broadcast(f"{swarm}/tasks", json.dumps({"task": task, "to": workers[task % args.workers], "question": question}))
     contributions = {}
     while len(contributions) < len(questions):
-        result = json.loads(MSG.receive(results))
+        result = json.loads(results.receive())
         contributions[result["task"]] = result
-    MSG.broadcast(f"{swarm}/tasks", json.dumps({"stop": True}))
-    MSG.unsubscribe(results)
-    for key in STORE.list_keys(f"{swarm}/"):
-        STORE.delete(key)
+    broadcast(f"{swarm}/tasks", json.dumps({"stop": True}))
+    results.close()
+    for key in store.keys(f"{swarm}/"):
+        store.delete(key)
     contributions = [contributions[t] for t in range(len(questions))]
-
-    ctx = Context()
     notes = "\n".join(f"- {c['question']} {c['answer']}" for c in contributions)
-    ctx.fill(inferlet.chat_prompt([
-        system("Combine the notes into one short answer."),
-        {"role": "user", "content": f"Question: {args.question}\nNotes:\n{notes}"}]))
-    summary = ctx.generate(max_tokens=args.summary_tokens, sampler=inferlet.greedy()).strip()
-    ctx.free()
+    with chat("Combine the notes into one short answer.", f"Question: {args.question}\nNotes:\n{notes}", args.guide) as ctx:
+        summary = ctx.gen(max_tokens=args.summary_tokens).strip()
     if args.json:
         print(json.dumps({"question": args.question, "contributions": contributions, "summary": summary}))
-    else:
-        for c in contributions:
-            print(f"[worker {c['worker']}] {c['question']} -> {c['answer']}")
-        print(f"Summary: {summary}")
+        return
+    for c in contributions:
+        print(f"[worker {c['worker']}] {c['question']} -> {c['answer']}")
+    print(f"Summary: {summary}")
 
 
-def main():
-    parser = argparse.ArgumentParser(prog="agent_swarm")
-    parser.add_argument("--role", choices=["coordinator", "worker"], required=True)
-    parser.add_argument("--swarm", default="swarm")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--question", default=None)
-    parser.add_argument("--subtask", action="append", default=[])
-    parser.add_argument("--worker-id", default=None)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--summary-tokens", type=int, default=48)
-    parser.add_argument("--guide", default="", help="more instructions for every system message")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    global GUIDE
-    GUIDE = args.guide
-    if args.role == "coordinator":
-        if args.question is None or args.workers < 1:
-            parser.error("a coordinator needs --question and --workers >= 1")
-        coordinator(args)
-    else:
-        worker(args)
-
-
-main()
+parser = argparse.ArgumentParser(prog="agent_swarm")
+parser.add_argument("--role", choices=["coordinator", "worker"], required=True)
+parser.add_argument("--swarm", default="swarm")
+parser.add_argument("--workers", type=int, default=2)
+parser.add_argument("--question", default=None)
+parser.add_argument("--subtask", action="append", default=[])
+parser.add_argument("--worker-id", default=None)
+parser.add_argument("--max-tokens", type=int, default=32)
+parser.add_argument("--summary-tokens", type=int, default=48)
+parser.add_argument("--guide", default="", help="more instructions for every system message")
+parser.add_argument("--json", action="store_true")
+args = parser.parse_args()
+if args.role == "coordinator" and (args.question is None or args.workers < 1):
+    parser.error("a coordinator needs --question and --workers >= 1")
+(coordinator if args.role == "coordinator" else worker)(args, args.swarm)

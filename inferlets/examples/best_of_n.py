@@ -28,32 +28,17 @@ API: Context (fill, step, fork, free), forward.submit / forward.wait with greedy
 top-k-distribution samplers, queues.create / destroy, kv.allocate / num-free-pages.
 """
 
-import argparse
 import json
 
 import inferlet
-from inferlet import Context
 from inferlet.branches import step_sampler, Branch, decode_all
-
-F = inferlet.raw.forward
-KV = inferlet.raw.kv
 
 
 # ---- best-of-n --------------------------------------------------------------------------------------
 
 def main():
-    parser = argparse.ArgumentParser(prog="best_of_n")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--system", default=None)
+    parser = inferlet.ArgParser("best_of_n", omit=("min_p",), max_tokens=64, temperature=0.8, top_k=50)
     parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[])
-    parser.add_argument("--ignore-eos", action="store_true")
-    parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.n < 1:
@@ -61,27 +46,16 @@ def main():
     if not 1 <= args.top_k <= 200:
         parser.error("--top-k must be in 1..200 (the scores need the drawn token among the top k)")
 
-    ctx = Context()
-    if args.raw or not inferlet.model_facts().has_chat_template:
-        ctx.fill_tokens(inferlet.encode(args.prompt if args.system is None else f"{args.system}\n\n{args.prompt}"))
-    else:
-        messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
-                   [{"role": "user", "content": args.prompt}]
-        ctx.fill(inferlet.chat_prompt(messages))
+    ctx = args.context()
     prompt_tokens = len(ctx.tokens)
 
-    def sampler(i):
-        seed = None if args.seed is None else args.seed + i
-        if args.temperature == 0:
-            return inferlet.greedy()
-        return inferlet.sample(args.temperature, args.top_k, args.top_p, 0.0, seed)
-
-    samplers = [sampler(i) for i in range(args.n)]
+    samplers = [inferlet.sample(args.temperature, args.top_k, args.top_p, 0.0,
+                                None if args.seed is None else args.seed + i) for i in range(args.n)]
     # One pass computes the prompt and draws every branch's first token (+ one distribution for the scores).
-    outs = ctx.step([step_sampler(s, 0) for s in samplers] + [F.Sampler_TopKDistribution((args.top_k, 1.0))])
-    free_before = KV.num_free_pages()
+    outs = ctx.step([step_sampler(s, 0) for s in samplers] + [inferlet.top_k_distribution(args.top_k, 1.0)])
+    free_before = inferlet.num_free_pages()
     contexts = [ctx] + [ctx.fork() for _ in range(args.n - 1)]
-    free_after = KV.num_free_pages()
+    free_after = inferlet.num_free_pages()
     if args.json:
         inferlet.send(json.dumps({"event": "forked", "branches": args.n, "pages_before": free_before,
                                   "pages_after": free_after, "prompt_tokens": prompt_tokens}) + "\n")

@@ -19,33 +19,23 @@ expand it), it tries to open it and, failing, stops with an error saying so. A J
 parsed here, so a malformed schema (or a bare file name) is reported as such, not as a grammar error.
 
 How it uses the API: `Context.generate(grammar=Grammar.json_schema / regex / ebnf)`: every step the
-host-side matcher (xgrammar) gives the allowed next tokens as a BRLE vocabulary mask, the forward pass
+host-side matcher (llguidance) gives the allowed next tokens as a BRLE vocabulary mask, the forward pass
 applies it as the output's `output-masks` row before sampling, and the matcher accepts the drawn token;
 generation ends when the grammar is complete (or at EOS once the grammar allows it, or --max-tokens:
 then the output may be an incomplete prefix of a valid one).
 """
 
-import argparse
 import json
 
 import inferlet
 from inferlet import Grammar
 
-parser = argparse.ArgumentParser(prog="constrained_decoding")
-parser.add_argument("--prompt", required=True)
+parser = inferlet.ArgParser("constrained_decoding", omit=("stop", "ignore_eos"), temperature=0.0)
 which = parser.add_mutually_exclusive_group(required=True)
 which.add_argument("--json-schema", metavar="SCHEMA", help="JSON schema text, or @FILE (expanded by pie run)")
 which.add_argument("--regex", metavar="PATTERN", help="regular expression the whole output must match")
 which.add_argument("--ebnf", metavar="GRAMMAR", help="EBNF grammar text, or @FILE (expanded by pie run)")
 parser.add_argument("--root", default="root", help="the EBNF start rule")
-parser.add_argument("--max-tokens", type=int, default=256)
-parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-parser.add_argument("--top-p", type=float, default=1.0)
-parser.add_argument("--top-k", type=int, default=0)
-parser.add_argument("--min-p", type=float, default=0.0)
-parser.add_argument("--seed", type=int, default=None)
-parser.add_argument("--system", default=None, help="system message")
-parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
 args = parser.parse_args()
 
 
@@ -77,13 +67,6 @@ elif args.regex is not None:
 else:
     grammar = Grammar.ebnf(content(args.ebnf, "--ebnf"), args.root)
 
-ctx = inferlet.Context()
-if args.raw or not inferlet.model_facts().has_chat_template:
-    ctx.fill_tokens(inferlet.encode(args.prompt if args.system is None else f"{args.system}\n\n{args.prompt}"))
-else:
-    messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
-               [{"role": "user", "content": args.prompt}]
-    ctx.fill(inferlet.chat_prompt(messages))
-sampler = inferlet.sample(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
-print(ctx.generate(max_tokens=args.max_tokens, sampler=sampler, grammar=grammar))
+ctx = args.context()
+print(ctx.generate(max_tokens=args.max_tokens, sampler=args.sampler(), grammar=grammar))
 ctx.free()

@@ -32,7 +32,7 @@ import json
 
 import inferlet
 from inferlet import Context
-from inferlet.branches import step_sampler, Branch, decode_all, score_yes_no, Trace
+from inferlet.branches import decode_all, score_yes_no, sprout, Trace
 
 
 # ---- graph of thought -----------------------------------------------------------------------------------
@@ -64,14 +64,8 @@ def main():
     prompt_tokens = len(root.tokens)
 
     # Generate: one pass computes the prompt and draws every draft's first token; then the drafts decode.
-    samplers = [inferlet.sample(args.temperature, seed=None if args.seed is None else args.seed + i)
-                for i in range(args.drafts)]
-    outs = root.step([step_sampler(s, 0) for s in samplers])
-    drafts = []
-    for ctx, sampler, out in zip(trace.fork(root, args.drafts, "draft"), samplers, outs):
-        branch = Branch(ctx, sampler, args.draft_tokens, stop=["\n"])
-        branch.accept([out])
-        drafts.append(branch)
+    drafts = sprout(root, inferlet.samplers(args.drafts, args.temperature, args.seed), trace, "draft",
+                    args.draft_tokens, ["\n"])
     decode_all(drafts)
 
     # Score every draft; aggregate the best `merge` of them onto a fork of the best one.

@@ -34,8 +34,6 @@ import inferlet
 from inferlet import Context
 from inferlet.branches import step_sampler, Branch, decode_all
 
-KV = inferlet.raw.kv
-
 
 # ---- parallel generation ----------------------------------------------------------------------------
 
@@ -90,9 +88,9 @@ def main():
             outs = root.step([step_sampler(samplers[i], 0) for i in first])
         else:
             root.flush()
-    free_before = KV.num_free_pages()
+    free_before = inferlet.num_free_pages()
     contexts = [root.fork() for _ in prompts]
-    free_after = KV.num_free_pages()
+    free_after = inferlet.num_free_pages()
     root.free()
     if args.json:
         inferlet.send(json.dumps({"event": "forked", "branches": len(prompts), "prefix_tokens": prefix,

@@ -31,93 +31,61 @@ API: Context.open / save / drop_saved (kv.import-pages / export-pages / unexport
 Context (fill_tokens, flush, generate, free), tokenizer.
 """
 
-import argparse
 import hashlib
 import json
+import os
 
 import inferlet
 from inferlet import Context
 
-KV = inferlet.raw.kv
+parser = inferlet.ArgParser("prefix_cache", required=("system",))
+parser.add_argument("--name", default=None, help="name of the saved prefix")
+parser.add_argument("--shared", action="store_true", help="share the saved prefix with every client")
+parser.add_argument("--drop", action="store_true", help="remove the saved prefix and exit")
+parser.add_argument("--json", action="store_true")
+args = parser.parse_args()
+if args.prompt is None and not args.drop:
+    parser.error("--prompt is required")
+args.prompt = args.prompt or ""
 
+# the prefix: the longest common token prefix of the system message alone and the whole prompt, leaving
+# one token to compute (the pass that computes it draws the first output)
+whole = args.prompt_tokens()
+if args.raw or not inferlet.model_facts().has_chat_template:
+    head = inferlet.encode(f"{args.system}\n\n")
+else:
+    head = inferlet.encode(inferlet.chat_prompt([{"role": "system", "content": args.system}], False), False)
+prefix = whole[:min(len(os.path.commonprefix([head, whole])), len(whole) - 1)]
+name = args.name or "prefix-cache/" + hashlib.sha256(",".join(map(str, prefix)).encode()).hexdigest()[:24]
+if args.drop:
+    saved = name in inferlet.saved_prefixes()
+    if saved:
+        Context.drop_saved(name)
+    print(f"dropped {name}" if saved else f"no saved prefix {name}")
+    raise SystemExit(0)
 
-def render(system, prompt, raw):
-    """(prefix token ids, whole prompt token ids)."""
-    if raw or not inferlet.model_facts().has_chat_template:
-        whole = inferlet.encode(f"{system}\n\n{prompt}")
-        head = inferlet.encode(f"{system}\n\n")
-    else:
-        sys_msg = [{"role": "system", "content": system}]
-        whole = inferlet.encode(inferlet.chat_prompt(sys_msg + [{"role": "user", "content": prompt}]))
-        head = inferlet.encode(inferlet.chat_prompt(sys_msg, add_generation_prompt=False))
-    n = 0
-    while n < min(len(head), len(whole)) and head[n] == whole[n]:
-        n += 1
-    if n == len(whole):  # keep one token to compute: the pass that computes it draws the first output
-        n -= 1
-    return whole[:n], whole
-
-
-def main():
-    parser = argparse.ArgumentParser(prog="prefix_cache")
-    parser.add_argument("--system", required=True)
-    parser.add_argument("--prompt", default=None)
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[])
-    parser.add_argument("--ignore-eos", action="store_true")
-    parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    parser.add_argument("--name", default=None, help="name of the saved prefix")
-    parser.add_argument("--shared", action="store_true", help="share the saved prefix with every client")
-    parser.add_argument("--drop", action="store_true", help="remove the saved prefix and exit")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    if args.prompt is None and not args.drop:
-        parser.error("--prompt is required")
-
-    prefix, whole = render(args.system, args.prompt or "", args.raw)
-    name = args.name or "prefix-cache/" + hashlib.sha256(",".join(map(str, prefix)).encode()).hexdigest()[:24]
-    if args.drop:
-        if name in KV.list_exports():
-            Context.drop_saved(name)
-            print(f"dropped {name}")
-        else:
-            print(f"no saved prefix {name}")
-        return
-
-    expected = prefix if args.shared else None  # a shared prefix's token ids are not in our kv-store
-    ctx = Context.open(name, expected) if prefix else None
-    imported = ctx is not None
-    if ctx is not None and ctx.tokens != prefix:  # a name given twice for different prefixes
-        ctx.free()
-        raise ValueError(f"the prefix saved as {name!r} is not this prompt's prefix")
-    computed_prefix = 0
-    if ctx is None:
-        ctx = Context()
-        if prefix:
-            ctx.fill_tokens(prefix)
-            ctx.flush()
-            computed_prefix = len(prefix)
-            if name in KV.list_exports():  # another launch saved it meanwhile: use that one
-                ctx.free()
-                ctx = Context.open(name, expected)
-                imported = True
-            else:
-                ctx.save(name, shared=args.shared)
-    ctx.fill_tokens(whole[len(prefix):])
-    sampler = inferlet.sample(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
-    text = ctx.generate(max_tokens=args.max_tokens, sampler=sampler, stop=args.stop, ignore_eos=args.ignore_eos)
-    if args.json:
-        print(json.dumps({"text": text, "name": name, "imported": imported, "prefix_tokens": len(prefix),
-                          "prompt_tokens": len(whole),
-                          "computed_prompt_tokens": computed_prefix + len(whole) - len(prefix)}))
-    else:
-        print(text)
+expected = prefix if args.shared else None  # a shared prefix's token ids are not in our kv-store
+ctx = Context.open(name, expected) if prefix else None
+imported, computed_prefix = ctx is not None, 0
+if ctx is not None and ctx.tokens != prefix:  # a name given twice for different prefixes
     ctx.free()
-
-
-main()
+    raise ValueError(f"the prefix saved as {name!r} is not this prompt's prefix")
+if ctx is None:
+    ctx = Context()
+    if prefix:
+        ctx.fill_tokens(prefix)
+        ctx.flush()
+        computed_prefix = len(prefix)
+        if name in inferlet.saved_prefixes():  # another launch saved it meanwhile: use that one
+            ctx.free()
+            ctx, imported = Context.open(name, expected), True
+        else:
+            ctx.save(name, shared=args.shared)
+ctx.fill_tokens(whole[len(prefix):])
+text = ctx.generate(**args.generation())
+if args.json:
+    print(json.dumps({"text": text, "name": name, "imported": imported, "prefix_tokens": len(prefix),
+                      "prompt_tokens": len(whole), "computed_prompt_tokens": computed_prefix + len(whole) - len(prefix)}))
+else:
+    print(text)
+ctx.free()

@@ -31,10 +31,6 @@ import json
 import re
 
 import inferlet
-from inferlet import Context, Grammar
-from componentize_py_types import Err
-
-HTTP = inferlet.raw.http
 
 DESCRIPTIONS = {
     "calculator": "evaluates an arithmetic expression, e.g. calculator[2 * (3 + 4)]",
@@ -42,24 +38,6 @@ DESCRIPTIONS = {
     "finish": "gives the final answer, e.g. finish[42]",
 }
 MAX_OBSERVATION = 300  # characters of a tool reply kept in the transcript
-
-
-def call_tool(url, argument):
-    """The observation of one tool call: the reply's text, or what went wrong (never an exception)."""
-    try:
-        reply = HTTP.fetch(HTTP.Request(method="POST", url=url, headers=[("Content-Type", "text/plain")],
-                                        body=argument.encode()))
-    except Err as e:
-        return f"error: {e.value}"
-    text = bytes(reply.body).decode("utf-8", "replace").strip()
-    if reply.status >= 400:
-        return f"error: HTTP {reply.status} {text}"[:MAX_OBSERVATION]
-    return " ".join(text.split())[:MAX_OBSERVATION] or "(empty reply)"
-
-
-def action_grammar(names):
-    alternatives = "|".join(re.escape(n) for n in names)
-    return Grammar.regex(f"({alternatives})\\[[^\\]\\n]+\\]")
 
 
 def main():
@@ -76,85 +54,65 @@ def main():
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
+    base = args.tools_url.rstrip("/") if args.tools_url else None
+    specs = ([f"calculator={base}/calculator", f"lookup={base}/lookup"] if base else []) + args.tool
     tools = {}
-    if args.tools_url:
-        base = args.tools_url.rstrip("/")
-        tools.update({"calculator": f"{base}/calculator", "lookup": f"{base}/lookup"})
-    for spec in args.tool:
+    for spec in specs:
         name, sep, url = spec.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name == "finish":
             parser.error(f"--tool {spec!r}: expected NAME=URL (NAME a word other than finish)")
-        tools[name] = url
+        tools[name] = inferlet.http_tool(name, url, DESCRIPTIONS.get(name, "a tool at " + url))
     if not tools and not args.script:
         parser.error("no tools: give --tools-url or --tool NAME=URL")
-    script = []
-    for action in args.script:
-        m = re.fullmatch(r"\s*(\w+)\[(.*)\]\s*", action, re.S)
-        if m is None:
-            parser.error(f"--script {action!r}: expected tool[argument]")
-        script.append((m.group(1), m.group(2)))
+    script = [re.fullmatch(r"\s*(\w+)\[(.*)\]\s*", action, re.S) for action in args.script]
+    if None in script:
+        parser.error(f"--script {args.script[script.index(None)]!r}: expected tool[argument]")
 
-    listing = "\n".join(f"- {name}[...]: {DESCRIPTIONS.get(name, 'a tool at ' + url)}" for name, url in tools.items())
-    system = ("Answer the question by thinking step by step and using tools. Available actions:\n"
-              f"{listing}\n- finish[answer]: {DESCRIPTIONS['finish'].split(', e.g.')[0]}\n"
-              "Use exactly this format:\nThought: one line of reasoning\nAction: tool[argument]\n"
-              "Observation: the tool's reply\n... (repeat) ...\nThought: I know the answer\nAction: finish[answer]")
-    if args.guide:
-        system += "\n\n" + args.guide
-    ctx = Context()
-    ctx.fill(inferlet.chat_prompt([{"role": "system", "content": system},
-                                   {"role": "user", "content": args.question}]))
-    thought_grammar = Grammar.regex("[^\\n]+\\n")
-
-    def emit(line):
-        if not args.json:
-            print(line)
-
+    listing = "\n".join(f"- {name}[...]: {tool.description}" for name, tool in tools.items())
+    ctx = inferlet.Context()
+    ctx.system("Answer the question by thinking step by step and using tools. Available actions:\n"
+               f"{listing}\n- finish[answer]: gives the final answer\nUse exactly this format:\nThought: one line of "
+               "reasoning\nAction: tool[argument]\nObservation: the tool's reply\n... (repeat) ...\nThought: I know "
+               "the answer\nAction: finish[answer]" + ("\n\n" + args.guide if args.guide else ""))
+    ctx.user(args.question)
+    ctx.assistant()
     steps, answer, calls = [], None, 0
     for step in range(args.max_steps):
-        ctx.fill("Thought:")
-        thought = ctx.generate(max_tokens=args.thought_tokens, grammar=thought_grammar)
+        ctx += "Thought:"
+        thought = ctx.gen(max_tokens=args.thought_tokens, regex="[^\\n]+\\n")
         if not thought.endswith("\n"):  # cut off by the token limit
-            ctx.fill("\n")
-        thought = thought.strip()
-        emit(f"Thought: {thought}")
-        ctx.fill("Action: ")
+            ctx += "\n"
+        ctx += "Action: "
         if script:
-            name, argument = script.pop(0)
-            ctx.fill(f"{name}[{argument}]")
-        else:
-            last = step == args.max_steps - 1
-            allowed = ["finish"] if last else list(tools) + (["finish"] if calls >= args.min_tool_calls else [])
-            text = ctx.generate(max_tokens=args.action_tokens, grammar=action_grammar(allowed))
+            name, argument = script.pop(0).groups()
+            ctx += f"{name}[{argument}]"
+        else:  # the configured tools (finish once enough were called; only finish at the last step)
+            allowed = ["finish"] if step == args.max_steps - 1 else \
+                list(tools) + (["finish"] if calls >= args.min_tool_calls else [])
+            text = ctx.gen(max_tokens=args.action_tokens, regex=f"({'|'.join(map(re.escape, allowed))})\\[[^\\]\\n]+\\]")
             m = re.fullmatch(r"(\w+)\[(.*)\]", text, re.S)
+            name, argument = m.groups() if m else (allowed[0], text.partition("[")[2])
             if m is None:  # cut off by the token limit
-                name, argument = (allowed[0], text.partition("[")[2])
-                ctx.fill("]")
-            else:
-                name, argument = m.group(1), m.group(2)
-        emit(f"Action: {name}[{argument}]")
-        record = {"thought": thought, "action": name, "argument": argument, "observation": None}
-        steps.append(record)
+                ctx += "]"
+        steps.append({"thought": thought.strip(), "action": name, "argument": argument, "observation": None})
         if name == "finish":
             answer = argument.strip()
             break
-        if name in tools:
-            observation = call_tool(tools[name], argument)
-            calls += 1
-        else:
-            observation = f"error: no tool named {name!r}"
-        record["observation"] = observation
-        emit(f"Observation: {observation}")
-        ctx.fill(f"\nObservation: {observation}\n")
+        calls += name in tools
+        observation = tools[name](input=argument) if name in tools else f"error: no tool named {name!r}"
+        steps[-1]["observation"] = observation
+        ctx += f"\nObservation: {observation}\n"
     if answer is None:  # out of steps
-        ctx.fill("Answer:")
-        answer = ctx.generate(max_tokens=args.action_tokens, sampler=inferlet.greedy(), stop=["\n"]).strip()
+        ctx += "Answer:"
+        answer = ctx.gen(max_tokens=args.action_tokens, stop=["\n"]).strip()
     ctx.free()
     inferlet.set_return(answer)
     if args.json:
         print(json.dumps({"steps": steps, "answer": answer, "tool_calls": calls}))
-    else:
-        print(f"Answer: {answer}")
-
+        return
+    for s in steps:
+        print(f"Thought: {s['thought']}\nAction: {s['action']}[{s['argument']}]" +
+              ("" if s["observation"] is None else f"\nObservation: {s['observation']}"))
+    print(f"Answer: {answer}")
 
 main()

@@ -33,7 +33,7 @@ import json
 
 import inferlet
 from inferlet import Context
-from inferlet.branches import step_sampler, Branch, decode_all, score_yes_no, Trace
+from inferlet.branches import Trace, decode_all, score_yes_no, sprout
 
 
 # ---- tree of thought ----------------------------------------------------------------------------------
@@ -58,59 +58,38 @@ def main():
 
     trace = Trace()
     root = trace.add(Context(), "prompt")
-    root.fill(inferlet.chat_prompt([
-        {"role": "system", "content": "Solve the problem step by step, one short step per line."},
-        {"role": "user", "content": args.problem}]))
-    prompt_tokens = len(root.tokens)
-
-    kept = [root]
-    paths = {id(root): []}
-    levels = []
+    root.system("Solve the problem step by step, one short step per line.")
+    root.user(args.problem)
+    root.assistant()
+    prompt_tokens, kept, paths, levels = len(root.tokens), [root], {id(root): []}, []
     for depth in range(1, args.depth + 1):
-        # Each kept node runs its header and draws its children's first tokens in one pass.
-        proposals = []
+        proposals = []  # (parent, Branch): each kept node runs its header and draws its children's first tokens
         for node in kept:
-            node.fill(("" if depth == 1 else "\n") + f"Step {depth}:")
-            samplers = [inferlet.sample(args.temperature, seed=None if args.seed is None else
-                                        args.seed + len(proposals) * args.breadth + i)
-                        for i in range(args.breadth)]
-            outs = node.step([step_sampler(s, 0) for s in samplers])
-            for child, sampler, out in zip(trace.fork(node, args.breadth, f"step {depth}"), samplers, outs):
-                branch = Branch(child, sampler, args.step_tokens, stop=["\n"])
-                branch.accept([out])
-                proposals.append((node, branch))
+            node += ("" if depth == 1 else "\n") + f"Step {depth}:"
+            samplers = inferlet.samplers(args.breadth, args.temperature, args.seed,
+                                         first_seed_offset=len(proposals) * args.breadth)
+            proposals += [(node, b) for b in sprout(node, samplers, trace, f"step {depth}", args.step_tokens, ["\n"])]
         decode_all([b for _, b in proposals])
         scores = score_yes_no([b.ctx for _, b in proposals], QUESTION, trace)
         order = sorted(range(len(proposals)), key=lambda i: -scores[i])[:args.beam]
-        level = []
-        for i, ((parent, branch), score) in enumerate(zip(proposals, scores)):
-            level.append({"step": branch.text.strip(), "score": score, "kept": i in order,
-                          "parent": trace.node(parent)})
-            paths[id(branch.ctx)] = paths[id(parent)] + [branch.text.strip()]
-        levels.append(level)
-        for node in kept:
-            trace.close(node)
-        for i, (_, branch) in enumerate(proposals):
-            if i not in order:
-                trace.close(branch.ctx)
+        levels.append([{"step": b.text.strip(), "score": score, "kept": i in order, "parent": trace.node(parent)}
+                       for i, ((parent, b), score) in enumerate(zip(proposals, scores))])
+        for parent, b in proposals:
+            paths[id(b.ctx)] = paths[id(parent)] + [b.text.strip()]
+        for node in kept + [b.ctx for i, (_, b) in enumerate(proposals) if i not in order]:
+            trace.close(node)  # the expanded nodes and the children not kept
         kept = [proposals[i][1].ctx for i in order]
 
-    best = kept[0]
-    path = paths[id(best)]
-    best.fill("\nAnswer:")
-    answer = best.generate(max_tokens=args.answer_tokens, sampler=inferlet.greedy(), stop=["\n"]).strip()
+    kept[0] += "\nAnswer:"
+    answer, path = kept[0].gen(max_tokens=args.answer_tokens, stop=["\n"]).strip(), paths[id(kept[0])]
     if args.json:
         print(json.dumps({"prompt_tokens": prompt_tokens, "levels": levels, "path": path, "answer": answer,
                           **trace.report()}))
     else:
         for depth, level in enumerate(levels, 1):
-            print(f"Level {depth}:")
-            for entry in level:
-                print(f"  {'*' if entry['kept'] else ' '} [{entry['score']:.2f}] {entry['step']}")
-        print("Path:")
-        for depth, step in enumerate(path, 1):
-            print(f"  Step {depth}: {step}")
-        print(f"Answer: {answer}")
+            print(f"Level {depth}:\n" + "\n".join(f"  {'*' if e['kept'] else ' '} [{e['score']:.2f}] {e['step']}"
+                                                  for e in level))
+        print("Path:\n" + "".join(f"  Step {d}: {step}\n" for d, step in enumerate(path, 1)) + f"Answer: {answer}")
         trace.report()
 
 

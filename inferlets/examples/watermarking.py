@@ -59,9 +59,10 @@ if (args.prompt is None) == (args.detect is None):
 if args.temperature <= 0 or args.top_k < 1:
     parser.error("--temperature must be > 0 and --top-k >= 1")
 
-V = inferlet.model_facts().vocab_size
+V, M64 = inferlet.model_facts().vocab_size, (1 << 64) - 1
 GREEN = int(args.gamma * V)  # tokens t with pi(t) < GREEN are green
-M64 = (1 << 64) - 1
+BITS = max(2, (V - 1).bit_length() + ((V - 1).bit_length() & 1))  # even: two halves of BITS // 2 bits
+HALF, HMASK = BITS // 2, (1 << BITS // 2) - 1
 
 
 def splitmix64(x):
@@ -71,19 +72,12 @@ def splitmix64(x):
     return x ^ (x >> 31)
 
 
-BITS = max(2, (V - 1).bit_length() + ((V - 1).bit_length() & 1))  # even: two halves of BITS // 2 bits
-HALF = BITS // 2
-HMASK = (1 << HALF) - 1
-
-
 def round_keys(prev):
-    """The Feistel round keys of the permutation for previous token `prev`."""
-    h = splitmix64((args.key & M64) ^ splitmix64(prev + 1))
-    keys = []
+    """The 4 Feistel round keys of the permutation for previous token `prev` (derived from key and prev)."""
+    keys = [splitmix64((args.key & M64) ^ splitmix64(prev + 1))]
     for _ in range(4):
-        h = splitmix64(h)
-        keys.append(h)
-    return keys
+        keys.append(splitmix64(keys[-1]))
+    return keys[1:]
 
 
 def permute(t, keys):
@@ -97,54 +91,27 @@ def permute(t, keys):
             return t
 
 
-def is_green(prev, token, keys=None):
-    return permute(token, keys or round_keys(prev)) < GREEN
-
-
-def detect(tokens):
-    """(green count, scored count, z) of a token sequence."""
-    green = sum(is_green(a, b) for a, b in zip(tokens, tokens[1:]))
+def report(text, tokens):
+    """The text (or z-score), or with --json the counts: z = (g - gamma s) / sqrt(s gamma (1 - gamma))."""
     scored = max(len(tokens) - 1, 0)
-    if scored == 0:
-        return 0, 0, 0.0
-    z = (green - args.gamma * scored) / math.sqrt(scored * args.gamma * (1 - args.gamma))
-    return green, scored, z
+    green = sum(permute(b, round_keys(a)) < GREEN for a, b in zip(tokens, tokens[1:]))
+    z = (green - args.gamma * scored) / math.sqrt(scored * args.gamma * (1 - args.gamma)) if scored else 0.0
+    if args.json:
+        print(json.dumps({"text": text, "tokens": tokens, "green": green, "scored": scored, "z": z}))
+    else:
+        print(text if args.detect is None else f"{z:.4f}")
 
 
 if args.detect is not None:
-    tokens = inferlet.encode(args.detect, add_bos=False)
-    green, scored, z = detect(tokens)
-    if args.json:
-        print(json.dumps({"text": args.detect, "tokens": tokens, "green": green, "scored": scored, "z": z}))
-    else:
-        print(f"{z:.4f}")
+    report(args.detect, inferlet.encode(args.detect, add_bos=False))
     raise SystemExit(0)
-
-ctx = inferlet.Context()
-if args.raw or not inferlet.model_facts().has_chat_template:
-    ctx.fill_tokens(inferlet.encode(args.prompt if args.system is None else f"{args.system}\n\n{args.prompt}"))
-else:
-    messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
-               [{"role": "user", "content": args.prompt}]
-    ctx.fill(inferlet.chat_prompt(messages))
-rng = random.Random(args.seed)
-boost = math.exp(args.delta)
-eos = inferlet.model_facts().eos_ids
-sampler = inferlet.top_k_distribution(min(args.top_k, V), args.temperature)
-start = len(ctx.tokens)
-while len(ctx.tokens) - start < args.max_tokens:
-    out = ctx.step([sampler])[0]
+ctx, rng, boost = inferlet.StandardArgs(**vars(args)).context(), random.Random(args.seed), math.exp(args.delta)
+stopper = inferlet.Stopper(args.max_tokens, ignore_eos=args.ignore_eos)
+while not stopper.done:
+    out = ctx.step([inferlet.top_k_distribution(min(args.top_k, V), args.temperature)])[0]
     keys = round_keys(ctx.tokens[-1])
-    weights = [p * boost if permute(t, keys) < GREEN else p for t, p in zip(out.ids, out.values)]
-    token = rng.choices(out.ids, weights=weights)[0]
-    if token in eos and not args.ignore_eos:
-        break
-    ctx.tokens.append(token)
+    token = rng.choices(out.ids, weights=[p * boost if permute(t, keys) < GREEN else p for t, p in zip(out.ids, out.values)])[0]
+    stopper.push(token)  # EOS ends it (and is not part of the text) unless --ignore-eos
+    ctx.fill_tokens([token])
 ctx.free()
-generated = ctx.tokens[start:]
-text = inferlet.decode(generated)
-if args.json:
-    green, scored, z = detect(generated)
-    print(json.dumps({"text": text, "tokens": generated, "green": green, "scored": scored, "z": z}))
-else:
-    print(text)
+report(stopper.text, stopper.tokens)

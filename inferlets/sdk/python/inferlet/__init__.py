@@ -68,6 +68,80 @@ def instance_id() -> int:
     return runtime.instance_id()
 
 
+def num_free_pages() -> int:
+    """KV pages free in the pool now (the pages an instance holds: the count before minus the count now,
+    exact while no other instance allocates).
+
+    >>> before = inferlet.num_free_pages()
+    >>> held = before - inferlet.num_free_pages()
+    """
+    return kv.num_free_pages()
+
+
+def brle(flags: Sequence[bool]) -> list[int]:
+    """Run lengths of a boolean row, alternating True / False runs, starting with True (a leading False run
+    gives a first run of 0): the form of attention masks (attend first) and vocabulary masks (allowed first).
+
+    >>> inferlet.brle([True, True, False, True])
+    [2, 1, 1]
+    """
+    runs, current, count = [], True, 0
+    for flag in flags:
+        if flag != current:
+            runs.append(count)
+            current, count = flag, 0
+        count += 1
+    runs.append(count)
+    return runs
+
+
+class Subscription:
+    """Messages broadcast on a topic by any instance (of this server) since subscribing, in order.
+
+    >>> with inferlet.Subscription("swarm/results") as results:
+    ...     first = results.receive()
+    """
+
+    def __init__(self, topic: str):
+        self.topic, self.handle = topic, messaging.subscribe(topic)
+
+    def receive(self) -> str:
+        """The next message (blocks until one arrives)."""
+        return messaging.receive(self.handle)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            messaging.unsubscribe(self.handle)
+            self.handle = None
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def broadcast(topic: str, message: str) -> None:
+    """Sends `message` to every subscriber of `topic` (`Subscription`).
+
+    >>> inferlet.broadcast("swarm/join", str(inferlet.instance_id()))
+    """
+    messaging.broadcast(topic, message)
+
+
+class store:
+    """The client's key-value store, shared by its instances (strings to strings).
+
+    >>> inferlet.store.set("swarm/workers/7", "ready")
+    >>> inferlet.store.keys("swarm/workers/")
+    """
+
+    get = staticmethod(kv_store.get)  # key -> value or None
+    set = staticmethod(kv_store.set)  # (key, value)
+    delete = staticmethod(kv_store.delete)  # key -> whether it was there
+    keys = staticmethod(kv_store.list_keys)  # prefix -> the keys starting with it
+
+
 # ---- samplers ---------------------------------------------------------------------------------------
 
 Sampler = forward.Sampler
@@ -83,6 +157,18 @@ def sample(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: 
     if temperature == 0:
         return greedy()
     return forward.Sampler_Sample(forward.SampleParams(float(temperature), int(top_k), float(top_p), float(min_p), seed))
+
+
+def samplers(n: int, temperature: float = 1.0, seed: Optional[int] = None, *, first_seed_offset: int = 0,
+             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> list[Sampler]:
+    """n samplers of the same draw for n branches, branch i seeded with seed + first_seed_offset + i
+    (unseeded without a seed), so that seeded branches differ and a run repeats.
+
+    >>> samplers = inferlet.samplers(4, temperature=0.8, seed=1)
+    >>> [branch.gen(sampler=s) for branch, s in zip(ctx.fork(4), samplers)]
+    """
+    return [sample(temperature, top_k, top_p, min_p, None if seed is None else seed + first_seed_offset + i)
+            for i in range(n)]
 
 
 def top_k_distribution(k: int, temperature: float = 1.0) -> Sampler:
@@ -183,7 +269,56 @@ class _StopScanner:
         return any(text.find(s, scan_from) >= 0 for s in self.stop)
 
 
-class Context:
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to its first stop string (all of it if none occurs)."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+class Stopper:
+    """The end of a generation that this program decodes itself (its own sampling, drafts, a sliding
+    window): push each new token; `done` once EOS (not kept unless ignore_eos), a stop string (cut from
+    `text`) or max_tokens ended it, as `Context.generate` ends.
+
+    >>> stopper = inferlet.Stopper(max_tokens=32, stop=["\\n"])
+    >>> while not stopper.push(ctx.next_token()): ctx.fill_tokens([stopper.tokens[-1]])
+
+    Invariant: `tokens` are the kept tokens (EOS excluded); `text` is their decode, cut at the first stop
+    string once one occurred.
+    """
+
+    def __init__(self, max_tokens: int, stop: Sequence[str] = (), ignore_eos: bool = False):
+        self.max_tokens, self.stop, self.ignore_eos = max_tokens, list(stop), ignore_eos
+        self.tokens: list[int] = []
+        self.done = max_tokens <= 0
+        self._scanner = _StopScanner(self.stop) if self.stop else None
+        self._stopped = False  # ended by a stop string
+
+    def push(self, token: int) -> bool:
+        """Takes the next token (ignored once done); whether the generation has ended."""
+        if self.done:
+            return True
+        if token in model_facts().eos_ids and not self.ignore_eos:
+            self.done = True
+            return True
+        self.tokens.append(token)
+        if self._scanner is not None and self._scanner.push(token):
+            self.done = self._stopped = True
+        self.done = self.done or len(self.tokens) >= self.max_tokens
+        return self.done
+
+    @property
+    def text(self) -> str:
+        text = decode(self.tokens)
+        return _cut_at_stop(text, self.stop) if self._stopped else text
+
+
+from .roles import RoleBlocks  # noqa: E402  (mixins of Context: they use the helpers above)
+from .expressions import Expressions  # noqa: E402
+from .tools import Tool, ToolUse, http_tool, tool  # noqa: E402
+
+
+class Context(RoleBlocks, Expressions, ToolUse):
     """A token sequence and the KV pages that hold it.
 
     Invariants: `tokens[:num_cached]` have their K/V in `pages` (in order, page_size tokens per page);
@@ -195,12 +330,18 @@ class Context:
     instance without a cache scope finds and keeps nothing (docs/prefix_caching.md).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tools: Sequence[Tool] = ()) -> None:
+        """tools: what the prompt offers the model (tools.py: `gen_tool_calls`, `run_tools`)."""
         facts = model_facts()
         self.page_size = facts.page_size
         self.tokens: list[int] = []
         self.num_cached = 0
         self.pages: list[int] = []
+        self.messages: list[dict] = []  # role blocks (roles.py): the closed messages
+        self._rendered = ""  # ... the chat text they filled
+        self._open: Optional[tuple[str, int]] = None  # ... the open message: (role, where its content starts)
+        self.captures: dict[str, str] = {}  # expressions.py: named gen / select results
+        self.tools: list[Tool] = list(tools)  # tools.py
 
     # -- filling --
     def fill(self, text: str, add_bos: bool = False) -> None:
@@ -399,23 +540,105 @@ class Context:
         """The pages holding tokens[:num_cached] (the last one possibly partly filled)."""
         return self.pages[:-(-self.num_cached // self.page_size)]
 
-    def fork(self) -> "Context":
-        """A new context with the same tokens, sharing this one's KV pages (nothing is copied now; the
-        first pass that writes into the shared, partly filled last page gives the writer its own copy).
-        Pending tokens but the last are computed first, once, for both; the last stays pending in each
-        (its pass gives each fork its own next-token distribution). Free both."""
+    def _compute_all_but_last(self) -> None:
+        """Computes the pending tokens but the last (which stays pending: its pass gives the next token's
+        logits); with nothing pending, the last token is made pending again."""
+        if not self.tokens:
+            raise ValueError("Context: the context is empty (fill first)")
+        if self.num_cached >= len(self.tokens):
+            self.num_cached = len(self.tokens) - 1
         if self.num_cached < len(self.tokens) - 1:
             last = self.tokens.pop()
             try:
                 self.step([])
             finally:
                 self.tokens.append(last)
-        child = Context()
+
+    def _make_room(self, num_scratch: int) -> int:
+        """Before a pass of the pending tokens and `num_scratch` scratch tokens: at least one token pending
+        (the last one again if none), and no more than the pass can carry with the scratch (the rest is
+        computed first). Returns how many are pending."""
+        if not self.tokens:
+            raise ValueError("Context: the context is empty (fill first)")
+        if num_scratch + 1 > model_facts().max_batch_tokens:
+            raise ValueError(f"Context: {num_scratch} scratch tokens are more than one pass carries")
+        if self.num_cached >= len(self.tokens):
+            self.num_cached = len(self.tokens) - 1
+        self._adopt_cached_prefix()
+        if len(self.tokens) - self.num_cached + num_scratch > model_facts().max_batch_tokens:
+            self._compute_all_but_last()
+        return len(self.tokens) - self.num_cached
+
+    def _run_scratch(self, scratch: Sequence[int], scratch_positions: Sequence[int], mask: Sequence[Sequence[int]],
+                     output_indices: Sequence[int], samplers: Sequence[Sampler]) -> list:
+        """One pass over the pending tokens followed by `scratch` tokens, written into the slots after the
+        context's (call `_make_room` first). Afterwards the pending tokens count as computed and the
+        scratch slots are stale (later passes overwrite them). mask: [] (causal) or one BRLE row per input
+        over the len(tokens) + len(scratch) slots; output_indices: inputs (pending first) to sample at."""
+        start, num_tokens = self.num_cached, len(self.tokens)
+        inputs = self.tokens[start:] + list(scratch)
+        end = start + len(inputs)
+        self._reserve(end)
+        num_pages = -(-end // self.page_size)
+        outs = forward.wait(forward.submit(0, forward.ForwardPass(
+            tokens=inputs, input_embeddings=[], positions=list(range(start, num_tokens)) + list(scratch_positions),
+            pages=self.pages[:num_pages], last_page_len=end - (num_pages - 1) * self.page_size,
+            mask=[list(r) for r in mask], output_indices=list(output_indices), samplers=list(samplers),
+            output_masks=[])))
+        self.num_cached = num_tokens
+        if num_tokens - start > self.page_size:  # a prefill: its full pages go to the prefix cache
+            self._file_prefix(start)
+        return outs
+
+    def speculate(self, draft: Sequence[int], sampler: Optional[Sampler] = None) -> list[int]:
+        """Verifies a draft in one pass: runs the pending tokens and `draft`, drawing with `sampler`
+        (greedy) at the last pending token and after each draft token; returns those len(draft) + 1
+        tokens. The context keeps its tokens (the draft is not appended), now all computed; append the
+        accepted tokens, and the next pass overwrites the rejected ones' slots.
+
+        >>> model = ctx.speculate(draft)        # model[i]: the token after draft[:i]
+        >>> accepted = next((i for i, t in enumerate(draft) if t != model[i]), len(draft))
+        """
+        pending = self._make_room(len(draft))
+        n = len(self.tokens)
+        return [o.ids[0] for o in self._run_scratch(draft, range(n, n + len(draft)), [],
+                                                    range(pending - 1, pending + len(draft)),
+                                                    [sampler or greedy()] * (len(draft) + 1))]
+
+    def accept(self, draft: Sequence[int], model: Sequence[int]) -> list[int]:
+        """After `model = speculate(draft)`: appends the longest prefix of the draft that the model agrees
+        with and the model's own token after it (1 to len(draft) + 1 tokens, returned); the accepted draft
+        tokens' K/V, written by the verifying pass, count as computed.
+
+        >>> new = ctx.accept(draft, ctx.speculate(draft))
+        """
+        m = next((i for i, t in enumerate(draft) if t != model[i]), len(draft))
+        self.tokens += list(draft[:m]) + [model[m]]
+        self.num_cached += m
+        return list(draft[:m]) + [model[m]]
+
+    def fork(self, n: Optional[int] = None):
+        """A new context with the same tokens, sharing this one's KV pages (nothing is copied now; the
+        first pass that writes into the shared, partly filled last page gives the writer its own copy).
+        Pending tokens but the last are computed first, once, for both; the last stays pending in each
+        (its pass gives each fork its own next-token distribution). With `n`, a list of n forks. Role
+        blocks and captures are copied. Free every fork.
+
+        >>> a, b = ctx.fork(2)
+        >>> answers = inferlet.gen_all([a, b], max_tokens=32, temperature=0.8)
+        """
+        if n is not None:
+            return [self.fork() for _ in range(n)]
+        if self.num_cached < len(self.tokens) - 1:
+            self._compute_all_but_last()
+        child = Context(self.tools)
         child.tokens = list(self.tokens)
         cached = self._cached_pages()
         if cached:
             child.pages = list(kv.fork(cached))
             child.num_cached = self.num_cached
+        child.messages = [dict(m) for m in self.messages]
+        child._rendered, child._open, child.captures = self._rendered, self._open, dict(self.captures)
         return child
 
     def save(self, name: str, *, persistent: bool = True, shared: bool = False) -> None:
@@ -483,6 +706,15 @@ class Context:
 _PREFIX_KEY = "pie.prefix:"  # kv-store key of a saved prefix's token ids
 
 
+def saved_prefixes() -> list[str]:
+    """The names of the saved prefixes (exports) this instance can open.
+
+    >>> if "system-prompt" in inferlet.saved_prefixes():
+    ...     ctx = inferlet.Context.open("system-prompt")
+    """
+    return list(kv.list_exports())
+
+
 def prefix_keys(tokens: Sequence[int], page_size: int) -> list[str]:
     """One prefix cache key per full page of `tokens` (a partial last page has none): key i names the
     tokens of pages 0..i, a chain of SHA-256 over each page's token ids (32 hex digits, 128 bits)."""
@@ -498,7 +730,7 @@ def prefix_keys(tokens: Sequence[int], page_size: int) -> list[str]:
 # ---- grammars ---------------------------------------------------------------------------------------
 
 class Matcher:
-    """A grammar matcher on the host (xgrammar): the allowed next tokens and the grammar's state."""
+    """A grammar matcher on the host (llguidance): the allowed next tokens and the grammar's state."""
 
     def __init__(self, handle: int):
         self.handle = handle
@@ -699,3 +931,7 @@ class Chat:
 
     def free(self) -> None:
         self.ctx.free()
+
+
+from .parallel import gen_all, step_all  # noqa: E402  (use Context)
+from .standard_args import ArgParser, StandardArgs  # noqa: E402

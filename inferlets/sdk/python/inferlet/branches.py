@@ -5,6 +5,8 @@ tree / graph / skeleton / recursion of thought, prefix_tree).
 - `Branch` + `decode_all(branches)`: every live branch's pass submitted (one queue per branch) before any
   is waited on, so the server batches the branches into one forward pass per step;
 - `truncate(ctx, length)`: drops tokens and the pages only they used;
+- `sprout(node, samplers, trace, name, max_tokens, stop)`: one pass drawing each branch's first token, then
+  one fork of the node per branch;
 - `Trace`: which context was forked from which, and what each inherited and computed (for reports);
 - `score_yes_no(contexts, question, trace)`: a verifier's P(yes) for each context, all passes in flight;
 - `numbered_lines(ctx, count, max_tokens, sampler)`: a plan of numbered one-line items (grammar-bound).
@@ -127,6 +129,18 @@ def decode_all(branches):
             if b.queue is not None:
                 QUEUES.destroy(b.queue)
                 b.queue = None
+
+
+def sprout(node, samplers, trace, name, max_tokens, stop=()):
+    """Branches growing from `node`: one pass over its pending tokens draws every branch's first token (one
+    sampler each, at the node's last token), then the node is forked once per branch (recorded in `trace`
+    under `name`); returns the Branches, their first token taken, for `decode_all`."""
+    outs = node.step([step_sampler(s, 0) for s in samplers])
+    branches = []
+    for ctx, sampler, out in zip(trace.fork(node, len(samplers), name), samplers, outs):
+        branches.append(Branch(ctx, sampler, max_tokens, stop=stop))
+        branches[-1].accept([out])
+    return branches
 
 
 def truncate(ctx, length):

@@ -6,30 +6,10 @@ what it does and its arguments.
     main("attention_sink", with_sink=True)
 """
 
-import argparse
 import json
 
 import inferlet
 from inferlet import raw
-
-args = None  # the running inferlet's parsed arguments (set by main)
-
-
-def prompt_tokens():
-    if args.raw or not inferlet.model_facts().has_chat_template:
-        return inferlet.encode(args.prompt if args.system is None else f"{args.system}\n\n{args.prompt}")
-    messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
-               [{"role": "user", "content": args.prompt}]
-    return inferlet.encode(inferlet.chat_prompt(messages), add_bos=False)
-
-
-def step_sampler(step):
-    """The sampler of the step-th generated token (a seeded sampler derives one seed per step, as the
-    SDK's Context.generate does)."""
-    if args.temperature == 0:
-        return inferlet.greedy()
-    seed = None if args.seed is None else (args.seed * 1_000_003 + step) & 0x7FFF_FFFF_FFFF_FFFF
-    return inferlet.sample(args.temperature, args.top_k, args.top_p, args.min_p, seed)
 
 
 class Window:
@@ -70,7 +50,7 @@ class Window:
         # the position of every slot of the sequence (the last page is filled up to position n + T - 1)
         positions = [j * P + o for j in order for o in range(P) if j * P + o < n + T]
         hidden = any(p <= n + i and not self.visible(n + i, p) for i in range(T) for p in positions)
-        mask = [brle([p <= n + i and self.visible(n + i, p) for p in positions]) for i in range(T)] if hidden else []
+        mask = [inferlet.brle([p <= n + i and self.visible(n + i, p) for p in positions]) for i in range(T)] if hidden else []
         fwd = raw.forward.ForwardPass(
             tokens=list(tokens), input_embeddings=[], positions=list(range(n, n + T)),
             pages=[self.held[j] for j in order], last_page_len=(n + T - 1) % P + 1, mask=mask,
@@ -86,83 +66,36 @@ class Window:
         self.held = {}
 
 
-def brle(flags):
-    """Run lengths of a boolean row, alternating attend / hidden, starting with attend."""
-    runs, cur, count = [], True, 0
-    for f in flags:
-        if f != cur:
-            runs.append(count)
-            cur, count = f, 0
-        count += 1
-    runs.append(count)
-    return runs
-
-
 def main(prog: str, with_sink: bool) -> None:
     """Parses sys.argv, generates, prints the text. with_sink: --sink S keeps the first S tokens too."""
-    global args
-    parser = argparse.ArgumentParser(prog=prog)
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-tokens", type=int, default=256)
+    parser = inferlet.ArgParser(prog)
     parser.add_argument("--window", type=int, default=256, help="recent tokens every token attends to")
     if with_sink:
         parser.add_argument("--sink", type=int, default=4, help="first tokens every token attends to")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--system", default=None, help="system message")
-    parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    parser.add_argument("--ignore-eos", action="store_true", help="generate max-tokens tokens even past EOS")
     parser.add_argument("--stats", action="store_true", help="log page and pass counts to stderr")
     args = parser.parse_args()
     sink = args.sink if with_sink else 0
     if args.window < 1 or sink < 0:
         parser.error("--window must be >= 1 and --sink >= 0")
     win = Window(sink, args.window)
-    eos = inferlet.model_facts().eos_ids
-    prompt = prompt_tokens()
+    prompt = args.prompt_tokens()
     if not prompt:
         parser.error("the prompt has no tokens")
-    generated = []
-    text = None
-    if args.max_tokens <= 0:
-        text = ""
-    else:
-        # prefill: the first min(len, W) tokens at once, then page-aligned chunks of at most one page
-        first = min(len(prompt), args.window)
-        chunks = [prompt[:first]]
-        i = first
-        while i < len(prompt):
-            end = min(len(prompt), (i // win.P + 1) * win.P)
-            chunks.append(prompt[i:end])
-            i = end
-        for c in chunks[:-1]:
-            win.run(c)
-        pending = chunks[-1]
-        step = 0
-        while text is None:
-            token = win.run(pending, step_sampler(step)).ids[0]
-            step += 1
-            if token in eos and not args.ignore_eos:
-                text = inferlet.decode(generated)
-                break
-            generated.append(token)
-            if args.stop:
-                so_far = inferlet.decode(generated)
-                cut = min((k for k in (so_far.find(s) for s in args.stop) if k >= 0), default=-1)
-                if cut >= 0:
-                    text = so_far[:cut]
-                    break
-            if len(generated) >= args.max_tokens:
-                text = inferlet.decode(generated)
-                break
-            pending = [token]
+    stopper = inferlet.Stopper(args.max_tokens, args.stop, args.ignore_eos)
+    # prefill: the first min(len, W) tokens at once, then page-aligned chunks of at most one page
+    first = min(len(prompt), args.window)
+    cuts = [0] + [c for c in range(first, len(prompt)) if c == first or c % win.P == 0] + [len(prompt)]
+    chunks = [prompt[a:b] for a, b in zip(cuts, cuts[1:])]
+    for chunk in chunks[:-1] if not stopper.done else ():
+        win.run(chunk)
+    pending = chunks[-1]
+    while not stopper.done:
+        token = win.run(pending, inferlet.step_sampler(args.sampler(), len(stopper.tokens))).ids[0]
+        stopper.push(token)
+        pending = [token]
     win.free()
-    print(text)
+    print(stopper.text)
     if args.stats:
-        inferlet.log(json.dumps({"passes": win.passes, "generated": len(generated), "max_pages_held": win.max_held,
+        inferlet.log(json.dumps({"passes": win.passes, "generated": len(stopper.tokens), "max_pages_held": win.max_held,
                                  "max_pages_in_use": win.max_in_use, "pages_freed": win.freed, "bound": win.bound,
                                  "prompt_tokens": len(prompt)}))
