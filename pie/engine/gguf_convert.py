@@ -2,7 +2,11 @@
 dequantized), tokenizer.json, tokenizer_config.json (special tokens, chat template).
 
 llama.cpp stores the Llama family's q/k projection rows permuted for its RoPE layout; they are
-put back into HuggingFace order here (Qwen's are stored unpermuted).
+put back into HuggingFace order here (Qwen's and OLMo 2's are stored unpermuted). Experts are stored
+stacked, one (E, ...) tensor per projection; they are split into HF's per-expert tensors.
+
+Gemma 2/3, Phi-3 and Mixtral GGUFs are not converted: llama.cpp writes them with a SentencePiece
+tokenizer ("llama"), which this converter does not rebuild; their HuggingFace folders load directly.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from pie.engine.config import UnsupportedModelError
+from pie.engine.config import UnsupportedModelError, supported_families
 
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                      "olmo2": "Olmo2ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
+                      "qwen3moe": "Qwen3MoeForCausalLM"}
+# whether the chosen experts' weights are renormalised (llama.cpp fixes it per architecture)
+_NORMALIZED_EXPERT_WEIGHTS = {"qwen2moe": False, "qwen3moe": True}
 
 # GGUF tensor name -> HF tensor name ({i} = layer)
 _LAYER_TENSORS = {
@@ -34,6 +42,16 @@ _LAYER_TENSORS = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",  # OLMo 2 (its only norms: no attn/ffn_norm)
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",  # the router, (E, H)
+    "ffn_gate_exps.weight": "mlp.experts.{j}.gate_proj.weight",  # (E, I, H), split per expert
+    "ffn_up_exps.weight": "mlp.experts.{j}.up_proj.weight",
+    "ffn_down_exps.weight": "mlp.experts.{j}.down_proj.weight",  # (E, H, I)
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",  # (1, H)
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
 }
 _GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                    "output.weight": "lm_head.weight"}
@@ -64,7 +82,8 @@ def hf_config(reader) -> dict[str, Any]:
     arch = _field(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported "
-                                    f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
+                                    f"(supported: {', '.join(GGUF_ARCHITECTURES)}); for other families "
+                                    f"({supported_families()}) register the HuggingFace folder instead")
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise UnsupportedModelError("GGUF with a rope_freqs tensor (Llama 3.1+ rope scaling) is not supported; "
@@ -84,7 +103,8 @@ def hf_config(reader) -> dict[str, Any]:
         "model_type": arch,
         "vocab_size": int(_field(reader, f"{arch}.vocab_size", len(tokens))),
         "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
+        "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length", 0)
+                                 or need("expert_feed_forward_length")),
         "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": num_heads,
         "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", num_heads)),
@@ -98,6 +118,16 @@ def hf_config(reader) -> dict[str, Any]:
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
     }
+    expert_count = int(_field(reader, f"{arch}.expert_count", 0) or 0)
+    if expert_count:
+        config.update(
+            num_experts=expert_count,
+            num_experts_per_tok=int(need("expert_used_count")),
+            moe_intermediate_size=int(need("expert_feed_forward_length")),
+            shared_expert_intermediate_size=int(_field(reader, f"{arch}.expert_shared_feed_forward_length", 0)),
+            norm_topk_prob=bool(_field(reader, f"{arch}.expert_weights_norm", _NORMALIZED_EXPERT_WEIGHTS.get(arch))),
+            # layers without a router keep a dense MLP
+            mlp_only_layers=[i for i in range(config["num_hidden_layers"]) if f"blk.{i}.ffn_gate_inp.weight" not in names])
     scaling = _field(reader, f"{arch}.rope.scaling.type")
     if scaling == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
@@ -139,7 +169,13 @@ def convert_tensors(reader, config: dict[str, Any], progress: bool = True) -> di
             w = _unpermute(w, config["num_attention_heads"])
         elif permuted and name.endswith("k_proj.weight"):
             w = _unpermute(w, config["num_key_value_heads"])
-        out[name] = w
+        if "{j}" in name:  # (E, ...) stacked experts
+            for j, expert in enumerate(w):
+                out[name.format(j=j)] = np.ascontiguousarray(expert)
+        elif name.endswith("shared_expert_gate.weight"):
+            out[name] = w.reshape(1, -1)
+        else:
+            out[name] = w
     return out
 
 

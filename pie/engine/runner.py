@@ -63,7 +63,7 @@ class ModelRunner:
             from pie.engine.device_sampling import DeviceSampling
 
             self.device_sampling = DeviceSampling(self.sampling)
-            if engine_config.cuda_graphs:
+            if engine_config.cuda_graphs and not model_config.is_moe:  # routing reads expert counts on the host
                 from pie.engine.cuda_graphs import DecodeGraphs
 
                 self.cuda_graphs = DecodeGraphs(self.model, self.attention)
@@ -95,7 +95,7 @@ class ModelRunner:
     @torch.inference_mode()
     def embed_tokens(self, token_ids: list[int]) -> torch.Tensor:
         """(T, hidden_size) input embeddings of the tokens (what a pass over them would embed)."""
-        return self.model.embed[torch.tensor(token_ids, dtype=torch.int64)].clone()
+        return self.model.embed_tokens(torch.tensor(token_ids, dtype=torch.int64, device=self.model.device)).clone()
 
     # ---- checking ---------------------------------------------------------------------------
     def validate(self, request: ForwardRequest, index: int = 0) -> None:

@@ -23,6 +23,16 @@ HF_TO_GGUF = {
 }
 
 
+# OLMo 2's norms sit after attention and MLP; llama.cpp names them apart from the pre-norms
+OLMO2_TO_GGUF = {"post_attention_layernorm.weight": "post_attention_norm.weight",
+                 "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
+MOE_TO_GGUF = {"mlp.gate.weight": "ffn_gate_inp.weight", "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+               "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+               "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+               "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+               "mlp.experts.down_proj": "ffn_down_exps.weight"}
+
+
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -41,6 +51,12 @@ def write_gguf(path, hf, cfg: dict, arch: str) -> None:
     w.add_rope_freq_base(float(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
+    if cfg.get("num_experts") or cfg.get("num_local_experts"):
+        w.add_expert_count(cfg.get("num_experts") or cfg["num_local_experts"])
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        if cfg.get("shared_expert_intermediate_size"):
+            w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
     tokens = [f"<t{i}>" for i in range(cfg["vocab_size"] - 2)] + ["<|im_start|>", "<|im_end|>"]
     w.add_tokenizer_model("gpt2")
     w.add_token_list(tokens)
@@ -58,9 +74,16 @@ def write_gguf(path, hf, cfg: dict, arch: str) -> None:
             gname = "token_embd.weight"
         elif name == "model.norm.weight":
             gname = "output_norm.weight"
+        elif name.endswith("mlp.experts.gate_up_proj"):  # (E, 2I, H): llama.cpp stacks gate and up apart
+            layer = name.split(".")[2]
+            gate, up = np.split(a, 2, axis=1)
+            w.add_tensor(f"blk.{layer}.ffn_gate_exps.weight", np.ascontiguousarray(gate))
+            w.add_tensor(f"blk.{layer}.ffn_up_exps.weight", np.ascontiguousarray(up))
+            continue
         else:
             layer, rest = name[len("model.layers."):].split(".", 1)
-            gname = f"blk.{layer}.{HF_TO_GGUF[rest]}"
+            table = {**HF_TO_GGUF, **MOE_TO_GGUF, **(OLMO2_TO_GGUF if arch == "olmo2" else {})}
+            gname = f"blk.{layer}.{table[rest]}"
             if arch == "llama" and rest == "self_attn.q_proj.weight":
                 a = llama_cpp_permute(a, cfg["num_attention_heads"])
             elif arch == "llama" and rest == "self_attn.k_proj.weight":
@@ -72,7 +95,8 @@ def write_gguf(path, hf, cfg: dict, arch: str) -> None:
     w.close()
 
 
-@pytest.mark.parametrize("family,arch", [("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")])
+@pytest.mark.parametrize("family,arch", [("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"),
+                                         ("olmo2", "olmo2"), ("qwen2_moe", "qwen2moe"), ("qwen3_moe", "qwen3moe")])
 def test_converted_tiny_gguf_matches_hf(tmp_path, family, arch):
     hf, cfg = tiny_hf_model(family)
     gguf_file = tmp_path / "tiny.gguf"

@@ -5,13 +5,20 @@ batched == alone."""
 import pytest
 import torch
 
-from pie.engine.batch import ForwardRequest, RawLogits
+from pie.engine.batch import ForwardRequest, Greedy, RawLogits
 from pie.engine.config import EngineConfig, ModelConfig
 from pie.engine.runner import ModelRunner
-from tiny_models import tiny_hf_model
+from pie.engine.kernels import decode_attention_supported
+from tiny_models import ARCHS, tiny_hf_model
 
-ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 TOL = 1e-4
+# family -> (q/k/v bias, q/k norm, norm layout, experts per token)
+FAMILY_SETTINGS = {
+    "llama": (False, None, "pre", 0), "qwen2": (True, None, "pre", 0), "qwen3": (False, "per_head", "pre", 0),
+    "olmo2": (False, "whole", "post", 0), "gemma2": (False, None, "sandwich", 0),
+    "gemma3": (False, "per_head", "sandwich", 0), "phi3": (False, None, "pre", 0), "mixtral": (False, None, "pre", 2),
+    "qwen2_moe": (True, None, "pre", 2), "qwen3_moe": (False, "per_head", "pre", 3),
+}
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -38,8 +45,7 @@ def seq_request(ids, start, pages, page_size, outputs="all"):
 def test_config_matches_family(pair):
     hf, runner = pair
     cfg = runner.model_config
-    assert cfg.attention_bias == (cfg.family == "qwen2")
-    assert cfg.qk_norm == (cfg.family == "qwen3")
+    assert (cfg.attention_bias, cfg.qk_norm, cfg.norm_layout, cfg.num_experts_per_token) == FAMILY_SETTINGS[cfg.family]
 
 
 def test_prefill_matches_hf(pair):
@@ -53,7 +59,7 @@ def test_prefill_matches_hf(pair):
 @pytest.mark.parametrize("decode_kernel", [True, False], ids=["decode-kernel", "padded-sdpa"])
 def test_decode_token_by_token_matches_hf(pair, decode_kernel):
     hf, runner = pair
-    if decode_kernel and not runner.use_decode_kernel:
+    if decode_kernel and not decode_attention_supported(torch.float32, "cpu"):
         pytest.skip("no decode kernel on this CPU")
     ids = torch.randint(0, 211, (23,), generator=torch.Generator().manual_seed(2)).tolist()
     ref = hf_logits(hf, ids)
@@ -97,6 +103,23 @@ def test_mixed_batch_matches_hf_and_alone(pair):
     for k, req in enumerate(batch):
         [alone] = runner.execute([req])
         assert (torch.stack(alone.outputs) - torch.stack(results[k].outputs)).abs().max().item() <= 1e-5
+
+
+def test_greedy_tokens_match_hf(pair):
+    """Greedy decoding, one token per pass over scattered pages, gives HF's greedy tokens (HF recomputes
+    the whole sequence at every step)."""
+    hf, runner = pair
+    ids = torch.randint(0, 211, (11,), generator=torch.Generator().manual_seed(7)).tolist()
+    want = list(ids)
+    for _ in range(14):
+        want.append(int(hf_logits(hf, want)[-1].argmax()))
+    pages = [71, 2, 55, 19, 38, 6, 90]
+    got = list(ids)
+    [res] = runner.execute([seq_request(got, 0, pages, 4, outputs=[(len(got) - 1, Greedy())])])
+    for _ in range(14):
+        got.append(res.outputs[0])
+        [res] = runner.execute([seq_request(got, len(got) - 1, pages, 4, outputs=[(0, Greedy())])])
+    assert got == want
 
 
 def test_paged_equals_contiguous(pair):

@@ -29,8 +29,8 @@ class AttentionBackend(ABC):
         self.cache = cache
         self.ops = ops  # norms and linear layers of the layer loop on this backend
         self.device = cache.k.device
-        self.scale = config.head_dim ** -0.5  # softmax scale
-        self.inv_freq = config.rope.inverse_frequencies(config.head_dim).to(self.device)  # (D/2,) float32
+        self.scale = config.softmax_scale
+        self.inv_freq = config.rope.inverse_frequencies(config.head_dim).to(self.device)  # (D/2,) float32 of config.rope (one table for every layer)
 
     @abstractmethod
     def plan(self, batch: RaggedBatch) -> Any:

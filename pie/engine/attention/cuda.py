@@ -22,7 +22,7 @@ import torch
 from pie.engine import cuda_ops
 from pie.engine.attention.base import AttentionBackend
 from pie.engine.attention.sdpa_prefill import SdpaPrefillGroup, plan_sdpa_prefill, sdpa_prefill_attention
-from pie.engine.config import ModelConfig
+from pie.engine.config import ModelConfig, UnsupportedModelError
 from pie.engine.cuda_ops import PagedAttentionPlan
 from pie.engine.kv_cache import PagedKVCache, sequence_slots
 from pie.engine.layer_ops import CudaLayerOps
@@ -31,6 +31,22 @@ from pie.engine.ragged_batch import BrleRows, RaggedBatch
 # Fresh causal requests at least this long run through SDPA; shorter ones fit one prefill tile of the
 # kernel (PREFILL_TILE rows), where one launch for all of them beats a few torch ops per request.
 MIN_SDPA_PREFILL_TOKENS = 128
+
+
+def kernel_unsupported_features(config: ModelConfig) -> list[str]:
+    """The model's features that the kernels (one RoPE table, one window for every layer, plain softmax)
+    do not compute; the PyTorch backend computes them all."""
+    features = []
+    if config.attn_logit_softcap is not None:
+        features.append("attention logit soft-capping")
+    windows = {config.layer_window(i) for i in range(config.num_layers)}
+    if len(windows) > 1:
+        features.append("sliding windows on some layers only")
+    if config.local_rope is not None:
+        features.append("a separate RoPE for the sliding-window layers")
+    if config.rope.kind == "longrope" or config.rope.attention_factor != 1.0:
+        features.append("LongRoPE scaling (per-sequence factors, scaled cos/sin)")
+    return features
 
 
 def cuda_unsupported_reason(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> str | None:
@@ -44,6 +60,9 @@ def cuda_unsupported_reason(config: ModelConfig, dtype: torch.dtype, device: tor
         return f"dtype {dtype} (the CUDA kernels take float16 or bfloat16)"
     if config.head_dim not in (64, 128):
         return f"head_dim {config.head_dim} (the CUDA kernels take 64 or 128)"
+    features = kernel_unsupported_features(config)
+    if features:
+        return f"the CUDA kernels do not compute {', '.join(features)} ({config.architecture})"
     return None
 
 
@@ -72,6 +91,10 @@ class CudaAttention(AttentionBackend):
 
     def __init__(self, config: ModelConfig, cache: PagedKVCache, *, kernels=cuda_ops,
                  min_sdpa_prefill_tokens: int | None = MIN_SDPA_PREFILL_TOKENS):
+        features = kernel_unsupported_features(config)
+        if features:
+            raise UnsupportedModelError(f"the CUDA attention backend does not compute {', '.join(features)} "
+                                        f"({config.architecture}); use the PyTorch backend (cuda_kernels=False)")
         super().__init__(config, cache, CudaLayerOps(kernels))
         self.kernels = kernels
         self.min_sdpa_prefill_tokens = min_sdpa_prefill_tokens
