@@ -215,17 +215,28 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_model_add(args: argparse.Namespace) -> int:
     from pie.engine.model_store import ModelStore
 
-    entry = ModelStore().add(args.spec, name=args.name)
+    entry = ModelStore().add(args.spec, name=args.name, keep_quantized=args.keep_quantized)
     print(f"{entry.name}: {entry.architecture} at {entry.path}")
     return 0
 
 
+def cmd_model_add_adapter(args: argparse.Namespace) -> int:
+    from pie.engine.adapter_store import AdapterStore
+
+    entry = AdapterStore().add(args.path, name=args.name, base=args.base)
+    print(f"{entry.name}: LoRA rank {entry.rank} adapter of {entry.base} at {entry.path}")
+    return 0
+
+
 def cmd_model_list(args: argparse.Namespace) -> int:
+    from pie.engine.adapter_store import AdapterStore
     from pie.engine.model_store import KNOWN_MODELS, ModelStore
 
     entries = ModelStore().list()
     for e in entries:
         print(f"{e.name}\t{e.architecture}\t{e.size_bytes / 2**20:.0f} MiB\t{e.source}")
+    for a in AdapterStore().list():
+        print(f"{a.name}\tLoRA adapter of {a.base}\trank {a.rank}\t{a.source}")
     missing = [n for n in KNOWN_MODELS if n not in {e.name for e in entries}]
     if missing:
         print(f"(known, not added yet: {', '.join(missing)})", file=sys.stderr)
@@ -306,8 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
     a = msub.add_parser("add", help="add a known model, a HuggingFace folder or a .gguf file")
     a.add_argument("spec")
     a.add_argument("--name", default=None)
+    a.add_argument("--keep-quantized", action="store_true",
+                   help="keep a GGUF's quantized linear layers packed (CPU kernels multiply them so; today slower "
+                        "than the default, float32)")
     a.set_defaults(func=cmd_model_add)
-    ls = msub.add_parser("list", help="list added models")
+    aa = msub.add_parser("add-adapter", help="register a PEFT LoRA adapter folder for a base model",
+                         usage="pie model add-adapter PATH --name N [--base MODEL]")
+    aa.add_argument("path", metavar="PATH", help="a PEFT LoRA folder (adapter_config.json, adapter_model.safetensors)")
+    aa.add_argument("--name", required=True, help="its name (what /v1 `model` and inferlets select it by)")
+    aa.add_argument("--base", default="smollm2-135m", help="the base model it adapts (default smollm2-135m)")
+    aa.set_defaults(func=cmd_model_add_adapter)
+    ls = msub.add_parser("list", help="list added models and adapters")
     ls.set_defaults(func=cmd_model_list)
     rm = msub.add_parser("remove", help="remove a model from the cache")
     rm.add_argument("name")

@@ -72,3 +72,30 @@ def tiny_hf_model(arch: str, seed: int = 0):
                 p.normal_(0, 1.0)
     model.eval()
     return model, cfg.to_dict()
+
+
+# Tiny LoRA adapters: (rank, lora_alpha, target modules, rslora), different enough that a mix-up shows
+TINY_ADAPTERS = {
+    "a1": (4, 8, ["q_proj", "v_proj"], False),
+    "a2": (8, 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], True),
+    "a3": (2, 3, ["k_proj", "o_proj", "gate_proj", "down_proj"], False),
+}
+
+
+def tiny_lora_adapter(hf_model, out_dir, name: str, seed: int = 0) -> None:
+    """Saves a random PEFT LoRA adapter (TINY_ADAPTERS[name]) of hf_model to out_dir with save_pretrained:
+    A and B both random (PEFT's default B is zero, which would test nothing). hf_model is not changed."""
+    import copy
+
+    import peft
+
+    rank, alpha, targets, rslora = TINY_ADAPTERS[name]
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora,
+                             lora_dropout=0.0, init_lora_weights=False)
+    model = peft.get_peft_model(copy.deepcopy(hf_model), config)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_" in pname:
+                p.normal_(0, 0.2)
+    model.save_pretrained(out_dir)

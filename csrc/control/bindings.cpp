@@ -586,17 +586,20 @@ PYBIND11_MODULE(_control, m) {
 
   py::class_<ForwardLimits>(m, "ForwardLimits", "What forward commands are checked against (the model and engine).")
       .def(py::init([](uint32_t vocab_size, uint32_t page_size, uint32_t num_pages, uint32_t max_tokens,
-                       uint32_t num_embed_slots, uint32_t max_position) {
-             return ForwardLimits{vocab_size, page_size, num_pages, max_tokens, num_embed_slots, max_position};
+                       uint32_t num_embed_slots, uint32_t max_position, uint32_t num_adapters) {
+             if (num_adapters == 0) throw std::invalid_argument("num_adapters: at least 1 (index 0 = no adapter)");
+             return ForwardLimits{vocab_size, page_size, num_pages, max_tokens, num_embed_slots, max_position,
+                                  num_adapters};
            }),
            py::arg("vocab_size"), py::arg("page_size"), py::arg("num_pages"), py::arg("max_tokens"),
-           py::arg("num_embed_slots") = 0u, py::arg("max_position") = 0u)
+           py::arg("num_embed_slots") = 0u, py::arg("max_position") = 0u, py::arg("num_adapters") = 1u)
       .def_readonly("vocab_size", &ForwardLimits::vocab_size)
       .def_readonly("page_size", &ForwardLimits::page_size)
       .def_readonly("num_pages", &ForwardLimits::num_pages)
       .def_readonly("max_tokens", &ForwardLimits::max_tokens)
       .def_readonly("num_embed_slots", &ForwardLimits::num_embed_slots)
-      .def_readonly("max_position", &ForwardLimits::max_position);
+      .def_readonly("max_position", &ForwardLimits::max_position)
+      .def_readonly("num_adapters", &ForwardLimits::num_adapters);
 
   py::class_<ForwardCommand, std::shared_ptr<ForwardCommand>>(
       m, "ForwardCommand",
@@ -605,8 +608,9 @@ PYBIND11_MODULE(_control, m) {
       .def(py::init([](std::vector<uint32_t> token_ids, std::vector<uint32_t> positions,
                        std::vector<uint32_t> kv_page_ids, uint32_t kv_last_page_len,
                        std::optional<std::vector<std::vector<uint32_t>>> mask, std::vector<ForwardOutput> outputs,
-                       std::optional<std::vector<uint32_t>> embed_slots) {
+                       std::optional<std::vector<uint32_t>> embed_slots, uint32_t adapter) {
              auto c = std::make_shared<ForwardCommand>();
+             c->adapter = adapter;
              c->token_ids = std::move(token_ids);
              c->positions = std::move(positions);
              c->kv_page_ids = std::move(kv_page_ids);
@@ -618,8 +622,9 @@ PYBIND11_MODULE(_control, m) {
            }),
            py::arg("token_ids"), py::arg("positions"), py::arg("kv_page_ids"), py::arg("kv_last_page_len"),
            py::arg("mask") = py::none(), py::arg("outputs") = std::vector<ForwardOutput>{},
-           py::arg("embed_slots") = py::none())
+           py::arg("embed_slots") = py::none(), py::arg("adapter") = 0u)
       .def_readwrite("token_ids", &ForwardCommand::token_ids)
+      .def_readwrite("adapter", &ForwardCommand::adapter, "The runner's LoRA adapter, 0 = none")
       .def_readwrite("positions", &ForwardCommand::positions)
       .def_readwrite("kv_page_ids", &ForwardCommand::kv_page_ids)
       .def_readwrite("kv_last_page_len", &ForwardCommand::kv_last_page_len)
@@ -1096,7 +1101,7 @@ PYBIND11_MODULE(_control, m) {
              std::vector<uint32_t> pending, uint32_t num_cached, std::vector<uint32_t> handles, const Sampler& sampler,
              uint32_t max_tokens, std::vector<uint32_t> eos_ids, std::vector<std::vector<uint32_t>> stop_tokens,
              std::vector<std::string> stop_strings, uint32_t top_logprobs, std::shared_ptr<TokenBytes> token_bytes,
-             py::object grammar, std::vector<uint32_t> first_mask, py::object page_masks) {
+             py::object grammar, std::vector<uint32_t> first_mask, py::object page_masks, uint32_t adapter) {
             PagePoolHandle& pool = pool_object.cast<PagePoolHandle&>();
             StreamSpec spec;
             spec.instance_id = instance_id;
@@ -1110,6 +1115,7 @@ PYBIND11_MODULE(_control, m) {
             spec.stop_strings = std::move(stop_strings);
             spec.top_logprobs = top_logprobs;
             spec.first_mask = std::move(first_mask);
+            spec.adapter = adapter;
             StreamHooks hooks = python_stream_hooks(pool_object, pool, grammar, page_masks);
             std::shared_ptr<PagePool> shared_pool = pool.pool;
             return GenerationStream::start(std::move(spec), std::move(queue), std::move(shared_pool), limits,
@@ -1121,6 +1127,7 @@ PYBIND11_MODULE(_control, m) {
           py::arg("stop_strings") = std::vector<std::string>{}, py::arg("top_logprobs") = 0,
           py::arg("token_bytes") = nullptr, py::arg("grammar") = py::none(),
           py::arg("first_mask") = std::vector<uint32_t>{}, py::arg("page_masks") = py::none(),
+          py::arg("adapter") = 0u,
           "Starts a stream on `queue` over the instance's pages in `pool` and submits its first pass. "
           "grammar(token) -> (accepted, terminated, next_mask); page_masks(handles, kv_len, t) -> mask rows or None.")
       .def(

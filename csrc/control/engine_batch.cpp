@@ -104,7 +104,8 @@ void bind_engine_batch(py::module_& m) {
         int64_t* page_out = page_ids.mutable_data();
         int64_t* page_bounds = page_indptr.mutable_data();
         page_bounds[0] = 0;
-        py::list mask_rows, mask_runs, embed_slots;
+        py::list mask_rows, mask_runs, embed_slots, adapters(num_commands);
+        bool any_adapter = false;
         py::array_t<int64_t> write_slots(static_cast<py::ssize_t>(num_tokens));
         int64_t* slots = write_slots.mutable_data();
         size_t row = 0, out = 0;
@@ -127,6 +128,8 @@ void bind_engine_batch(py::module_& m) {
           page_out = std::copy(c.kv_page_ids.begin(), c.kv_page_ids.end(), page_out);
           page_bounds[r + 1] = page_bounds[r] + int64_t(c.kv_page_ids.size());
           last_page_len[r] = py::int_(c.kv_last_page_len);
+          adapters[r] = py::int_(c.adapter);
+          any_adapter = any_adapter || c.adapter != 0;
           masks[r] = c.mask.empty() ? py::object(py::none()) : py::cast(c.mask);
           if (!c.embed_slots.empty()) embed_slots.append(py::make_tuple(row, int_list(c.embed_slots)));
           for (const ForwardOutput& o : c.outputs) {
@@ -154,6 +157,7 @@ void bind_engine_batch(py::module_& m) {
         fields["samplers"] = samplers;
         fields["output_mask_rows"] = mask_rows;
         fields["output_mask_runs"] = mask_runs;
+        fields["adapters"] = any_adapter ? py::object(adapters) : py::object(py::none());
         fields["embed_slots"] = py::len(embed_slots) ? py::object(embed_slots) : py::object(py::none());
         return fields;
       },

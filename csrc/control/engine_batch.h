@@ -10,7 +10,8 @@
 //   qo_lens (R,), page_ids (P,) and page_indptr (R+1,) int64 numpy (the flat page table),
 //   last_page_len (R,), masks (R,) BRLE rows or None, output_rows (M,),
 //   samplers (M,) (`greedy` for every greedy output, else to_sampler(pie.control.Sampler)),
-//   output_mask_rows (K,) / output_mask_runs (K,) for the outputs with a vocabulary mask, and
+//   output_mask_rows (K,) / output_mask_runs (K,) for the outputs with a vocabulary mask,
+//   adapters: None when no command names a LoRA adapter, else (R,) each command's adapter (0: none), and
 //   embed_slots: None, or (row, slots) per command that reads input embeddings.
 // write_batch_outputs(commands, outputs): the (M,) engine outputs, in the same order, into each command's
 //   results (as ForwardCommand.write_outputs, one command after the other); unpins their pages.

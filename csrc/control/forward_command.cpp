@@ -52,7 +52,7 @@ std::optional<std::string> check_vocab_mask(const std::vector<uint32_t>& runs, u
 }  // namespace
 
 // Every field of ForwardCommand is reset below: one added must be added there too (this fails then).
-static_assert(sizeof(void*) != 8 || sizeof(ForwardCommand) == 216, "ForwardCommand changed: update reset()");
+static_assert(sizeof(void*) != 8 || sizeof(ForwardCommand) == 224, "ForwardCommand changed: update reset()");
 
 void ForwardCommand::reset() {
   token_ids.clear();
@@ -62,6 +62,7 @@ void ForwardCommand::reset() {
   mask.clear();
   embed_slots.clear();
   outputs.clear();
+  adapter = 0;
   results.clear();
   pins.reset();
   batch_size = batch_tokens = 0;
@@ -112,6 +113,9 @@ std::optional<ForwardError> check_forward(const ForwardCommand& c, const Forward
         return fail(F::kMask, int64_t(i), "runs add up to " + str(sum) + ", not the sequence length " + str(kv_len));
     }
   }
+  if (c.adapter >= limits.num_adapters)
+    return fail(F::kAdapter, -1, str(c.adapter) + " is not a loaded adapter (0 = none, 1.." +
+                                     str(limits.num_adapters - 1) + ")");
   for (size_t j = 0; j < c.outputs.size(); ++j) {
     const ForwardOutput& o = c.outputs[j];
     if (o.index >= t) return fail(F::kOutputIndex, int64_t(j), str(o.index) + " is not in [0, " + str(t) + ")");
@@ -126,9 +130,9 @@ std::optional<ForwardError> check_forward(const ForwardCommand& c, const Forward
 std::string describe(const ForwardError& error, FieldNaming naming) {
   static const char* const kWit[] = {"fwd.tokens", "fwd.input-embeddings", "fwd.positions",
                                      "fwd.pages",  "fwd.last-page-len",    "fwd.mask",
-                                     "fwd.output-indices", "fwd.samplers", "fwd.output-masks"};
+                                     "fwd.output-indices", "fwd.samplers", "fwd.output-masks", "adapter"};
   static const char* const kPython[] = {"token_ids", "embed_slots", "positions", "kv_page_ids", "kv_last_page_len",
-                                        "mask", "index", "sampler", "vocab_mask"};
+                                        "mask", "index", "sampler", "vocab_mask", "adapter"};
   const size_t field = static_cast<size_t>(error.field);
   const std::string element = error.element >= 0 ? "[" + std::to_string(error.element) + "]" : "";
   if (naming == FieldNaming::kWit) return std::string(kWit[field]) + element + ": " + error.message;

@@ -69,6 +69,7 @@ struct ForwardCommand {
   std::vector<std::vector<uint32_t>> mask;  // T BRLE rows over kv_len entries, or empty: causal
   std::vector<uint32_t> embed_slots;  // (T,) physical input-embedding slots read instead of tokens, or empty
   std::vector<ForwardOutput> outputs;
+  uint32_t adapter = 0;               // the model runner's LoRA adapter (pie.engine.lora), 0 = none
   std::vector<OutputValue> results;   // written by the engine, one per output, before the future completes
   // The pages it reads and writes, pinned in the KV pool until the pass has run (write_outputs releases
   // them) or the command is dropped unrun: an instance that frees them meanwhile cannot have them handed
@@ -110,11 +111,12 @@ struct ForwardLimits {
   uint32_t max_tokens = 0;       // input tokens of one pass (the engine's batch token budget)
   uint32_t num_embed_slots = 0;
   uint32_t max_position = 0;     // positions are < this (0: unbounded); the model runner's max_position
+  uint32_t num_adapters = 1;     // adapters are < this: the runner's adapter table, 0 = none
 };
 
 // The field a check failed on. Each front end names it in its own words (forward_field_name).
 enum class ForwardField : uint8_t {
-  kTokens, kEmbedSlots, kPositions, kPages, kLastPageLen, kMask, kOutputIndex, kSampler, kVocabMask
+  kTokens, kEmbedSlots, kPositions, kPages, kLastPageLen, kMask, kOutputIndex, kSampler, kVocabMask, kAdapter
 };
 enum class FieldNaming : uint8_t { kWit, kPython };
 

@@ -142,6 +142,7 @@ void GenerationStream::submit_next() {
   for (size_t i = 0; i < t; ++i) command->positions[i] = static_cast<uint32_t>(cached_ + i);
   const uint64_t num_pages = pages_for(end, ps);
   command->kv_last_page_len = static_cast<uint32_t>(end - (num_pages - 1) * ps);
+  command->adapter = spec_.adapter;
   if (end == total_) {
     ForwardOutput& draw = command->outputs.emplace_back();
     draw.index = static_cast<uint32_t>(t - 1);

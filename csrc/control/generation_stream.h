@@ -87,6 +87,7 @@ struct StreamSpec {
   uint32_t max_tokens = 1;         // >= 1
   uint32_t top_logprobs = 0;       // > 0: each token comes with the k most likely tokens (temperature 1)
   std::vector<uint32_t> first_mask;  // vocabulary mask of the first token (a grammar's), empty: none
+  uint32_t adapter = 0;            // every pass's LoRA adapter (ForwardCommand::adapter), 0 = none
 };
 
 // What the front end lends the stream (every member optional).

@@ -8,6 +8,7 @@
 #include "cpu/brle.h"
 #include "cpu/decode_attention.h"
 #include "cpu/linear.h"
+#include "cpu/quantized_linear.h"
 #include "cpu/thread_pool.h"
 
 namespace py = pybind11;
@@ -50,6 +51,20 @@ PYBIND11_MODULE(_kernels_cpu, m) {
       },
       py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("m"), py::arg("n"), py::arg("k"),
       "The same with bf16 tensors (fp32 accumulation); returns an error code.");
+  m.def(
+      "quantized_linear",
+      [](int32_t qtype, std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t y, int64_t m,
+         int64_t n, int64_t k, int32_t isa) {
+        py::gil_scoped_release release;
+        return pie::quantized_linear(qtype, reinterpret_cast<const float*>(x), reinterpret_cast<const uint8_t*>(w),
+                                     reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(y), m, n, k, isa);
+      },
+      py::arg("qtype"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("m"), py::arg("n"),
+      py::arg("k"), py::arg("isa"),
+      "y (m, n) = x (m, k) fp32 @ dequant(w)^T + bias [0 = none] for w (n, k) in GGML blocks of type qtype; "
+      "isa: 0 best, 1 AVX2, 2 AVX-512; returns an error code.");
+  m.def("quantized_isas", &pie::quantized_isas,
+        "Bit (1 << isa) for each instruction set of quantized_linear this CPU runs.");
   m.def(
       "decode_attention",
       [](bool bf16, std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t kv_indptr,

@@ -295,16 +295,16 @@ bool parse_sampler(const val_t& v, Sampler& spec, std::string& error) {
   return true;
 }
 
-// forward.submit: the WIT record -> one ForwardCommand (handles resolved to pages, page masks folded
-// into the mask), checked once (pie::control::check_forward), then submitted.
-void* forward_submit(void*, void*, const void*, val_t* args, size_t nargs, val_t* results, size_t nresults) {
-  PIE_SIGNATURE("forward.submit", 1, K_U32, K_RECORD)
-  PIE_INSTANCE("forward.submit")
-  auto fail = [](const std::string& m) { return trap("forward.submit: " + m); };
+// forward.submit / submit-with-adapter: the WIT record -> one ForwardCommand (handles resolved to pages,
+// page masks folded into the mask; the adapter, 0 = none), checked once (pie::control::check_forward),
+// then submitted. args: (queue, forward-pass[, adapter]).
+void* submit_pass(InstanceState* inst, const std::string& call, const val_t* args, uint32_t adapter, val_t* results) {
+  auto fail = [&call](const std::string& m) { return trap(call + ": " + m); };
   const val_t& pass = args[1];
   if (pass.kind != K_RECORD || pass.of.record.size != F_COUNT) return fail("fwd: expected a forward-pass record");
   const record_entry_t* f = pass.of.record.data;
   auto cmd = std::make_shared<ForwardCommand>();
+  cmd->adapter = adapter;
   std::vector<uint32_t> handles, embeds, out_idx;
   if (!get_u32_list(f[F_TOKENS].val, cmd->token_ids) || !get_u32_list(f[F_EMBEDS].val, embeds) ||
       !get_u32_list(f[F_POSITIONS].val, cmd->positions) || !get_u32_list(f[F_PAGES].val, handles) ||
@@ -366,6 +366,19 @@ void* forward_submit(void*, void*, const void*, val_t* args, size_t nargs, val_t
   if (future == 0) return fail(error);
   set_u64(&results[0], future);
   return nullptr;
+}
+
+void* forward_submit(void*, void*, const void*, val_t* args, size_t nargs, val_t* results, size_t nresults) {
+  PIE_SIGNATURE("forward.submit", 1, K_U32, K_RECORD)
+  PIE_INSTANCE("forward.submit")
+  return submit_pass(inst, "forward.submit", args, 0, results);
+}
+
+void* forward_submit_with_adapter(void*, void*, const void*, val_t* args, size_t nargs, val_t* results,
+                                  size_t nresults) {
+  PIE_SIGNATURE("forward.submit-with-adapter", 1, K_U32, K_RECORD, K_U32)
+  PIE_INSTANCE("forward.submit-with-adapter")
+  return submit_pass(inst, "forward.submit-with-adapter", args, args[2].of.u32, results);
 }
 
 void* forward_wait(void*, void*, const void*, val_t* args, size_t nargs, val_t* results, size_t nresults) {
@@ -437,6 +450,7 @@ const HotEntry kHot[] = {
     {"forward", "submit", forward_submit},
     {"forward", "wait", forward_wait},
     {"forward", "ready", forward_ready},
+    {"forward", "submit-with-adapter", forward_submit_with_adapter},
 };
 
 constexpr size_t kNumHot = sizeof(kHot) / sizeof(kHot[0]);

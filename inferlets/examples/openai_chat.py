@@ -77,7 +77,7 @@ def logprob_by_pass(ctx, position: int, token: int) -> float:
 tools = spec.get("tools") or []
 with_tool_history = any(m.get("tool_calls") or m["role"] == "tool" for m in spec.get("messages", []))
 
-ctx = inferlet.Context()
+ctx = inferlet.Context(adapter=spec.get("adapter"))  # a LoRA adapter named by the request's model
 if tools or with_tool_history:  # the tools and the earlier calls and results in the prompt
     from inferlet.tool_calls import generate_with_tools, tool_prompt
 

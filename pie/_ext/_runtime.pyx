@@ -96,7 +96,7 @@ cdef extern from "control_api.h":
 
 cdef extern from "forward_command.h" namespace "pie::control":
     cdef cppclass ForwardLimits:
-        uint32_t vocab_size, page_size, num_pages, max_tokens, num_embed_slots, max_position
+        uint32_t vocab_size, page_size, num_pages, max_tokens, num_embed_slots, max_position, num_adapters
 
 
 cdef extern from "instance_state.h" namespace "pie_rt":
@@ -463,6 +463,7 @@ cdef class InstanceState:
         c_limits.max_tokens = limits.max_tokens
         c_limits.num_embed_slots = limits.num_embed_slots
         c_limits.max_position = limits.max_position
+        c_limits.num_adapters = limits.num_adapters
         self.link.api = control_api()
         self.link.queue = self.link.api.queue_from_python(<PyObject*>queue)
         if self.link.queue == NULL:

@@ -187,7 +187,8 @@ class ControlPlane:
         pools = RunnerPools.of(runner)
         limits = ForwardLimits(vocab_size=runner.vocab_size, page_size=runner.page_size, num_pages=runner.num_pages,
                                max_tokens=runner.max_batch_tokens, max_position=getattr(runner, "max_position", 0),
-                               num_embed_slots=pools.embed_slots.num_pages if pools.embed_slots is not None else 0)
+                               num_embed_slots=pools.embed_slots.num_pages if pools.embed_slots is not None else 0,
+                               num_adapters=len(runner.adapters) if hasattr(runner, "adapters") else 1)
         return cls.for_runner(runner, scheduler_config, forward_handlers(runner, pools.execute_lock), limits=limits,
                               on_terminate=on_terminate)
 
@@ -244,16 +245,17 @@ class ControlPlane:
                      top_logprobs: int = 0, token_bytes: TokenBytes | None = None,
                      grammar: Callable[[int], tuple[bool, bool, list[int]]] | None = None,
                      first_mask: Sequence[int] = (),
-                     page_masks: Callable[[list[int], int, int], Any] | None = None) -> GenerationStream:
+                     page_masks: Callable[[list[int], int, int], Any] | None = None,
+                     adapter: int = 0) -> GenerationStream:
         """A generation stream of the instance on `queue` (csrc/control/generation_stream.h): the
         control layer runs its decode loop, pass after pass, allocating its pages from the instance's
         handles. The context is `handles` (its pages), `num_cached` tokens already in them and `pending`
-        tokens to run first. Raises ValueError for a bad argument or first pass, QuotaExceeded /
+        tokens to run first; every pass runs on the runner's LoRA adapter `adapter` (0: none). Raises ValueError for a bad argument or first pass, QuotaExceeded /
         InstanceTerminated when its pages cannot be had; later failures end the stream ("failed")."""
         return GenerationStream.start(queue, self.kv_pages, instance_id, self.limits, list(pending), num_cached,
                                       list(handles), sampler, max_tokens, sorted(set(eos_ids)),
                                       [list(s) for s in stop_tokens], list(stop_strings), top_logprobs, token_bytes,
-                                      grammar, list(first_mask), page_masks)
+                                      grammar, list(first_mask), page_masks, adapter)
 
     def end_instance(self, instance_id: int, reason: str = "ended") -> None:
         """Ends the instance however it ended; releases everything it holds. Idempotent."""

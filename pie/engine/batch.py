@@ -91,6 +91,7 @@ class ForwardRequest:
     # (T, hidden_size) input embeddings used instead of the embeddings of token_ids (whose values are then
     # ignored, but their count is T); None = embed token_ids
     input_embeddings: torch.Tensor | None = None
+    adapter: int = 0  # the runner's LoRA adapter the pass runs with (pie.engine.lora.AdapterTable); 0 = none
 
 
 @dataclass

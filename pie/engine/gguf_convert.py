@@ -1,6 +1,12 @@
 """Converting a GGUF file (llama.cpp) into a model folder: config.json, model.safetensors (float32,
 dequantized), tokenizer.json, tokenizer_config.json (special tokens, chat template).
 
+With `keep_quantized` (`pie model add --keep-quantized`), the linear layers' weights of a type the CPU kernels
+run (pie.engine.quantized.QUANT_TYPES) stay packed: the GGUF is copied into the folder as `model.gguf`,
+model.safetensors holds only the other tensors (embeddings, norms, biases, experts: dequantized), and
+`packed_linears` reads the packed ones at load. A tied LM head is kept packed as `lm_head.weight`
+besides the dense embedding table.
+
 llama.cpp stores the Llama family's q/k projection rows permuted for its RoPE layout; they are
 put back into HuggingFace order here (Qwen's and OLMo 2's are stored unpermuted). Experts are stored
 stacked, one (E, ...) tensor per projection; they are split into HF's per-expert tensors.
@@ -150,7 +156,51 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def convert_tensors(reader, config: dict[str, Any], progress: bool = True) -> dict[str, np.ndarray]:
+PACKED_GGUF = "model.gguf"  # the packed GGUF's name inside a model folder
+# HF names (suffixes) of the linear layers that may stay packed; experts are stacked at load, so dense
+_PACKABLE = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
+             "up_proj.weight", "down_proj.weight", "lm_head.weight")
+
+
+def _packed_name(t, config: dict[str, Any]) -> str | None:
+    """The HF name a GGUF tensor is loaded packed under, or None when it is dequantized."""
+    from pie.engine.quantized import QUANT_TYPES
+
+    if t.tensor_type.name not in QUANT_TYPES or len(t.shape) != 2:
+        return None
+    if t.name == "token_embd.weight":
+        return "lm_head.weight" if config["tie_word_embeddings"] else None
+    name = _hf_name(t.name)
+    return name if name and "{j}" not in name and name.endswith(_PACKABLE) else None
+
+
+def packed_linears(gguf_path: str | Path) -> dict[str, Any]:
+    """HF name -> QuantizedWeight (N, K) of the GGUF's packed linear layers (q/k rows put back in HF
+    order for the Llama family, as `convert_tensors` does for dense ones)."""
+    import torch
+
+    from pie.engine.quantized import QuantizedWeight
+
+    reader = _open(Path(gguf_path))
+    config = hf_config(reader)
+    out: dict[str, Any] = {}
+    for t in reader.tensors:
+        name = _packed_name(t, config)
+        if name is None:
+            continue
+        n, k = int(t.shape[1]), int(t.shape[0])  # ggml lists dimensions fastest first
+        w = QuantizedWeight(torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(n, -1)), t.tensor_type.name,
+                            (n, k))
+        heads = {"q_proj.weight": config["num_attention_heads"], "k_proj.weight": config["num_key_value_heads"]}
+        for suffix, n_head in heads.items():
+            if config["model_type"] == "llama" and name.endswith(suffix):
+                w = w.rows(torch.from_numpy(_unpermute(np.arange(n), n_head)))
+        out[name] = w
+    return out
+
+
+def convert_tensors(reader, config: dict[str, Any], progress: bool = True,
+                    keep_quantized: bool = False) -> dict[str, np.ndarray]:
     from gguf.quants import dequantize
     from tqdm import tqdm
 
@@ -160,6 +210,8 @@ def convert_tensors(reader, config: dict[str, Any], progress: bool = True) -> di
         name = _hf_name(t.name)
         if name is None:
             raise GGUFError(f"GGUF tensor {t.name!r} is not known to the converter")
+        if keep_quantized and _packed_name(t, config) is not None and t.name != "token_embd.weight":
+            continue  # loaded packed from the GGUF (packed_linears)
         try:
             w = dequantize(t.data, t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape)))
         except (NotImplementedError, ValueError) as e:
@@ -215,8 +267,12 @@ def tokenizer_files(reader) -> tuple[dict[str, Any], dict[str, Any]]:
     return json.loads(tk.to_str()), tokenizer_config
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Writes the model folder into out_dir (which must exist and be empty). Returns the HF config."""
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True,
+                 keep_quantized: bool = False) -> dict[str, Any]:
+    """Writes the model folder into out_dir (which must exist and be empty). Returns the HF config.
+    keep_quantized: keep the quantized linear layers packed (a copy of the GGUF as model.gguf)."""
+    import shutil
+
     from safetensors.numpy import save_file
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
@@ -225,7 +281,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     reader = _open(gguf_path)
     config = hf_config(reader)
     tokenizer_json, tokenizer_config = tokenizer_files(reader)
-    tensors = convert_tensors(reader, config, progress)
+    tensors = convert_tensors(reader, config, progress, keep_quantized)
+    if keep_quantized and any(_packed_name(t, config) for t in reader.tensors):
+        shutil.copyfile(gguf_path, out_dir / PACKED_GGUF)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))

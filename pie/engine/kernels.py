@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from pie._ext import _kernels_cpu
+from pie.engine.quantized import QUANT_TYPES, QuantizedWeight
 
 _ERRORS = {1: "bad argument", 2: "runs do not add up to the row length", 3: "a run is negative"}
 
@@ -100,7 +101,11 @@ def linear(x, w, bias=None):
     >>> x, w = torch.randn(2, 40), torch.randn(24, 40)
     >>> torch.allclose(linear(x, w), x @ w.T, atol=1e-5)
     True
+
+    w may be a QuantizedWeight (GGUF blocks): then `quantized_linear` multiplies.
     """
+    if isinstance(w, QuantizedWeight):
+        return quantized_linear(x, w, bias)
     if not skinny_linear_supported(x, w):
         if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] <= _TRANSPOSED_MAX_ROWS:
             return _linear_transposed(x, w, bias)
@@ -117,6 +122,51 @@ def linear(x, w, bias=None):
     if err:
         raise ValueError(f"linear: kernel error {err} for x {tuple(x.shape)}, w {tuple(w.shape)}")
     return y
+
+
+# Instruction sets of the quantized linear kernel (csrc/kernels/cpu/quantized_linear.h: QuantIsa), and those
+# this CPU runs (best last); `quantized_linear(..., isa=...)` forces one (tests).
+QUANTIZED_ISA_IDS = {"avx2": 1, "avx512": 2}
+QUANTIZED_ISAS = [name for name, i in QUANTIZED_ISA_IDS.items()
+                  if HAS_AVX2 and _kernels_cpu.quantized_isas() & (1 << i)]
+
+
+def quantized_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None,
+                     isa: str | None = None) -> torch.Tensor:
+    """y = x @ dequant(w).T + bias with w kept packed (GGUF blocks), on the CPU.
+
+    x: (M, K) any float dtype (computed in float32, x quantized to int16 per block of 32 for integer
+    dot products: |y - x @ dequant(w).T| <= sum_k |dequant(w)[n, k]| * s_k / 2 plus fp32 rounding, s_k
+    the scale amax / 32767 of x's block holding k). w: QuantizedWeight (N, K). bias: (N,) or None.
+    Returns (M, N) in x's dtype. isa: one of QUANTIZED_ISAS (None: the best). Without AVX2, or off
+    the CPU, w is dequantized and torch multiplies.
+
+    >>> import numpy as np, gguf
+    >>> from pie.engine.quantized import QuantizedWeight
+    >>> w = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
+    >>> qw = QuantizedWeight(torch.from_numpy(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)), "Q8_0", (5, 64))
+    >>> x = torch.randn(2, 64)
+    >>> bool((quantized_linear(x, qw) - x @ qw.dequantize().T).abs().max() < 1e-3)
+    True
+    """
+    n, k = w.shape
+    if x.dim() != 2 or x.shape[1] != k or (bias is not None and tuple(bias.shape) != (n,)):
+        raise ValueError(f"quantized_linear: x {tuple(x.shape)}, w {w.shape}, bias "
+                         f"{None if bias is None else tuple(bias.shape)} do not fit")
+    if not QUANTIZED_ISAS or x.device.type != "cpu" or w.device.type != "cpu":
+        return torch.nn.functional.linear(x, w.dequantize(x.dtype).to(x.device), bias)
+    if isa is not None and isa not in QUANTIZED_ISAS:
+        raise ValueError(f"quantized_linear: instruction set {isa!r} not available here ({', '.join(QUANTIZED_ISAS)})")
+    xf = x.float().contiguous()
+    bf = None if bias is None else bias.float().contiguous()
+    y = torch.empty((x.shape[0], n), dtype=torch.float32)
+    if x.shape[0]:
+        err = _kernels_cpu.quantized_linear(QUANT_TYPES[w.qtype][0], xf.data_ptr(), w.data.data_ptr(),
+                                            0 if bf is None else bf.data_ptr(), y.data_ptr(), x.shape[0], n, k,
+                                            QUANTIZED_ISA_IDS[isa] if isa else 0)
+        if err:
+            raise ValueError(f"quantized_linear: kernel error {err} for x {tuple(x.shape)}, {w.qtype} w {w.shape}")
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def decode_attention_supported(dtype, device) -> bool:

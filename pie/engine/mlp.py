@@ -28,10 +28,19 @@ class GatedMLP:
     gate_up: torch.Tensor  # (2I, H): the gate projection's rows, then the up projection's
     down: torch.Tensor  # (H, I)
 
-    def __call__(self, h: torch.Tensor, ops, act: Activation) -> torch.Tensor:
-        """h: (N, H) -> (N, H). ops: the backend's layer ops (pie.engine.layer_ops)."""
-        gate, up = ops.linear(h, self.gate_up).chunk(2, dim=-1)  # (N, I) each
-        return ops.linear(act(gate) * up, self.down)
+    def __call__(self, h: torch.Tensor, ops, act: Activation, lora=None) -> torch.Tensor:
+        """h: (N, H) -> (N, H). ops: the backend's layer ops (pie.engine.layer_ops). lora: the layer's
+        LoRA deltas (pie.engine.lora.LayerLora: (group, x, y) -> None, y += delta) or None."""
+        gate_up = ops.linear(h, self.gate_up)  # (N, 2I)
+        if lora is not None:
+            lora("gate_up", h, gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)  # (N, I) each
+        if lora is None:
+            return ops.linear(act(gate) * up, self.down)
+        x = act(gate) * up  # (N, I)
+        out = ops.linear(x, self.down)  # (N, H)
+        lora("down", x, out)
+        return out
 
 
 @dataclass

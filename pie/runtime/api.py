@@ -282,6 +282,15 @@ def models_list_models(inst: "Instance") -> list[str]:
     return [inst.services.model.name]
 
 
+def models_list_adapters(inst: "Instance") -> list[str]:
+    return list(inst.services.model.adapters)
+
+
+def models_adapter(inst: "Instance", name: str) -> int | None:
+    names = inst.services.model.adapters
+    return names.index(name) + 1 if name in names else None
+
+
 def models_info(inst: "Instance") -> tuple:
     m = inst.services.model
     return (m.name, m.architecture, m.vocab_size, m.num_layers, m.page_size, m.max_batch_tokens)
@@ -363,6 +372,8 @@ COLD: dict[tuple[str, str], tuple[Callable[..., Any], Any]] = {
     ("runtime", "set-return"): (runtime_set_return, None),
     ("models", "list-models"): (models_list_models, ("list", "string")),
     ("models", "info"): (models_info, MODEL_INFO),
+    ("models", "list-adapters"): (models_list_adapters, ("list", "string")),
+    ("models", "adapter"): (models_adapter, ("option", "u32")),
     ("kv", "num-free-pages"): (kv_num_free_pages, "u32"),
     ("kv", "export-pages"): (kv_export_pages, None),
     ("kv", "import-pages"): (kv_import_pages, ("option", _U32_LIST)),

@@ -63,7 +63,7 @@ def _grammar_hook(inst: "Instance", matcher: int) -> tuple[Any, list[int]]:
     return step, first
 
 
-def generation_start(inst: "Instance", params: tuple) -> int:
+def generation_start(inst: "Instance", params: tuple, adapter: int = 0) -> int:
     pending, num_cached, pages, sampler, stop, grammar, top_logprobs, q = params
     eos, stop_tokens, stop_strings, max_tokens = stop
     if len(inst.streams) >= MAX_STREAMS_PER_INSTANCE:
@@ -84,7 +84,7 @@ def generation_start(inst: "Instance", params: tuple) -> int:
             stop_strings=stop_strings, top_logprobs=top_logprobs,
             token_bytes=services.token_bytes() if stop_strings else None,
             grammar=hook, first_mask=first_mask,
-            page_masks=inst.state.fold_page_masks if inst.state.has_page_masks else None)
+            page_masks=inst.state.fold_page_masks if inst.state.has_page_masks else None, adapter=adapter)
     except (TypeError, OverflowError) as error:
         raise ValueError(f"params: {error}") from None
     handle = inst.next_stream_handle
@@ -142,6 +142,7 @@ def generation_cancel(inst: "Instance", s: int) -> None:
 
 GENERATION_COLD = {
     ("generation", "start"): (generation_start, "u32"),
+    ("generation", "start-with-adapter"): (generation_start, "u32"),
     ("generation", "next"): (generation_next, CHUNK),
     ("generation", "poll"): (generation_poll, CHUNK),
     ("generation", "finish"): (generation_finish, CHUNK),

@@ -137,7 +137,7 @@ class Runtime:
             mc = runner.model_config
             services = InstanceServices(
                 model=ModelInfo(replica_model.name, mc.architecture, runner.vocab_size, mc.num_layers,
-                                runner.page_size, runner.max_batch_tokens),
+                                runner.page_size, runner.max_batch_tokens, tuple(runner.adapters.names)),
                 tokenizer=replica_model.tokenizer, eos_ids=frozenset(replica_model.eos_ids), plane=plane,
                 embeddings=runner.embeddings, embed_tokens=runner.embed_tokens, grammar=grammar,
                 token_bytes=lambda m=replica_model: token_table(m), kv_store=kv_store, broker=broker)

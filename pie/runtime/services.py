@@ -23,6 +23,7 @@ class ModelInfo:
     num_layers: int
     page_size: int
     max_batch_tokens: int
+    adapters: tuple[str, ...] = ()  # the LoRA adapters loaded on its runner: adapter i + 1 is adapters[i]
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,23 @@ def build_runtime(config: PieConfig, model: Any = None, progress: bool = True) -
     models = list(model) if isinstance(model, (list, tuple)) else [] if model is None else [model]
     while len(models) < config.model.data_parallel:  # replicas: each a model of its own (weights, KV pool)
         models.append(Model(config.model.name, config.model.engine_config(), progress=progress))
+    load_adapters(models, config.model.adapters)
     runtime = Runtime(models, config.limits.runtime_config(scheduler=config.scheduler.scheduler_config()))
     runtime.python_runtime()  # build or load the Python runtime component now, not at the first request
     return runtime
+
+
+def load_adapters(models: list[Any], names: tuple[str, ...]) -> None:
+    """Loads the registered adapters `names` onto every replica's runner, in order (adapter i + 1 is
+    names[i]), before the runtime's planes are made. Raises ModelStoreError for one not registered for
+    the model."""
+    from pie.engine.adapter_store import AdapterStore
+
+    store = AdapterStore()
+    for name in names:
+        for m in models:
+            entry = store.resolve(name, m.name)
+            m.runner.load_adapter(name, entry.path)
 
 
 class Server:
@@ -75,7 +89,8 @@ class Server:
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         if self.config.openai.enabled:
-            OpenAIRoutes(self.config, self.instances, self.model_name, self.started_at, self.metrics).add_to(app)
+            OpenAIRoutes(self.config, self.instances, self.model_name, self.started_at, self.metrics,
+                         self.runtime.services.model.adapters).add_to(app)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.server.host, self.config.server.port)

@@ -136,6 +136,7 @@ class ModelSection:
     max_batch_tokens: int = 8192
     threads: int = 0  # torch threads; 0 = torch's choice
     data_parallel: int = 1  # engine replicas behind the one endpoint (pie/runtime/replicas.py)
+    adapters: tuple[str, ...] = ()  # LoRA adapters registered for the model (`pie model add-adapter`) to load
 
     def __post_init__(self) -> None:
         if not 1 <= self.data_parallel <= 64:

@@ -195,10 +195,12 @@ class OpenAIRoutes:
     """The /v1 routes of one server: its configuration, its instances, the model it serves."""
 
     def __init__(self, config: PieConfig, instances: InstanceManager, model_name: str, started_at: float,
-                 metrics: ServerMetrics | None = None):
+                 metrics: ServerMetrics | None = None, adapters: tuple[str, ...] = ()):
+        """adapters: the LoRA adapters loaded on the model, which `model` may name instead of it."""
         self.config = config
         self.instances = instances
         self.model_name = model_name
+        self.adapters = adapters
         self.started_at = started_at
         self.metrics = metrics
         self.inferlet = resolve_inferlet(config.openai.inferlet)  # the operator's choice: a name or a path
@@ -248,11 +250,12 @@ class OpenAIRoutes:
             openai = self.config.openai
             if kind == "chat":
                 specs, meta = chat_specs(body, model=self.model_name, default_max_tokens=openai.default_max_tokens,
-                                         max_n=openai.max_n)
+                                         max_n=openai.max_n, adapters=self.adapters)
             elif kind == "completion":
-                specs, meta = completion_specs(body, model=self.model_name, max_n=openai.max_n)
+                specs, meta = completion_specs(body, model=self.model_name, max_n=openai.max_n, adapters=self.adapters)
             else:
-                specs, meta = responses_specs(body, model=self.model_name, default_max_tokens=openai.default_max_tokens)
+                specs, meta = responses_specs(body, model=self.model_name, default_max_tokens=openai.default_max_tokens,
+                                              adapters=self.adapters)
             async with ChoiceRun(self.config, self.instances, self.inferlet, specs) as run:
                 runs.append(run)
                 if meta.stream:
@@ -444,17 +447,22 @@ class OpenAIRoutes:
         return resp
 
     # ---- models ----------------------------------------------------------------------------------
-    def _model_object(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": int(self.started_at), "owned_by": "pie"}
+    def _model_object(self, name: str) -> dict:
+        """The base model, or an adapter of it (with `parent`, as vLLM lists LoRA adapters)."""
+        obj = {"id": name, "object": "model", "created": int(self.started_at), "owned_by": "pie"}
+        if name != self.model_name:
+            obj["parent"] = self.model_name
+        return obj
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [self._model_object()]})
+        names = [self.model_name, *self.adapters]
+        return web.json_response({"object": "list", "data": [self._model_object(n) for n in names]})
 
     async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
         try:
-            if request.match_info["model"] != self.model_name:
-                raise APIError(404, f"The model '{request.match_info['model']}' does not exist", param="model",
-                               code="model_not_found")
+            if name != self.model_name and name not in self.adapters:
+                raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
         except APIError as e:
             return error_response(e)
-        return web.json_response(self._model_object())
+        return web.json_response(self._model_object(name))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 
 class APIError(Exception):
@@ -110,14 +110,16 @@ def _stop(body: dict) -> list[str]:
     return stops
 
 
-def _model(body: dict, model: str) -> str:
+def _model(body: dict, model: str, adapters: Sequence[str]) -> tuple[str, str | None]:
+    """(the model named, the LoRA adapter it names or None): the served model or one of its adapters."""
     v = body.get("model")
     if not isinstance(v, str) or not v:
         raise bad("model", "you must provide a model parameter", "missing_required_parameter")
-    if v != model:
-        raise APIError(404, f"The model '{v}' does not exist; this server serves '{model}'", param="model",
+    if v != model and v not in adapters:
+        served = ", ".join(f"'{m}'" for m in (model, *adapters))
+        raise APIError(404, f"The model '{v}' does not exist; this server serves {served}", param="model",
                        code="model_not_found")
-    return v
+    return v, (v if v != model else None)
 
 
 def _penalties(body: dict) -> None:
@@ -238,9 +240,10 @@ CHAT_KEYS = {"model", "messages", "max_tokens", "max_completion_tokens", "temper
              "parallel_tool_calls"}
 
 
-def chat_specs(body: dict, *, model: str, default_max_tokens: int, max_n: int) -> tuple[list[dict], Meta]:
+def chat_specs(body: dict, *, model: str, default_max_tokens: int, max_n: int,
+               adapters: Sequence[str] = ()) -> tuple[list[dict], Meta]:
     _unknown(body, CHAT_KEYS)
-    model = _model(body, model)
+    model, adapter = _model(body, model, adapters)
     messages = _messages(body.get("messages"))
     _penalties(body)
     if body.get("functions") or body.get("function_call") not in (None, "none"):
@@ -260,7 +263,8 @@ def chat_specs(body: dict, *, model: str, default_max_tokens: int, max_n: int) -
         raise bad("tools", "'tools' cannot be combined with a JSON response_format or logprobs here",
                   "unsupported_value")
     base = {"messages": messages, **_sampling(body, ("max_tokens", "max_completion_tokens"), default_max_tokens),
-            "stop": _stop(body), "logprobs": logprobs, "top_logprobs": top, "json_schema": schema, **tools}
+            "stop": _stop(body), "logprobs": logprobs, "top_logprobs": top, "json_schema": schema, **tools,
+            "adapter": adapter}
     meta = Meta(model, n, stream, _stream_options(body, stream), logprobs, top)
     return _choices(base, n), meta
 
@@ -270,9 +274,9 @@ COMPLETION_KEYS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n",
                    "logit_bias", "response_format"}
 
 
-def completion_specs(body: dict, *, model: str, max_n: int) -> tuple[list[dict], Meta]:
+def completion_specs(body: dict, *, model: str, max_n: int, adapters: Sequence[str] = ()) -> tuple[list[dict], Meta]:
     _unknown(body, COMPLETION_KEYS)
-    model = _model(body, model)
+    model, adapter = _model(body, model, adapters)
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -299,7 +303,7 @@ def completion_specs(body: dict, *, model: str, max_n: int) -> tuple[list[dict],
     specs = []
     for p in prompts:
         base = {"prompt": p, **sampling, "stop": _stop(body), "logprobs": top is not None, "top_logprobs": top or 0,
-                "json_schema": schema}
+                "json_schema": schema, "adapter": adapter}
         specs += _choices(base, n)
     meta = Meta(model, n, stream, _stream_options(body, stream), top is not None, top or 0,
                 tuple(prompts) if echo else (), len(prompts))
@@ -310,11 +314,12 @@ RESPONSES_KEYS = {"model", "input", "instructions", "max_output_tokens", "temper
                   "seed", "tools", "tool_choice", "stream_options", "parallel_tool_calls"}
 
 
-def responses_specs(body: dict, *, model: str, default_max_tokens: int) -> tuple[list[dict], Meta]:
+def responses_specs(body: dict, *, model: str, default_max_tokens: int,
+                    adapters: Sequence[str] = ()) -> tuple[list[dict], Meta]:
     from pie.server.openai_tools import response_items_to_messages
 
     _unknown(body, RESPONSES_KEYS)
-    model = _model(body, model)
+    model, adapter = _model(body, model, adapters)
     tools = _tools(body, flat=True)
     inp = body.get("input")
     if isinstance(inp, str):
@@ -339,5 +344,5 @@ def responses_specs(body: dict, *, model: str, default_max_tokens: int) -> tuple
     if tools["tool_choice"] != "none" and schema is not None:
         raise bad("tools", "'tools' cannot be combined with a JSON text.format here", "unsupported_value")
     base = {"messages": messages, **_sampling(body, ("max_output_tokens",), default_max_tokens), "stop": [],
-            "logprobs": False, "top_logprobs": 0, "json_schema": schema, **tools}
+            "logprobs": False, "top_logprobs": 0, "json_schema": schema, **tools, "adapter": adapter}
     return [base], Meta(model, 1, stream)

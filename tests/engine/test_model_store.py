@@ -126,6 +126,7 @@ def test_gguf_file_is_converted_into_the_cache(tmp_path, smollm2_gguf, smollm2_e
     add = pie(home, "model", "add", str(smollm2_gguf), "--name", "smol")
     assert add.returncode == 0, add.stderr
     assert cache_entries(home) == ["smol"]
+    assert not (home / "models" / "smol" / "model.gguf").exists()
     entry_dir = home / "models" / "smol"
     assert {p.name for p in entry_dir.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
                                                     "tokenizer_config.json", "pie-model.json"}
@@ -135,3 +136,8 @@ def test_gguf_file_is_converted_into_the_cache(tmp_path, smollm2_gguf, smollm2_e
     ref = load_file(smollm2_entry.path / "model.safetensors")
     assert ours.keys() == ref.keys()
     assert all(torch.equal(ours[k], ref[k]) for k in ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight"))
+    packed = pie(home, "model", "add", str(smollm2_gguf), "--name", "smol-q", "--keep-quantized")
+    assert packed.returncode == 0, packed.stderr
+    kept = load_file(home / "models" / "smol-q" / "model.safetensors")
+    assert (home / "models" / "smol-q" / "model.gguf").is_file()
+    assert "model.layers.0.self_attn.q_proj.weight" not in kept and "model.embed_tokens.weight" in kept

@@ -34,7 +34,7 @@ def test_every_wit_function_is_defined_hot_cold_or_trapping():
         assert missing == EXPECTED_UNIMPLEMENTED[iface], iface
     hot = {f"{i}.{n}" for i, names in funcs.items() for n in names if api.implementation(i, n) == "hot"}
     assert hot == {"runtime.instance-id", "kv.page-size", "kv.allocate", "kv.free", "kv.fork", "kv.copy-tokens",
-                   "kv.mask-page", "forward.submit", "forward.wait", "forward.ready"}
+                   "kv.mask-page", "forward.submit", "forward.wait", "forward.ready", "forward.submit-with-adapter"}
 
 
 def test_host_calls_are_counted_by_function_hot_and_cold(runtime, run_py):

@@ -330,9 +330,21 @@ class Context(RoleBlocks, Expressions, ToolUse):
     instance without a cache scope finds and keeps nothing (docs/prefix_caching.md).
     """
 
-    def __init__(self, tools: Sequence[Tool] = ()) -> None:
-        """tools: what the prompt offers the model (tools.py: `gen_tool_calls`, `run_tools`)."""
+    def __init__(self, tools: Sequence[Tool] = (), adapter: Optional[str] = None) -> None:
+        """tools: what the prompt offers the model (tools.py: `gen_tool_calls`, `run_tools`). adapter: the
+        name of a LoRA adapter loaded on the model (`adapters()`): every pass of this context (and of its
+        forks) runs with it; None = the base model. Raises ValueError for a name the model does not have.
+
+        >>> ctx = Context(adapter="sql-lora")
+        """
         facts = model_facts()
+        self.adapter = adapter
+        self._adapter_id = 0  # what the host calls take: 0 = none
+        if adapter is not None:
+            found = models.adapter(adapter)
+            if found is None:
+                raise ValueError(f"Context: the model has no adapter {adapter!r} (loaded: {adapters() or 'none'})")
+            self._adapter_id = found
         self.page_size = facts.page_size
         self.tokens: list[int] = []
         self.num_cached = 0
@@ -381,6 +393,12 @@ class Context(RoleBlocks, Expressions, ToolUse):
             output_indices=[end - self.num_cached - 1] * len(outputs), samplers=list(outputs),
             output_masks=[list(m) for m in output_masks])
 
+    def _submit(self, queue: int, fwd: forward.ForwardPass) -> int:
+        """Submits a pass of this context, on its adapter if it has one; returns the future."""
+        if self._adapter_id:
+            return forward.submit_with_adapter(queue, fwd, self._adapter_id)
+        return forward.submit(queue, fwd)
+
     def submit(self, samplers: Sequence[Sampler], output_masks: Sequence[Sequence[int]] = (),
                queue: int = 0) -> "PendingStep":
         """Like step(), but returns once the (last) pass is submitted, so several contexts' passes can be
@@ -397,9 +415,9 @@ class Context(RoleBlocks, Expressions, ToolUse):
         while True:
             end = min(len(self.tokens), self.num_cached + budget)
             if end == len(self.tokens):
-                future = forward.submit(queue, self._pass(end, list(samplers), output_masks))
+                future = self._submit(queue, self._pass(end, list(samplers), output_masks))
                 return PendingStep(self, future, end, start)
-            forward.wait(forward.submit(queue, self._pass(end, [])))
+            forward.wait(self._submit(queue, self._pass(end, [])))
             self.num_cached = end
 
     def step(self, samplers: Sequence[Sampler], output_masks: Sequence[Sequence[int]] = ()) -> list:
@@ -470,7 +488,9 @@ class Context(RoleBlocks, Expressions, ToolUse):
             stop=generation.StopConditions(eos=eos, stop_tokens=[list(t) for t in stop_tokens],
                                            stop_strings=list(stop), max_tokens=int(max_tokens)),
             grammar=None if matcher is None else matcher.handle, top_logprobs=int(top_logprobs), queue=queue)
-        return TokenStream(self, generation.start(params), list(stop))
+        handle = (generation.start_with_adapter(params, self._adapter_id) if self._adapter_id
+                  else generation.start(params))
+        return TokenStream(self, handle, list(stop))
 
     def _generate(self, max_tokens: int, sampler: Optional[Sampler], stop: Sequence[str], ignore_eos: bool,
                   matcher: Optional["Matcher"], on_token: Callable[[int], None]) -> str:
@@ -522,7 +542,7 @@ class Context(RoleBlocks, Expressions, ToolUse):
         without a cache or a hit). The pages are shared: a pass that writes into one copies it first."""
         if self.num_cached or self.pages or len(self.tokens) < 2:
             return 0
-        pages = kv.cache_lookup(prefix_keys(self.tokens[:len(self.tokens) - 1], self.page_size))
+        pages = kv.cache_lookup(prefix_keys(self.tokens[:len(self.tokens) - 1], self.page_size, self.adapter or ""))
         self.pages = list(pages)
         self.num_cached = len(self.pages) * self.page_size
         return self.num_cached
@@ -533,7 +553,8 @@ class Context(RoleBlocks, Expressions, ToolUse):
         full = self.num_cached // self.page_size
         if full == 0:
             return 0
-        return kv.cache_store(prefix_keys(self.tokens[:full * self.page_size], self.page_size), self.pages[:full])
+        keys = prefix_keys(self.tokens[:full * self.page_size], self.page_size, self.adapter or "")
+        return kv.cache_store(keys, self.pages[:full])
 
     # -- structure --
     def _cached_pages(self) -> list[int]:
@@ -580,7 +601,7 @@ class Context(RoleBlocks, Expressions, ToolUse):
         end = start + len(inputs)
         self._reserve(end)
         num_pages = -(-end // self.page_size)
-        outs = forward.wait(forward.submit(0, forward.ForwardPass(
+        outs = forward.wait(self._submit(0, forward.ForwardPass(
             tokens=inputs, input_embeddings=[], positions=list(range(start, num_tokens)) + list(scratch_positions),
             pages=self.pages[:num_pages], last_page_len=end - (num_pages - 1) * self.page_size,
             mask=[list(r) for r in mask], output_indices=list(output_indices), samplers=list(samplers),
@@ -632,6 +653,7 @@ class Context(RoleBlocks, Expressions, ToolUse):
         if self.num_cached < len(self.tokens) - 1:
             self._compute_all_but_last()
         child = Context(self.tools)
+        child.adapter, child._adapter_id = self.adapter, self._adapter_id
         child.tokens = list(self.tokens)
         cached = self._cached_pages()
         if cached:
@@ -715,11 +737,18 @@ def saved_prefixes() -> list[str]:
     return list(kv.list_exports())
 
 
-def prefix_keys(tokens: Sequence[int], page_size: int) -> list[str]:
+def adapters() -> list[str]:
+    """Names of the LoRA adapters loaded on the model (what `Context(adapter=...)` takes)."""
+    return list(models.list_adapters())
+
+
+def prefix_keys(tokens: Sequence[int], page_size: int, adapter: str = "") -> list[str]:
     """One prefix cache key per full page of `tokens` (a partial last page has none): key i names the
-    tokens of pages 0..i, a chain of SHA-256 over each page's token ids (32 hex digits, 128 bits)."""
+    tokens of pages 0..i, a chain of SHA-256 over each page's token ids (32 hex digits, 128 bits). The K/V
+    of a LoRA adapter's passes differ from the base model's: a context on `adapter` chains from the
+    adapter's name (the base model's keys, adapter "", from nothing)."""
     keys: list[str] = []
-    digest = b""
+    digest = hashlib.sha256(adapter.encode()).digest()[:16] if adapter else b""
     for start in range(0, len(tokens) - page_size + 1, page_size):
         page = b"".join(int(t).to_bytes(4, "little") for t in tokens[start:start + page_size])
         digest = hashlib.sha256(digest + page).digest()[:16]
