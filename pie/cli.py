@@ -21,6 +21,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=16, help="KV page size in tokens")
     p.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache size in MiB")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N processes (CPU, gloo; default 1)")
 
 
 def _engine_config(args: argparse.Namespace):
@@ -41,7 +43,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               ignore_eos=args.ignore_eos)
     if args.prompts_file is not None and not os.path.isfile(args.prompts_file):
         raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
-    model = Model(args.model, _engine_config(args), seed=args.seed)
+    model = Model(args.model, _engine_config(args), seed=args.seed, tensor_parallel=args.tensor_parallel)
     if args.prompts_file is not None:
         from pie.control.generate import run_prompts_file
 
@@ -79,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     inferlet_args = expand_file_arguments(args.inferlet_args)
     config = RuntimeConfig(deadline_s=args.deadline, memory_mb=args.memory_mb,
                            http_allow=tuple(args.http_allow or ()))
-    model = Model(args.model, _engine_config(args))
+    model = Model(args.model, _engine_config(args), tensor_parallel=args.tensor_parallel)
 
     def out(message: str) -> None:
         sys.stdout.write(message)
@@ -194,7 +196,8 @@ def _server_config(args: argparse.Namespace):
 
     cfg = load_config(args.config)
     server = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    model = {k: v for k, v in (("name", args.model), ("data_parallel", args.data_parallel)) if v is not None}
+    model = {k: v for k, v in (("name", args.model), ("data_parallel", args.data_parallel),
+                               ("tensor_parallel", args.tensor_parallel)) if v is not None}
     return cfg.replace(server=server, model=model)
 
 
@@ -301,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-parallel", type=int, default=None, metavar="M",
                        help="engine replicas behind the one endpoint, each with its own weights and KV cache "
                             "(default 1; [model] data_parallel)")
+        p.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                       help="split the model over N processes, heads and MLP sharded (CPU, gloo; "
+                            "default 1; [model] tensor_parallel)")
     s.set_defaults(func=cmd_serve)
     c.set_defaults(func=cmd_config)
 

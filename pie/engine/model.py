@@ -21,11 +21,17 @@ class Model:
     """A model runner, its tokenizer and EOS ids: everything a client of the engine needs."""
 
     def __init__(self, name: str = DEFAULT_MODEL, config: EngineConfig = EngineConfig(), seed: int | None = None,
-                 progress: bool = True):
+                 progress: bool = True, tensor_parallel: int = 1):
+        """tensor_parallel > 1: the model split over that many processes (pie.engine.tensor_parallel)."""
         entry = ModelStore().resolve(name, progress=progress)
         self.name = entry.name
         self.tokenizer = Tokenizer(entry.path)
-        self.runner = ModelRunner.from_path(entry.path, config, seed)
+        if tensor_parallel > 1:
+            from pie.engine.tensor_parallel import TensorParallelRunner
+
+            self.runner = TensorParallelRunner.from_path(entry.path, config, seed, world_size=tensor_parallel)
+        else:
+            self.runner = ModelRunner.from_path(entry.path, config, seed)
         eos = set(self.tokenizer.special.eos_ids) | set(self.runner.model_config.eos_token_ids)
         self.eos_ids = frozenset(eos)
 

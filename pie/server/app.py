@@ -40,7 +40,8 @@ def build_runtime(config: PieConfig, model: Any = None, progress: bool = True) -
 
     models = list(model) if isinstance(model, (list, tuple)) else [] if model is None else [model]
     while len(models) < config.model.data_parallel:  # replicas: each a model of its own (weights, KV pool)
-        models.append(Model(config.model.name, config.model.engine_config(), progress=progress))
+        models.append(Model(config.model.name, config.model.engine_config(), progress=progress,
+                            tensor_parallel=config.model.tensor_parallel))
     load_adapters(models, config.model.adapters)
     runtime = Runtime(models, config.limits.runtime_config(scheduler=config.scheduler.scheduler_config()))
     runtime.python_runtime()  # build or load the Python runtime component now, not at the first request

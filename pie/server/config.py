@@ -136,11 +136,14 @@ class ModelSection:
     max_batch_tokens: int = 8192
     threads: int = 0  # torch threads; 0 = torch's choice
     data_parallel: int = 1  # engine replicas behind the one endpoint (pie/runtime/replicas.py)
+    tensor_parallel: int = 1  # processes each replica's model is split over (pie/engine/tensor_parallel.py)
     adapters: tuple[str, ...] = ()  # LoRA adapters registered for the model (`pie model add-adapter`) to load
 
     def __post_init__(self) -> None:
         if not 1 <= self.data_parallel <= 64:
             raise ConfigError(f"model.data_parallel must be in [1, 64], got {self.data_parallel}")
+        if not 1 <= self.tensor_parallel <= 64:
+            raise ConfigError(f"model.tensor_parallel must be in [1, 64], got {self.tensor_parallel}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.page_size <= 0 or self.num_pages < 0 or self.kv_cache_mb <= 0 or self.max_batch_tokens <= 0 \
