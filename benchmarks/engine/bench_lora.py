@@ -10,7 +10,6 @@ timed (after one warm-up pass); with k adapters, sequence i uses adapter 1 + i %
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -21,17 +20,8 @@ import torch
 from pie.engine.batch import ForwardRequest, Greedy
 from pie.engine.config import EngineConfig
 from pie.engine.lora import save_random_adapter
+from pie.engine.machine import cpu_name
 from pie.engine.model import Model
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def tpot(runner, batch: int, context: int, steps: int, num_adapters: int) -> float:
